@@ -1,0 +1,56 @@
+"""Vanilla speculative decoding: a separate small model with the target's tokenizer drafts."""
+
+from __future__ import annotations
+
+import torch
+
+from s2d.drafting.base import Draft, common_prefix
+from s2d.model.llama import Transformer
+from s2d.sampling import SamplingParams, probabilities, sample
+
+
+class ModelDrafter:
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.cache = model.new_cache()
+        self.cached: list[int] = []  # tokens whose KV entries are in self.cache, in order
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+        self.cached = []
+
+    def feedback(self, num_proposed: int, num_accepted: int) -> None:
+        pass
+
+    def _feed(self, tokens: list[int]) -> torch.Tensor:
+        """Append tokens to the cache; returns logits [V] after the last one."""
+        start = self.cache.length
+        ids = torch.tensor([tokens], device=self.model.device)
+        positions = torch.arange(start, start + len(tokens), device=self.model.device)
+        logits = self.model(ids, positions, self.cache, logits_at=slice(-1, None))
+        self.cached.extend(tokens)
+        return logits[0, -1]
+
+    def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
+                generator: torch.Generator | None) -> Draft:
+        max_tokens = min(max_tokens, self.cache.capacity - len(context))
+        if max_tokens <= 0:
+            return Draft.empty(self.model.device)
+        # Keep the longest valid cached prefix, but always re-feed at least the last token for its logits.
+        keep = min(common_prefix(self.cached, context), len(context) - 1)
+        self.cache.truncate(keep)
+        del self.cached[keep:]
+        logits = self._feed(context[keep:])
+        tokens: list[int] = []
+        dists = []
+        for i in range(max_tokens):
+            if params.greedy:
+                token = int(logits.argmax())
+            else:
+                q = probabilities(logits, params)
+                token = int(sample(q, generator))
+                dists.append(q)
+            tokens.append(token)
+            if i + 1 < max_tokens:
+                logits = self._feed([token])
+        return Draft(torch.tensor(tokens, device=self.model.device), torch.stack(dists) if dists else None)

@@ -1,0 +1,167 @@
+"""The decode loop: draft -> verify (one target pass) -> accept -> commit, streaming token ids."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from s2d.drafting.base import Draft, Drafter
+from s2d.model.cache import KVCache
+from s2d.model.llama import Transformer
+from s2d.sampling import SamplingParams, probabilities, sample
+from s2d.verify import verify_greedy, verify_stochastic
+
+
+class InputError(ValueError):
+    """A request the engine refuses (empty or too-long prompt, bad limits); nothing was changed."""
+
+
+@dataclass
+class DecodeStats:
+    target_passes: int = 0  # verification passes (prefill excluded)
+    new_tokens: int = 0
+    proposed: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens accepted
+    accepted_at: list[int] = field(default_factory=list)  # [i]: times draft position i was accepted
+    proposed_at: list[int] = field(default_factory=list)  # [i]: times draft position i was proposed
+    exit_counts: dict[int, int] = field(default_factory=dict)  # exit layer -> draft tokens it produced
+    elapsed_s: float = 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens emitted per target pass (1.0 for plain decoding)."""
+        return self.new_tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+    def record(self, draft: Draft, num_accepted: int) -> None:
+        k = len(draft)
+        self.target_passes += 1
+        self.proposed += k
+        self.accepted += num_accepted
+        for store, count in ((self.proposed_at, k), (self.accepted_at, num_accepted)):
+            store.extend([0] * (count - len(store)))
+            for i in range(count):
+                store[i] += 1
+        for e in draft.exits:
+            self.exit_counts[e] = self.exit_counts.get(e, 0) + 1
+
+
+@dataclass
+class DecodeState:
+    """Everything one sequence's decoding needs between steps."""
+
+    tokens: list[int]  # prompt + output so far; the target cache holds all but the last
+    prompt_len: int
+    max_new_tokens: int
+    params: SamplingParams
+    cache: KVCache
+    generator: torch.Generator
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    finished: bool = False
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+class Engine:
+    """One target model, optionally a drafter; plain decoding when the drafter is None."""
+
+    def __init__(self, target: Transformer, drafter: Drafter | None = None, num_draft_tokens: int = 5,
+                 eos_token_ids: tuple[int, ...] | None = None) -> None:
+        if num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        self.target = target
+        self.drafter = drafter
+        self.num_draft_tokens = num_draft_tokens
+        self.eos = set(target.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.cache = target.new_cache()  # reused across requests: allocation is not free for big models
+
+    @torch.inference_mode()
+    def start(self, prompt: list[int], params: SamplingParams, max_new_tokens: int) -> DecodeState:
+        """Validate the request and prefill the target with all prompt tokens but the last."""
+        if not prompt:
+            raise InputError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        vocab = self.target.cfg.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InputError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
+        limit = self.cache.capacity
+        if len(prompt) + max_new_tokens > limit:
+            raise InputError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds "
+                             f"the model's context of {limit} tokens")
+        self.cache.truncate(0)
+        if self.drafter is not None:
+            self.drafter.reset()
+        if len(prompt) > 1:
+            device = self.target.device
+            ids = torch.tensor([prompt[:-1]], device=device)
+            self.target(ids, torch.arange(len(prompt) - 1, device=device), self.cache, logits_at=None)
+        return DecodeState(list(prompt), len(prompt), max_new_tokens, params, self.cache,
+                           params.generator(self.target.device))
+
+    @torch.inference_mode()
+    def step(self, state: DecodeState) -> list[int]:
+        """One target pass: returns the tokens it emitted (accepted drafts + one from the target)."""
+        remaining = state.max_new_tokens - len(state.output)
+        base = state.cache.length  # == len(state.tokens) - 1
+        k = min(self.num_draft_tokens, remaining - 1)
+        draft = Draft.empty(self.target.device)
+        if self.drafter is not None and k > 0:
+            draft = self.drafter.propose(state.tokens, k, state.params, state.generator)
+        device = self.target.device
+        block = torch.cat([torch.tensor([state.tokens[-1]], device=device), draft.tokens.to(device)])
+        logits = self.target(block[None], torch.arange(base, base + block.numel(), device=device), state.cache)[0]
+        if state.params.greedy:
+            verdict = verify_greedy(draft.tokens.to(device), logits.argmax(-1))
+        elif len(draft):
+            verdict = verify_stochastic(draft.tokens.to(device), draft.probs, probabilities(logits, state.params),
+                                        state.generator)
+        else:
+            verdict = None
+        if verdict is None:  # plain sampling step
+            emitted = [int(sample(probabilities(logits[-1], state.params), state.generator))]
+            num_accepted = 0
+        else:
+            num_accepted = verdict.num_accepted
+            emitted = draft.tokens[:num_accepted].tolist() + [verdict.next_token]
+        state.cache.truncate(base + 1 + num_accepted)
+        state.stats.record(draft, num_accepted)
+        if self.drafter is not None:
+            self.drafter.feedback(len(draft), num_accepted)
+        for i, token in enumerate(emitted):
+            if token in self.eos:
+                emitted = emitted[: i + 1]
+                state.finished = True
+                break
+        state.tokens.extend(emitted)
+        state.stats.new_tokens += len(emitted)
+        if len(state.output) >= state.max_new_tokens:
+            state.finished = True
+        return emitted
+
+    def stream(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
+               state_out: list[DecodeState] | None = None) -> Iterator[list[int]]:
+        """Yield the tokens of each step; the final state (with stats) is appended to ``state_out``."""
+        t0 = time.perf_counter()
+        state = self.start(prompt, params, max_new_tokens)
+        if state_out is not None:
+            state_out.append(state)
+        while not state.finished:
+            emitted = self.step(state)
+            state.stats.elapsed_s = time.perf_counter() - t0
+            yield emitted
+
+    def generate(self, prompt: list[int], params: SamplingParams = SamplingParams(),
+                 max_new_tokens: int = 128) -> DecodeState:
+        states: list[DecodeState] = []
+        for _ in self.stream(prompt, params, max_new_tokens, states):
+            pass
+        return states[0]

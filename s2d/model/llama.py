@@ -1,0 +1,153 @@
+"""A lean Llama-family decoder (Llama, Mistral, Qwen2) for incremental and speculative decoding.
+
+Differences from transformers' forward, on purpose: q/k/v and gate/up projections are fused into one
+matrix each (fewer kernel launches, which dominate small models on CPU), the KV cache is static and
+written by slot, callers choose which layers run and which positions get logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from s2d.model.cache import KVCache
+from s2d.model.config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Inverse frequencies [head_dim/2], with linear or llama3 scaling when the config asks."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling.get("original_max_position_embeddings", cfg.max_positions))
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq.float()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.eps = cfg.rms_norm_eps
+        self.attn_norm = nn.Parameter(torch.ones(c))
+        self.qkv = nn.Linear(c, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.num_heads * d, c, bias=cfg.o_bias)
+        self.mlp_norm = nn.Parameter(torch.ones(c))
+        self.gate_up = nn.Linear(c, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.intermediate_size, c, bias=cfg.mlp_bias)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # As transformers does: normalise in float32, cast back, then scale.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE tables [max_positions, D] on the model's device (after a meta init)."""
+        device = self.embed.weight.device
+        inv_freq = rope_inv_freq(self.cfg).to(device)
+        angles = torch.outer(torch.arange(self.cfg.max_positions, dtype=torch.float32, device=device), inv_freq)
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin, sin]: one roll instead of split + cat.
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], -1), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], -1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch: int = 1, capacity: int | None = None, num_layers: int | None = None) -> KVCache:
+        cfg = self.cfg
+        return KVCache(num_layers or cfg.num_layers, batch, cfg.num_kv_heads, capacity or cfg.max_positions,
+                       cfg.head_dim, self.dtype, self.device)
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        """ids [B, T] -> hidden [B, T, C]."""
+        return self.embed(ids)
+
+    def run_layers(self, hidden: Tensor, positions: Tensor, cache: KVCache, start: int = 0,
+                   end: int | None = None, block_mask: Tensor | None = None) -> Tensor:
+        """Run layers ``start .. end-1`` over a block of T new tokens and append them to ``cache``.
+
+        hidden [B, T, C]; positions [T] (RoPE positions, which in a tree differ from cache slots);
+        block_mask [T, T] bool, True = may attend, among the new tokens (default causal); every
+        cached token is visible to every new token. Returns hidden [B, T, C].
+        """
+        end = self.cfg.num_layers if end is None else end
+        bsz, t, _ = hidden.shape
+        slot = cache.lengths[start]
+        if any(cache.lengths[i] != slot for i in range(start, end)):
+            raise ValueError(f"layers {start}..{end - 1} hold different cache lengths: {cache.lengths[start:end]}")
+        if slot + t > cache.capacity:
+            raise ValueError(f"cache overflow: {slot} + {t} tokens > capacity {cache.capacity}")
+        mask = None
+        if t > 1 or block_mask is not None:
+            if block_mask is None:
+                block_mask = torch.ones(t, t, dtype=torch.bool, device=hidden.device).tril_()
+            mask = torch.cat([torch.ones(t, slot, dtype=torch.bool, device=hidden.device), block_mask], 1)
+        cos = self.cos[positions].to(hidden.dtype)  # [T, D]
+        sin = self.sin[positions].to(hidden.dtype)
+        for i in range(start, end):
+            hidden = self._block(self.layers[i], i, hidden, cos, sin, cache, slot, mask)
+            cache.lengths[i] = slot + t
+        return hidden
+
+    def _block(self, layer: Block, index: int, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
+               slot: int, mask: Tensor | None) -> Tensor:
+        bsz, t, _ = x.shape
+        h, hkv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        qkv = layer.qkv(rms_norm(x, layer.attn_norm, layer.eps))
+        qk = qkv[..., : (h + hkv) * d].view(bsz, t, h + hkv, d).transpose(1, 2)  # [B, H+Hkv, T, D]
+        qk = qk * cos + qk.roll(d // 2, -1) * sin
+        q, k = qk[:, :h], qk[:, h:]
+        v = qkv[..., (h + hkv) * d:].view(bsz, t, hkv, d).transpose(1, 2)
+        cache.k[index, :, :, slot:slot + t] = k
+        cache.v[index, :, :, slot:slot + t] = v
+        keys = cache.k[index, :, :, : slot + t]
+        values = cache.v[index, :, :, : slot + t]
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=h != hkv)
+        x = x + layer.o(att.transpose(1, 2).reshape(bsz, t, h * d))
+        gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, layer.eps)).chunk(2, -1)
+        return x + layer.down(F.silu(gate) * up)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [..., C] -> logits [..., V] through the final norm and LM head."""
+        return self.lm_head(rms_norm(hidden, self.norm, self.cfg.rms_norm_eps))
+
+    def forward(self, ids: Tensor, positions: Tensor, cache: KVCache, block_mask: Tensor | None = None,
+                logits_at: Tensor | slice | None = slice(None)) -> Tensor | None:
+        """ids [B, T] -> logits [B, len(logits_at), V] (None when ``logits_at`` is None)."""
+        hidden = self.run_layers(self.embed_tokens(ids), positions, cache, block_mask=block_mask)
+        if logits_at is None:
+            return None
+        return self.logits(hidden[:, logits_at])
