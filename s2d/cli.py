@@ -52,12 +52,12 @@ def run_generate(args: argparse.Namespace) -> int:
         target_path = default_checkpoint()
         print(f"s2d: no --target given: using a tiny randomly initialised model at {target_path} "
               "(its output is gibberish; pass --target DIR for a real model)", file=sys.stderr)
-    tokenizer = load_tokenizer(target_path)
     target = load_model(target_path, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(target_path)
     drafter = None
     if method == "sd":
-        check_same_tokenizer(tokenizer, load_tokenizer(args.draft))
         draft = load_model(args.draft, dtype=args.dtype, device=args.device)
+        check_same_tokenizer(tokenizer, load_tokenizer(args.draft))
         check_same_vocab(target, draft)
         drafter = ModelDrafter(draft)
     elif method == "pld":
