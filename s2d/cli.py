@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2d", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate(sub)
+    from s2d.bench.cli import add_bench
+
+    add_bench(sub)
     return parser
 
 

@@ -1,0 +1,76 @@
+"""Our decoding methods as benchmark entries. A new drafter is one more ``@register`` here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from s2d.bench.registry import Generation, MethodContext, MethodSkipped, register
+from s2d.drafting.base import Drafter
+from s2d.drafting.lookup import PromptLookupDrafter
+from s2d.drafting.model import ModelDrafter
+from s2d.engine import Engine
+from s2d.loading import check_same_tokenizer, check_same_vocab, load_model, load_tokenizer
+from s2d.model.llama import Transformer
+from s2d.sampling import SamplingParams
+
+
+class EngineMethod:
+    """Any of our drafters (or none) behind the s2d engine."""
+
+    def __init__(self, target: Transformer, drafter: Drafter | None, num_draft_tokens: int, ignore_eos: bool) -> None:
+        # ignore_eos: an empty EOS set makes the engine run to max_new_tokens.
+        self.engine = Engine(target, drafter, num_draft_tokens, eos_token_ids=() if ignore_eos else None)
+
+    def generate(self, prompt: list[int], params: SamplingParams, max_new_tokens: int) -> Generation:
+        state = self.engine.generate(prompt, params, max_new_tokens)
+        s = state.stats
+        return Generation(list(state.output), s.elapsed_s, s.target_passes, list(s.proposed_at),
+                          list(s.accepted_at), dict(s.exit_counts))
+
+
+def target_model(ctx: MethodContext) -> Transformer:
+    o = ctx.options
+    return ctx.models.get(("s2d", ctx.target, o.dtype), lambda: load_model(ctx.target, o.dtype, o.device))
+
+
+def tokenizer(ctx: MethodContext, path: Path):
+    return ctx.models.get(("tokenizer", path), lambda: load_tokenizer(path))
+
+
+def draft_model(ctx: MethodContext, num_layers: int | None = None) -> Transformer:
+    """The --draft (optionally only its first ``num_layers`` layers), checked against the target."""
+    assert ctx.draft is not None  # parse_methods refused draft methods without --draft
+    if ctx.draft.resolve() == ctx.target.resolve():
+        raise MethodSkipped("the draft is the target itself")
+    o = ctx.options
+    draft = ctx.models.get(("s2d", ctx.draft, o.dtype, num_layers),
+                           lambda: load_model(ctx.draft, o.dtype, o.device, num_layers=num_layers))
+    check_same_tokenizer(tokenizer(ctx, ctx.target), tokenizer(ctx, ctx.draft), "target", "draft")
+    check_same_vocab(target_model(ctx), draft)
+    return draft
+
+
+def engine_method(ctx: MethodContext, drafter: Drafter | None) -> EngineMethod:
+    return EngineMethod(target_model(ctx), drafter, ctx.options.num_draft_tokens, ctx.options.ignore_eos)
+
+
+@register("ar", help="plain autoregressive decoding (the speedup baseline)")
+def ar(ctx: MethodContext) -> EngineMethod:
+    return engine_method(ctx, None)
+
+
+@register("sd", needs_draft=True, help="speculative decoding with the whole --draft model")
+def sd(ctx: MethodContext) -> EngineMethod:
+    return engine_method(ctx, ModelDrafter(draft_model(ctx)))
+
+
+@register("sd-exit-{E}", needs_draft=True,
+          help="speculative decoding with the first E layers of --draft (one exit of a sorted draft)")
+def sd_exit(ctx: MethodContext, E: int) -> EngineMethod:
+    # load_model refuses E outside 1..layers with a clear CheckpointError.
+    return engine_method(ctx, ModelDrafter(draft_model(ctx, num_layers=E)))
+
+
+@register("pld", help="prompt lookup decoding (n-gram copy from the context)")
+def pld(ctx: MethodContext) -> EngineMethod:
+    return engine_method(ctx, PromptLookupDrafter())
