@@ -6,6 +6,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from s2d.drafting.base import Draft, Drafter
@@ -13,6 +15,9 @@ from s2d.model.cache import KVCache
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams, probabilities, sample
 from s2d.verify import verify_greedy, verify_stochastic
+
+if TYPE_CHECKING:
+    from s2d.drafting import DraftOptions
 
 
 class InputError(ValueError):
@@ -165,3 +170,58 @@ class Engine:
         for _ in self.stream(prompt, params, max_new_tokens, states):
             pass
         return states[0]
+
+
+class MultiTargetEngine:
+    """Several targets sharing a tokenizer and one draft model in memory.
+
+    Each target gets its own Engine: its own KV cache, its own drafter state (cache, adaptive draft
+    length) and its own running statistics, so one target's tuning never leaks into another's.
+    """
+
+    def __init__(self, targets: dict[str, Transformer], draft: Transformer | None = None, method: str = "s2d",
+                 options: "DraftOptions | dict[str, DraftOptions] | None" = None) -> None:
+        from s2d.drafting import DraftOptions, build_drafter
+
+        if not targets:
+            raise ValueError("MultiTargetEngine needs at least one target")
+        self.method = method
+        self.engines: dict[str, Engine] = {}
+        self.totals: dict[str, DecodeStats] = {}
+        for name, target in targets.items():
+            if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
+                raise ValueError(f"draft vocab_size {draft.cfg.vocab_size} != target {name!r} vocab_size "
+                                 f"{target.cfg.vocab_size}")
+            opts = options.get(name, DraftOptions()) if isinstance(options, dict) else (options or DraftOptions())
+            drafter = build_drafter(method, draft, opts)
+            cap = getattr(getattr(drafter, "length", None), "maximum", opts.num_draft_tokens)
+            self.engines[name] = Engine(target, drafter, cap if opts.schedule == "heuristic" else opts.num_draft_tokens)
+            self.totals[name] = DecodeStats()
+
+    def engine(self, name: str) -> Engine:
+        if name not in self.engines:
+            raise KeyError(f"unknown target {name!r}; loaded: {', '.join(self.engines)}")
+        return self.engines[name]
+
+    def stream(self, name: str, prompt: list[int], params: SamplingParams, max_new_tokens: int,
+               state_out: list[DecodeState] | None = None) -> Iterator[list[int]]:
+        states: list[DecodeState] = [] if state_out is None else state_out
+        yield from self.engine(name).stream(prompt, params, max_new_tokens, states)
+        self._accumulate(name, states[-1].stats)
+
+    def generate(self, name: str, prompt: list[int], params: SamplingParams = SamplingParams(),
+                 max_new_tokens: int = 128) -> DecodeState:
+        state = self.engine(name).generate(prompt, params, max_new_tokens)
+        self._accumulate(name, state.stats)
+        return state
+
+    def _accumulate(self, name: str, stats: DecodeStats) -> None:
+        total = self.totals[name]
+        for attr in ("target_passes", "new_tokens", "proposed", "accepted", "elapsed_s"):
+            setattr(total, attr, getattr(total, attr) + getattr(stats, attr))
+        for store, add in ((total.accepted_at, stats.accepted_at), (total.proposed_at, stats.proposed_at)):
+            store.extend([0] * (len(add) - len(store)))
+            for i, v in enumerate(add):
+                store[i] += v
+        for e, c in stats.exit_counts.items():
+            total.exit_counts[e] = total.exit_counts.get(e, 0) + c

@@ -33,3 +33,36 @@ def default_checkpoint(cache_dir: str | Path | None = None) -> Path:
 
 
 __all__ = ["check_same_tokenizer", "check_same_vocab", "default_checkpoint", "load_model", "load_tokenizer"]
+
+
+def parse_targets(specs: list[str]) -> dict[str, str]:
+    """``NAME=PATH`` or ``PATH`` (named by its last path component) -> {name: path}."""
+    targets: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or "/" in name:
+            name, path = Path(spec.rstrip("/")).name or spec, spec
+        if name in targets:
+            raise ValueError(f"two targets are named {name!r}; name them with NAME=PATH")
+        targets[name] = path
+    return targets
+
+
+def load_family(targets: dict[str, str], draft: str | None, dtype: str, device: str):
+    """Load targets (and a draft) that must share one tokenizer. Returns (tokenizer, {name: model}, draft)."""
+    models = {}
+    tokenizer = None
+    for name, path in targets.items():
+        models[name] = load_model(path, dtype=dtype, device=device)
+        tok = load_tokenizer(path)
+        if tokenizer is None:
+            tokenizer, first = tok, name
+        else:
+            check_same_tokenizer(tokenizer, tok, first, name)
+    draft_model = None
+    if draft is not None:
+        draft_model = load_model(draft, dtype=dtype, device=device)
+        check_same_tokenizer(tokenizer, load_tokenizer(draft), first, "draft")
+        for model in models.values():
+            check_same_vocab(model, draft_model)
+    return tokenizer, models, draft_model

@@ -3,6 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models gain nothing from threads, and OpenMP threads spinning against another process's on a
+# small machine slow everything down many times over.
+torch.set_num_threads(1)
 
 from s2d.model.tiny import write_random_checkpoint
 

@@ -5,22 +5,27 @@ from __future__ import annotations
 import torch
 
 from s2d.drafting.base import Draft, common_prefix
+from s2d.drafting.length import DraftLength
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams, probabilities, sample
 
 
 class ModelDrafter:
-    def __init__(self, model: Transformer) -> None:
+    """The plain reference: every token through every layer. ``SortedDrafter`` with one exit must agree."""
+
+    def __init__(self, model: Transformer, length: DraftLength | None = None) -> None:
         self.model = model
+        self.length = length or DraftLength()
         self.cache = model.new_cache()
         self.cached: list[int] = []  # tokens whose KV entries are in self.cache, in order
 
     def reset(self) -> None:
         self.cache.truncate(0)
         self.cached = []
+        self.length.reset()
 
     def feedback(self, num_proposed: int, num_accepted: int) -> None:
-        pass
+        self.length.update(num_proposed, num_accepted)
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
         """Append tokens to the cache; returns logits [V] after the last one."""
@@ -33,7 +38,7 @@ class ModelDrafter:
 
     def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
                 generator: torch.Generator | None) -> Draft:
-        max_tokens = min(max_tokens, self.cache.capacity - len(context))
+        max_tokens = min(max_tokens, self.length.current, self.cache.capacity - len(context))
         if max_tokens <= 0:
             return Draft.empty(self.model.device)
         # Keep the longest valid cached prefix, but always re-feed at least the last token for its logits.

@@ -1,0 +1,97 @@
+"""Per-target calibration of the S2D drafter: exit thresholds, stop threshold and draft length,
+chosen by measured tokens/s on a few prompts, and stored beside the draft."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from s2d.drafting import DraftOptions, build_drafter, sorted_exits
+from s2d.engine import Engine
+from s2d.model.config import CheckpointError
+from s2d.model.llama import Transformer
+from s2d.sampling import SamplingParams
+
+CALIBRATION_FILE = "s2d_calibration.json"
+DRAFT_LENGTHS = (3, 5, 7)
+EXIT_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+STOP_THRESHOLDS = (0.0, 0.1, 0.3)
+
+
+def calibration_path(draft: str | Path) -> Path:
+    from s2d.model.loading import resolve_checkpoint
+
+    return resolve_checkpoint(draft) / CALIBRATION_FILE
+
+
+def load_calibration(draft: str | Path, path: Path | None = None) -> dict[str, dict]:
+    """{target name: {num_draft_tokens, exit_thresholds, stop_threshold, tokens_per_s}}; {} if none."""
+    path = path or calibration_path(draft)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except ValueError as err:
+        raise CheckpointError(f"malformed calibration file {path}: {err}") from err
+
+
+def save_calibration(path: Path, target_name: str, entry: dict) -> None:
+    """Merge one target's entry into the file, atomically (a crash never leaves half a file)."""
+    data = load_calibration("", path) if path.exists() else {}
+    data[target_name] = entry
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def measure(target: Transformer, draft: Transformer, options: DraftOptions, prompts: list[list[int]],
+            max_new_tokens: int) -> float:
+    engine = Engine(target, build_drafter("s2d", draft, options), options.num_draft_tokens, eos_token_ids=())
+    tokens = seconds = 0.0
+    for prompt in prompts:
+        state = engine.generate(prompt, SamplingParams(), max_new_tokens)
+        tokens += len(state.output)
+        seconds += state.stats.elapsed_s
+    return tokens / seconds
+
+
+def calibrate(target: Transformer, draft: Transformer, prompts: list[list[int]], max_new_tokens: int = 64,
+              desc: str = "calibrate") -> dict:
+    """Coordinate search: draft length, then the exit threshold (shared by all exits but the last),
+    then the stop threshold; each stage keeps the fastest setting found so far."""
+    if not prompts:
+        raise ValueError("calibration needs at least one prompt")
+    num_exits = len(sorted_exits(draft))
+    measure(target, draft, DraftOptions(), prompts[:1], 8)  # warm-up
+    best = DraftOptions()
+    best_speed = 0.0
+    stages = [[replace(best, num_draft_tokens=k) for k in DRAFT_LENGTHS],
+              [(lambda t: lambda o: replace(o, exit_thresholds=(t,) * (num_exits - 1) + (0.0,)))(t)
+               for t in EXIT_THRESHOLDS],
+              [(lambda s: lambda o: replace(o, stop_threshold=s))(s) for s in STOP_THRESHOLDS]]
+    total = sum(len(s) for s in stages)
+    tried: list[dict] = []
+    with tqdm(total=total, desc=desc, unit="setting") as bar:
+        for stage in stages:
+            stage_best, stage_speed = best, -1.0
+            for candidate in stage:
+                options = candidate if isinstance(candidate, DraftOptions) else candidate(best)
+                speed = measure(target, draft, options, prompts, max_new_tokens)
+                tried.append({**asdict(options), "tokens_per_s": speed})
+                if speed > stage_speed:
+                    stage_best, stage_speed = options, speed
+                bar.update()
+                bar.set_postfix(best=f"{max(stage_speed, best_speed):.1f} tok/s")
+            best, best_speed = stage_best, stage_speed
+    return {"num_draft_tokens": best.num_draft_tokens, "exit_thresholds": list(best.exit_thresholds),
+            "stop_threshold": best.stop_threshold, "tokens_per_s": best_speed, "tried": tried}

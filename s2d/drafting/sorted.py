@@ -1,0 +1,130 @@
+"""The S2D drafter: one sorted multi-exit draft, exit chosen token by token from its confidence.
+
+For each draft token the shallowest exit runs first; the token is taken there if the exit's top
+probability reaches that exit's threshold, otherwise the hidden state continues through the next
+layers to the next exit; the last exit always answers.
+
+Lazy KV catch-up: a token that left at a shallow exit has no KV entries in deeper layers. We keep
+every position's latest hidden state; when a deeper exit is next needed, the missing positions
+run through the missing layers in the same pass as the current token, so shallow layers are never
+recomputed and deep layers are computed only when some token needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from s2d.drafting.base import Draft, common_prefix
+from s2d.drafting.length import DraftLength
+from s2d.model.llama import Transformer
+from s2d.sampling import SamplingParams, probabilities, sample
+
+
+@dataclass(frozen=True)
+class SortedConfig:
+    exits: tuple[int, ...]  # layer counts after which an exit reads out, ascending
+    thresholds: tuple[float, ...] = ()  # per exit, the confidence needed to answer; default 0.5, ..., 0
+    stop_threshold: float = 0.0  # end the draft after a token whose confidence is below this
+
+    def __post_init__(self) -> None:
+        if not self.exits or list(self.exits) != sorted(set(self.exits)) or self.exits[0] < 1:
+            raise ValueError(f"exits must be distinct ascending layer counts >= 1, got {self.exits}")
+        if not self.thresholds:
+            object.__setattr__(self, "thresholds", (0.5,) * (len(self.exits) - 1) + (0.0,))
+        if len(self.thresholds) != len(self.exits):
+            raise ValueError(f"{len(self.exits)} exits need {len(self.exits)} thresholds, got {self.thresholds}")
+        if not all(0.0 <= t <= 1.0 for t in (*self.thresholds, self.stop_threshold)):
+            raise ValueError("thresholds must lie in [0, 1]")
+
+
+def confidence_and_q(logits: Tensor, params: SamplingParams) -> tuple[float, Tensor]:
+    """logits [V] -> (confidence, q [V]).
+
+    Confidence is the top probability after the verification's own processing; under greedy
+    that processing is a one-hot argmax, so the model's plain softmax measures confidence instead.
+    """
+    q = probabilities(logits, params)
+    conf = logits.float().softmax(-1).max() if params.greedy else q.max()
+    return float(conf), q
+
+
+class SortedDrafter:
+    def __init__(self, model: Transformer, config: SortedConfig, length: DraftLength | None = None) -> None:
+        if config.exits[-1] > model.cfg.num_layers:
+            raise ValueError(f"exit {config.exits[-1]} is beyond the draft's {model.cfg.num_layers} layers")
+        self.model = model
+        self.config = config
+        self.length = length or DraftLength()
+        self.cache = model.new_cache(num_layers=config.exits[-1])
+        # hidden[s]: position s's hidden state after the deepest layer it has been through.
+        self.hidden = torch.zeros(self.cache.capacity, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
+        self.cached: list[int] = []  # tokens that have entered layer 0, in order
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+        self.cached = []
+        self.length.reset()
+
+    def feedback(self, num_proposed: int, num_accepted: int) -> None:
+        self.length.update(num_proposed, num_accepted)
+
+    def _enter(self, tokens: list[int]) -> None:
+        """Run new tokens through the layers of the first exit."""
+        start = self.cache.lengths[0]
+        device = self.model.device
+        h = self.model.run_layers(self.model.embed_tokens(torch.tensor([tokens], device=device)),
+                                  torch.arange(start, start + len(tokens), device=device), self.cache,
+                                  0, self.config.exits[0])
+        self.hidden[start:start + len(tokens)] = h[0]
+        self.cached.extend(tokens)
+
+    def _deepen(self, j: int, upto: int) -> None:
+        """Bring positions [.., upto] through the layers of exit j: lazy catch-up plus the current token."""
+        first, last = self.config.exits[j - 1], self.config.exits[j]
+        start = self.cache.lengths[first]
+        if start > upto:
+            return
+        device = self.model.device
+        h = self.model.run_layers(self.hidden[None, start:upto + 1], torch.arange(start, upto + 1, device=device),
+                                  self.cache, first, last)
+        self.hidden[start:upto + 1] = h[0]
+
+    def catch_up(self) -> None:
+        """Bring every entered position through all layers (tests compare this with full recomputation)."""
+        for j in range(1, len(self.config.exits)):
+            self._deepen(j, self.cache.lengths[0] - 1)
+
+    def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
+                generator: torch.Generator | None) -> Draft:
+        max_tokens = min(max_tokens, self.length.current, self.cache.capacity - len(context))
+        if max_tokens <= 0:
+            return Draft.empty(self.model.device)
+        keep = min(common_prefix(self.cached, context), len(context) - 1)
+        self.cache.truncate(keep)
+        del self.cached[keep:]
+        self._enter(context[keep:])
+        pos = len(context) - 1
+        cfg = self.config
+        tokens: list[int] = []
+        dists: list[Tensor] = []
+        exits: list[int] = []
+        for i in range(max_tokens):
+            for j, threshold in enumerate(cfg.thresholds):
+                if j:
+                    self._deepen(j, pos)
+                conf, q = confidence_and_q(self.model.logits(self.hidden[pos]), params)
+                if conf >= threshold or j == len(cfg.exits) - 1:
+                    break
+            token = int(q.argmax()) if params.greedy else int(sample(q, generator))
+            tokens.append(token)
+            dists.append(q)
+            exits.append(cfg.exits[j])
+            if conf < cfg.stop_threshold or i + 1 == max_tokens:
+                break
+            self._enter([token])
+            pos += 1
+        probs = None if params.greedy else torch.stack(dists)
+        return Draft(torch.tensor(tokens, device=self.model.device), probs, exits)
