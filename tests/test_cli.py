@@ -111,3 +111,10 @@ def test_prompt_longer_than_context(capsys, checkpoints):
 def test_sd_needs_a_draft(capsys, checkpoints):
     with pytest.raises(SystemExit, match="needs --draft"):
         main(["generate", "--target", str(checkpoints["target"]), "--method", "sd", "--prompt", "x"])
+
+
+def test_hub_id_is_tried_and_fails_clearly_offline(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
+    code, _, err = run(capsys, "generate", "--target", "some-org/some-model", "--prompt", "x")
+    assert code == 2 and "neither a local directory nor a reachable hub id" in err
