@@ -1,0 +1,99 @@
+"""Write drafts as plain Hugging Face checkpoints: the whole sorted draft, or one exit of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from s2d.model.config import CheckpointError, ModelConfig
+from s2d.model.loading import read_safetensors
+from s2d.train.draft import quiet_transformers
+
+EXITS_KEY = "s2d_exits"  # config.json key of a sorted draft's exits (read by s2d.model.config)
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+              "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace directory ``out`` by ``tmp``: the old one is renamed away first, then deleted."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def save_draft(model: nn.Module, exits: tuple[int, ...], tokenizer, out: Path, dtype: torch.dtype) -> None:
+    """Write the transformers model ``model`` (exits recorded in its config) to ``out`` in ``dtype``.
+
+    ``out`` may hold other things (the training run's log and checkpoints), so it cannot be swapped as
+    a whole: the files are written to a temporary directory, then moved in one by one, config.json
+    last, so a reader never sees a config next to weights it does not describe.
+    """
+    tmp = out / f".export-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    config = model.config
+    setattr(config, EXITS_KEY, list(exits))
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    with quiet_transformers():
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+    # transformers records the model's in-memory dtype; the weights on disk are ``dtype``.
+    raw = json.loads((tmp / "config.json").read_text())
+    raw["dtype"] = str(dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in sorted(names, key=lambda n: n == "config.json"):
+        os.replace(tmp / name, out / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_exit(draft: str | Path, exit_layers: int, out: str | Path) -> Path:
+    """Write the first ``exit_layers`` layers of ``draft`` with its shared final norm and head to ``out``.
+
+    The result is a plain checkpoint of the draft's architecture: usable as ``assistant_model`` in
+    transformers, as a draft model in vLLM, or as ``--draft`` here.
+    """
+    draft, out = Path(draft), Path(out)
+    cfg = ModelConfig.from_file(draft / "config.json")
+    if cfg.exits and exit_layers not in cfg.exits:
+        raise CheckpointError(f"exit {exit_layers} is not one of the draft's exits {list(cfg.exits)}; its head "
+                              "was never trained to read that layer")
+    if not 1 <= exit_layers <= cfg.num_layers:
+        raise CheckpointError(f"exit {exit_layers} is outside the draft's {cfg.num_layers} layers")
+    if out.resolve() == draft.resolve():
+        raise CheckpointError("--out must differ from --draft")
+    raw = json.loads((draft / "config.json").read_text())
+    raw["num_hidden_layers"] = exit_layers
+    raw.pop(EXITS_KEY, None)
+    for key in ("layer_types",):  # per-layer lists (newer configs) must shrink with the layers
+        if isinstance(raw.get(key), list):
+            raw[key] = raw[key][:exit_layers]
+    state = read_safetensors(draft)
+
+    def keep(name: str) -> bool:
+        parts = name.split(".")
+        return not (len(parts) > 2 and parts[:2] == ["model", "layers"] and int(parts[2]) >= exit_layers)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items() if keep(k)}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    for name in SIDE_FILES:
+        if (draft / name).exists():
+            shutil.copy2(draft / name, tmp / name)
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    _swap_in(tmp, out)
+    return out

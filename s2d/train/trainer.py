@@ -1,0 +1,337 @@
+"""The training loop: SoFT and multi-target distillation of a sorted draft, with DDP and resume.
+
+Every random choice of a step (its batch, which sequences are on-policy, their samples) is a pure
+function of (seed, step, row), so resuming needs only the weights, the optimizer and the step, and a
+global batch computes the same thing whether one process or several share it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor
+
+from s2d.model.loading import DTYPES, load_tokenizer
+from s2d.train.checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
+from s2d.train.config import TrainConfig
+from s2d.train.data import PackedData, global_batch, load_packed
+from s2d.train.draft import SortedDraft, init_from_checkpoint, init_random, sample_continuations, to_runtime
+from s2d.train.export import save_draft
+from s2d.train.losses import TeacherMixture, cross_entropy, distill_loss
+from s2d.train.teachers import Teachers, check_tokenizers
+
+Status = Literal["completed", "time_limit", "interrupted"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    status: Status
+    step: int  # optimizer steps done
+    tokens: int  # training tokens seen (all processes)
+    elapsed_s: float  # training time, summed over resumed sessions
+    loss: float  # the last step's loss
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False  # we initialised the process group, so we tear it down
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            tdist.barrier()
+
+    def all_reduce(self, t: Tensor, op=tdist.ReduceOp.SUM) -> Tensor:
+        if self.world > 1:
+            tdist.all_reduce(t, op=op)
+        return t
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group torchrun (or a test) describes in the environment; one process otherwise."""
+    if tdist.is_available() and tdist.is_initialized():
+        return Dist(tdist.get_rank(), tdist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    tdist.init_process_group(backend=backend)
+    return Dist(tdist.get_rank(), tdist.get_world_size(), owns_group=True)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def on_policy_plan(step: int, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
+    """For the global batch of ``step``: which rows are on-policy [G] bool, and which exit samples each [G]."""
+    gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step + 1)
+    flags = torch.rand(cfg.batch_size, generator=gen) < cfg.on_policy
+    exits = torch.tensor(cfg.exits)[torch.randint(len(cfg.exits), (cfg.batch_size,), generator=gen)]
+    return flags, exits
+
+
+def row_generator(cfg: TrainConfig, step: int, row: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + row) % (2**63))
+
+
+class JsonlLog:
+    """The JSON-lines training log; on resume, lines of steps after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, path)
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask for a clean stop: finish the step, checkpoint, exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: no handlers, kills still leave complete checkpoints
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def train_draft(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume training) the sorted draft ``cfg`` describes; the draft is written to cfg.out_dir."""
+    dist = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, dist)
+    finally:
+        if dist.owns_group:
+            tdist.destroy_process_group()
+
+
+def _load_tokenizer(cfg: TrainConfig):
+    source = cfg.tokenizer or cfg.init or cfg.targets[0]
+    tokenizer = load_tokenizer(source)
+    check_tokenizers(tokenizer, cfg.targets, name=f"the draft's tokenizer ({source})")
+    return tokenizer
+
+
+def _prepare_run(cfg: TrainConfig, dist: Dist) -> Path | None:
+    """Create or check the output directory; returns the checkpoint to resume from, if any."""
+    out, ckpts = cfg.out_dir, cfg.out_dir / "checkpoints"
+    run_file = out / "train_config.json"
+    resume = latest_checkpoint(ckpts)
+    if run_file.exists():
+        cfg.check_resumable(json.loads(run_file.read_text()))
+    elif resume is not None:
+        raise ValueError(f"{out} holds checkpoints but no train_config.json; choose another output directory")
+    dist.barrier()  # every rank has read the old config before rank 0 rewrites it
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_partial(ckpts)
+        _write_json(run_file, cfg.to_json())
+    return resume
+
+
+def _load_data(cfg: TrainConfig, tokenizer, dist: Dist) -> PackedData:
+    cache = cfg.out_dir / "tokens.pt"
+    if dist.rank == 0:
+        data = load_packed(cfg.data, tokenizer, cache)
+        _write_json(cfg.out_dir / "data_files.json", {"num_documents": len(data.sources), "num_tokens": data.num_tokens,
+                                                      "num_sequences": data.rows.shape[0], "documents": data.sources})
+    dist.barrier()
+    if dist.rank != 0:
+        data = load_packed(cfg.data, tokenizer, cache)  # rank 0 wrote the cache: this is a read
+    if data.rows.shape[0] < cfg.batch_size:
+        raise ValueError(f"the training data packs into {data.rows.shape[0]} sequences of {cfg.data.seq_len} tokens, "
+                         f"fewer than one batch of {cfg.batch_size}")
+    return data
+
+
+def _build_draft(cfg: TrainConfig, tokenizer) -> SortedDraft:
+    if cfg.init is not None:
+        model = init_from_checkpoint(cfg.init, cfg.depth)
+    else:
+        model = init_random(cfg.shape, cfg.depth, tokenizer, cfg.seed)
+    if model.config.max_position_embeddings < cfg.data.seq_len:
+        raise ValueError(f"seq_len {cfg.data.seq_len} exceeds the draft's context of {model.config.max_position_embeddings}")
+    return SortedDraft(model.to(cfg.device), cfg.exits)
+
+
+def build_optimizer(draft: SortedDraft, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on norms (1-D): decaying them toward 0 fights the normalisation.
+    params = [p for p in draft.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _micro_batch(cfg: TrainConfig, data: PackedData, rows: Tensor, global_rows: range, flags: Tensor,
+                 exits: Tensor, runtime, step: int) -> tuple[Tensor, Tensor]:
+    """Token ids [b, T+1] of rows ``rows``, on-policy ones with a draft-sampled tail, and the data mask [b, T]."""
+    ids = data.rows[rows].long().to(cfg.device)
+    seq_len, n_new = cfg.data.seq_len, cfg.on_policy_tokens
+    ce_mask = torch.ones(ids.shape[0], seq_len, dtype=torch.bool, device=cfg.device)
+    keep = seq_len + 1 - n_new  # data prefix length of an on-policy row
+    for e in exits[list(global_rows)][flags[list(global_rows)]].unique().tolist():
+        local = [i for i, g in enumerate(global_rows) if flags[g] and exits[g] == e]
+        gens = [row_generator(cfg, step, global_rows[i]) for i in local]
+        ids[local, keep:] = sample_continuations(runtime, e, ids[local, :keep], n_new, cfg.on_policy_temperature, gens)
+        ce_mask[local, keep - 1:] = False  # labels from index keep-1 on are the draft's own samples
+    return ids, ce_mask
+
+
+def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    tokenizer = _load_tokenizer(cfg)
+    resume = _prepare_run(cfg, dist)
+    data = _load_data(cfg, tokenizer, dist)
+    draft = _build_draft(cfg, tokenizer)
+    optimizer = build_optimizer(draft, cfg)
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
+    if resume is not None:
+        state = load_checkpoint(resume, draft, optimizer)
+    start = int(state["step"])
+    teachers = None
+    if cfg.distill_weight > 0:
+        teachers = Teachers(cfg.targets, cfg.teacher_dtype, cfg.device, draft.model.config.vocab_size, cfg.data.seq_len)
+    if cfg.batch_size % (cfg.micro_batch_size * dist.world):
+        raise ValueError(f"batch_size {cfg.batch_size} must split into micro-batches of {cfg.micro_batch_size} "
+                         f"over {dist.world} processes")
+    model: torch.nn.Module = draft
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(draft)
+    main = dist.rank == 0
+    log = JsonlLog(cfg.out_dir / "train_log.jsonl", start if resume else None) if main else None
+    if log and resume:
+        log.write({"event": "resume", "step": start, "checkpoint": resume.name})
+
+    seq_len, n_exits = cfg.data.seq_len, len(cfg.exits)
+    per_rank = cfg.batch_size // dist.world
+    micro_steps = per_rank // cfg.micro_batch_size
+    autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast)
+    status: Status = "completed"
+    loss_value = float("nan")
+    bar = None
+    if main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train-draft", unit="step", dynamic_ncols=True)
+    elapsed = float(state["elapsed_s"])
+    tokens = int(state["tokens"])
+    step = start
+    with StopFlag() as stop:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            batch_rows = global_batch(step, data.rows.shape[0], cfg.batch_size, cfg.seed)
+            flags, exits = on_policy_plan(step, cfg)
+            # Normalisers over the whole global batch, known before any forward: the loss is a global
+            # token mean however the batch is split (DDP averages gradients, hence the * world below).
+            n_ce = cfg.batch_size * seq_len - int(flags.sum()) * cfg.on_policy_tokens
+            n_kd = cfg.batch_size * seq_len
+            mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+            runtime = to_runtime(draft.model) if bool(flags[list(mine)].any()) else None
+            sums = torch.zeros(2 * n_exits + 1)  # per-exit CE sums, per-exit divergence sums, loss
+            for m in range(micro_steps):
+                rows = range(mine.start + m * cfg.micro_batch_size, mine.start + (m + 1) * cfg.micro_batch_size)
+                ids, ce_mask = _micro_batch(cfg, data, batch_rows[list(rows)], rows, flags, exits, runtime, step)
+                inputs, labels = ids[:, :-1], ids[:, 1:].reshape(-1)
+                mask = ce_mask.reshape(-1).float()
+                teacher = TeacherMixture(teachers.logits(inputs), cfg.divergence) if teachers else None
+                sync = nullcontext() if dist.world == 1 or m == micro_steps - 1 else model.no_sync()
+                with sync:
+                    with autocast:
+                        exit_logits = [z.reshape(-1, z.shape[-1]) for z in model(inputs)]  # E x [b*T, V]
+                    with torch.set_grad_enabled(cfg.ce_weight > 0):
+                        ce = torch.stack([cross_entropy(z, labels) for z in exit_logits])  # [E, b*T]
+                        loss = cfg.ce_weight * (ce.mean(0) * mask).sum() / n_ce
+                    sums[:n_exits] += (ce.detach() * mask).sum(-1).cpu()
+                    if teacher is not None:
+                        kd = torch.stack([teacher.loss(z) for z in exit_logits])  # [E, b*T]
+                        loss = loss + cfg.distill_weight * kd.mean(0).sum() / n_kd
+                        sums[n_exits:2 * n_exits] += kd.detach().sum(-1).cpu()
+                    (loss * dist.world).backward()
+                sums[-1] += float(loss.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.grad_clip or float("inf")))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += cfg.batch_size * seq_len
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            flag = torch.tensor([float(stop.requested), float(cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes)])
+            dist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+            dist.all_reduce(sums)
+            loss_value = float(sums[-1])
+            state = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "loss": loss_value}
+            if main:
+                tok_s = cfg.batch_size * seq_len / dt
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:.0f}")
+                    bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    record = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, cfg), "grad_norm": grad_norm,
+                              "tokens": tokens, "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 3),
+                              "ce": {str(e): float(sums[i]) / n_ce for i, e in enumerate(cfg.exits)},
+                              "on_policy_rows": int(flags.sum())}
+                    if teachers:
+                        record[f"{cfg.divergence.kind}"] = {str(e): float(sums[n_exits + i]) / n_kd
+                                                            for i, e in enumerate(cfg.exits)}
+                    log.write(record)
+            stopping = bool(flag[0]) or bool(flag[1])
+            if main and (step % cfg.save_every == 0 or step == cfg.steps or stopping):
+                save_checkpoint(cfg.out_dir / "checkpoints", step, draft, optimizer, state, cfg.keep_checkpoints)
+            if stopping:
+                status = "interrupted" if flag[0] else "time_limit"
+                break
+    if bar is not None:
+        bar.close()
+    if main:
+        if status != "interrupted":
+            save_draft(draft.model, cfg.exits, tokenizer, cfg.out_dir, DTYPES[cfg.save_dtype])
+        log.write({"event": status, "step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3)})
+    dist.barrier()
+    return TrainResult(cfg.out_dir, status, step, tokens, elapsed, loss_value)
