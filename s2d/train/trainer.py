@@ -80,12 +80,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def on_policy_plan(step: int, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
-    """For the global batch of ``step``: which rows are on-policy [G] bool, and which exit samples each [G]."""
+def on_policy_plan(step: int, cfg: TrainConfig) -> tuple[Tensor, int]:
+    """For the global batch of ``step``: which rows are on-policy [G] bool, and the exit that samples them.
+
+    One exit per step (drawn at random), not per row: sampling is sequential, token by token, and one
+    batched loop per step costs a fraction of one loop per exit.
+    """
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step + 1)
     flags = torch.rand(cfg.batch_size, generator=gen) < cfg.on_policy
-    exits = torch.tensor(cfg.exits)[torch.randint(len(cfg.exits), (cfg.batch_size,), generator=gen)]
-    return flags, exits
+    exit_layers = cfg.exits[int(torch.randint(len(cfg.exits), (1,), generator=gen))]
+    return flags, exit_layers
 
 
 def row_generator(cfg: TrainConfig, step: int, row: int) -> torch.Generator:
@@ -207,19 +211,55 @@ def build_optimizer(draft: SortedDraft, cfg: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _micro_batch(cfg: TrainConfig, data: PackedData, rows: Tensor, global_rows: range, flags: Tensor,
-                 exits: Tensor, runtime, step: int) -> tuple[Tensor, Tensor]:
-    """Token ids [b, T+1] of rows ``rows``, on-policy ones with a draft-sampled tail, and the data mask [b, T]."""
-    ids = data.rows[rows].long().to(cfg.device)
+def _local_rows(cfg: TrainConfig, data: PackedData, batch_rows: Tensor, mine: range, flags: Tensor,
+                exit_layers: int, draft: SortedDraft, step: int) -> tuple[Tensor, Tensor]:
+    """This process's rows [L, T+1] of the global batch (on-policy ones with a draft-sampled tail) and
+    the mask [L, T] of labels that are data, not the draft's own samples."""
+    ids = data.rows[batch_rows[mine.start:mine.stop]].long().to(cfg.device)
     seq_len, n_new = cfg.data.seq_len, cfg.on_policy_tokens
     ce_mask = torch.ones(ids.shape[0], seq_len, dtype=torch.bool, device=cfg.device)
-    keep = seq_len + 1 - n_new  # data prefix length of an on-policy row
-    for e in exits[list(global_rows)][flags[list(global_rows)]].unique().tolist():
-        local = [i for i, g in enumerate(global_rows) if flags[g] and exits[g] == e]
-        gens = [row_generator(cfg, step, global_rows[i]) for i in local]
-        ids[local, keep:] = sample_continuations(runtime, e, ids[local, :keep], n_new, cfg.on_policy_temperature, gens)
+    local = [i for i, g in enumerate(mine) if flags[g]]
+    if local:
+        keep = seq_len + 1 - n_new  # data prefix length of an on-policy row
+        gens = [row_generator(cfg, step, mine[i]) for i in local]
+        ids[local, keep:] = sample_continuations(to_runtime(draft.model), exit_layers, ids[local, :keep], n_new,
+                                                 cfg.on_policy_temperature, gens)
         ce_mask[local, keep - 1:] = False  # labels from index keep-1 on are the draft's own samples
     return ids, ce_mask
+
+
+def _accumulate_gradients(cfg: TrainConfig, model: torch.nn.Module, teachers: Teachers | None, step_ids: Tensor,
+                          step_mask: Tensor, n_ce: int, n_kd: int, world: int, autocast) -> Tensor:
+    """Forward + backward over this process's rows in micro-batches; gradients add up in the parameters.
+
+    step_ids [L, T+1]; step_mask [L, T] (True = the label is data). The loss of each micro-batch is
+    its token sum over the *global* counts n_ce, n_kd, times ``world`` because DDP averages gradients.
+    Returns [2E + 1]: per-exit CE sums, per-exit divergence sums, and the loss (for the log).
+    """
+    n_exits = len(cfg.exits)
+    micro_steps = step_ids.shape[0] // cfg.micro_batch_size
+    sums = torch.zeros(2 * n_exits + 1)
+    for m in range(micro_steps):
+        rows = slice(m * cfg.micro_batch_size, (m + 1) * cfg.micro_batch_size)
+        inputs, labels = step_ids[rows, :-1], step_ids[rows, 1:].reshape(-1)
+        mask = step_mask[rows].reshape(-1).float()
+        teacher = TeacherMixture(teachers.logits(inputs), cfg.divergence) if teachers else None
+        # Gradients are all-reduced once per step, on the last micro-batch.
+        sync = nullcontext() if world == 1 or m == micro_steps - 1 else model.no_sync()
+        with sync:
+            with autocast:
+                exit_logits = [z.reshape(-1, z.shape[-1]) for z in model(inputs)]  # E x [b*T, V]
+            with torch.set_grad_enabled(cfg.ce_weight > 0):  # CE is always logged, differentiated if weighted
+                ce = torch.stack([cross_entropy(z, labels) for z in exit_logits])  # [E, b*T]
+                loss = cfg.ce_weight * (ce.mean(0) * mask).sum() / n_ce
+            sums[:n_exits] += (ce.detach() * mask).sum(-1).cpu()
+            if teacher is not None:
+                kd = torch.stack([teacher.loss(z) for z in exit_logits])  # [E, b*T]
+                loss = loss + cfg.distill_weight * kd.mean(0).sum() / n_kd
+                sums[n_exits:2 * n_exits] += kd.detach().sum(-1).cpu()
+            (loss * world).backward()
+        sums[-1] += float(loss.detach())
+    return sums
 
 
 def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
@@ -239,6 +279,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
     if cfg.batch_size % (cfg.micro_batch_size * dist.world):
         raise ValueError(f"batch_size {cfg.batch_size} must split into micro-batches of {cfg.micro_batch_size} "
                          f"over {dist.world} processes")
+    draft.train()  # from_pretrained leaves models in eval mode
     model: torch.nn.Module = draft
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(draft)
@@ -249,7 +290,6 @@ def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
 
     seq_len, n_exits = cfg.data.seq_len, len(cfg.exits)
     per_rank = cfg.batch_size // dist.world
-    micro_steps = per_rank // cfg.micro_batch_size
     autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast)
     status: Status = "completed"
     loss_value = float("nan")
@@ -267,34 +307,14 @@ def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             batch_rows = global_batch(step, data.rows.shape[0], cfg.batch_size, cfg.seed)
-            flags, exits = on_policy_plan(step, cfg)
+            flags, policy_exit = on_policy_plan(step, cfg)
             # Normalisers over the whole global batch, known before any forward: the loss is a global
             # token mean however the batch is split (DDP averages gradients, hence the * world below).
             n_ce = cfg.batch_size * seq_len - int(flags.sum()) * cfg.on_policy_tokens
             n_kd = cfg.batch_size * seq_len
             mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-            runtime = to_runtime(draft.model) if bool(flags[list(mine)].any()) else None
-            sums = torch.zeros(2 * n_exits + 1)  # per-exit CE sums, per-exit divergence sums, loss
-            for m in range(micro_steps):
-                rows = range(mine.start + m * cfg.micro_batch_size, mine.start + (m + 1) * cfg.micro_batch_size)
-                ids, ce_mask = _micro_batch(cfg, data, batch_rows[list(rows)], rows, flags, exits, runtime, step)
-                inputs, labels = ids[:, :-1], ids[:, 1:].reshape(-1)
-                mask = ce_mask.reshape(-1).float()
-                teacher = TeacherMixture(teachers.logits(inputs), cfg.divergence) if teachers else None
-                sync = nullcontext() if dist.world == 1 or m == micro_steps - 1 else model.no_sync()
-                with sync:
-                    with autocast:
-                        exit_logits = [z.reshape(-1, z.shape[-1]) for z in model(inputs)]  # E x [b*T, V]
-                    with torch.set_grad_enabled(cfg.ce_weight > 0):
-                        ce = torch.stack([cross_entropy(z, labels) for z in exit_logits])  # [E, b*T]
-                        loss = cfg.ce_weight * (ce.mean(0) * mask).sum() / n_ce
-                    sums[:n_exits] += (ce.detach() * mask).sum(-1).cpu()
-                    if teacher is not None:
-                        kd = torch.stack([teacher.loss(z) for z in exit_logits])  # [E, b*T]
-                        loss = loss + cfg.distill_weight * kd.mean(0).sum() / n_kd
-                        sums[n_exits:2 * n_exits] += kd.detach().sum(-1).cpu()
-                    (loss * dist.world).backward()
-                sums[-1] += float(loss.detach())
+            step_ids, step_mask = _local_rows(cfg, data, batch_rows, mine, flags, policy_exit, draft, step)
+            sums = _accumulate_gradients(cfg, model, teachers, step_ids, step_mask, n_ce, n_kd, dist.world, autocast)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.grad_clip or float("inf")))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -316,7 +336,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
                     record = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, cfg), "grad_norm": grad_norm,
                               "tokens": tokens, "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 3),
                               "ce": {str(e): float(sums[i]) / n_ce for i, e in enumerate(cfg.exits)},
-                              "on_policy_rows": int(flags.sum())}
+                              "on_policy_rows": int(flags.sum()), "on_policy_exit": policy_exit}
                     if teachers:
                         record[f"{cfg.divergence.kind}"] = {str(e): float(sums[n_exits + i]) / n_kd
                                                             for i, e in enumerate(cfg.exits)}
