@@ -139,3 +139,11 @@ def test_results_validation_catches_breakage(tmp_path, breakage):
         doc["schema"] = "something/else"
     with pytest.raises(BenchError):
         validate_results(doc)
+
+
+def test_method_order_survives_a_method_skipped_on_the_first_target():
+    records = [rec("ar", 1, "a", [(10, 1.0, 10)], target="s"), rec("pld", 1, "a", [(10, 1.0, 5)], target="s"),
+               rec("ar", 1, "a", [(10, 1.0, 10)], target="l"), rec("sd", 1, "a", [(10, 1.0, 4)], target="l"),
+               rec("pld", 1, "a", [(10, 1.0, 5)], target="l")]
+    order = [(s.target, s.method) for s in aggregate(records, ["ar", "sd", "pld"]) if s.category == ALL]
+    assert order == [("s", "ar"), ("s", "pld"), ("l", "ar"), ("l", "sd"), ("l", "pld")]

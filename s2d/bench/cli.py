@@ -85,7 +85,7 @@ def split_list(text: str | None) -> tuple[str, ...] | None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from s2d.bench.metrics import aggregate
+    from s2d.bench.metrics import BASELINE, aggregate
     from s2d.bench.registry import MethodOptions
     from s2d.bench.report import fmt, write_report
     from s2d.bench.results import results_document, write_results
@@ -102,7 +102,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
                       split_list(args.categories), args.limit_per_category, args.max_new_tokens, args.temperature,
                       args.top_k, args.top_p, args.seed, args.warmup, args.repeats, options)
     outcome = run_bench(cfg, progress=not args.no_progress)
-    runs = aggregate(outcome.records)
+    runs = aggregate(outcome.records, sorted(cfg.methods, key=lambda m: m != BASELINE))
     doc = results_document(cfg, outcome, runs)
     write_results(args.out, doc, outcome.records)
     report = write_report(doc, runs, args.out)

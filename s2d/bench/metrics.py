@@ -64,8 +64,12 @@ def summarize(target: str, method: str, category: str, records: Sequence[Questio
     )
 
 
-def aggregate(records: Sequence[QuestionRecord]) -> list[RunSummary]:
-    """One summary per target x method x category (in first-seen order), plus category ALL."""
+def aggregate(records: Sequence[QuestionRecord], method_order: Sequence[str] = ()) -> list[RunSummary]:
+    """One summary per target x method x category, plus category ALL.
+
+    Order: targets and categories as first seen, methods as ``method_order`` then as first seen (a
+    method skipped on the first target must not sink to the end of every table).
+    """
     groups: dict[tuple[str, str, str], list[QuestionRecord]] = {}
     for r in records:
         groups.setdefault((r.target, r.method, r.category), []).append(r)
@@ -73,7 +77,8 @@ def aggregate(records: Sequence[QuestionRecord]) -> list[RunSummary]:
     # Targets, methods and categories in first-seen (run / question file) order, ALL last.
     rank: dict[tuple[int, str], int] = {}
     for i, attr in enumerate(("target", "method", "category")):
-        for j, value in enumerate(dict.fromkeys(getattr(r, attr) for r in records)):
+        seen = [getattr(r, attr) for r in records]
+        for j, value in enumerate(dict.fromkeys([*(method_order if attr == "method" else ()), *seen])):
             rank[i, value] = j
     rank[2, ALL] = len(rank)
     keys = sorted(groups, key=lambda k: tuple(rank[i, v] for i, v in enumerate(k)))

@@ -50,7 +50,7 @@ def render_markdown(doc: dict[str, Any], runs: Sequence[RunSummary], plots: Sequ
         f"{opts['dtype']} on {opts['device']}, {cfg['warmup']} warm-up question(s), {cfg['repeats']} repeat(s); "
         f"our draft length {opts['num_draft_tokens']}",
         f"- torch {env['torch']}, transformers {env['transformers']}, {env['torch_threads']} threads, "
-        f"{env['processor']}; {doc['created']}",
+        f"{env['processor']}; s2d {env.get('s2d_commit') or '?'}; {doc['created']}",
         "",
         f"tokens/s: mean over questions of new tokens / seconds of the whole generate call (prefill included). "
         f"Speedup: tokens/s over `{BASELINE}`'s on the same target (Spec-Bench's definition); `vs hf-ar`: over "
@@ -116,7 +116,7 @@ def plot_all(runs: Sequence[RunSummary], out: Path) -> list[Path]:
               and m != BASELINE]
         if not ms:
             continue
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cats) * max(1, len(ms)) / 3 + 3), 4))
+        fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.22 * len(cats) * len(ms) + 2)), 4.5))
         w = 0.8 / len(ms)
         for i, m in enumerate(ms):
             xs = [k + (i - (len(ms) - 1) / 2) * w for k in range(len(cats))]
@@ -152,7 +152,7 @@ def plot_all(runs: Sequence[RunSummary], out: Path) -> list[Path]:
         plt.close(fig)
 
     overall = overall_rows(runs)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(targets) * len(methods) / 3 + 3), 4))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 0.4 * len(targets) * len(methods) + 2)), 4))
     w = 0.8 / len(methods)
     for i, m in enumerate(methods):
         xs = [k + (i - (len(methods) - 1) / 2) * w for k in range(len(targets))]

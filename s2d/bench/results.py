@@ -41,13 +41,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def source_version() -> str | None:
+    """The s2d git commit the run used, "+dirty" when the working tree differed; None outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "s2d"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def environment() -> dict[str, Any]:
     import torch
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "processor": cpu_name(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "s2d_commit": source_version()}
 
 
 def results_document(cfg: BenchConfig, outcome: BenchOutcome, runs: list[RunSummary]) -> dict[str, Any]:
