@@ -36,7 +36,7 @@ def bench(*argv):
 
 def test_end_to_end_writes_every_output(tmp_path, checkpoints, sorted_draft, questions, capsys):
     out = tmp_path / "out"
-    methods = "pld,ar,sd,sd-exit-1,hf-ar,hf-assisted,hf-pld"
+    methods = "pld,ar,sd,sd-exit-1,s2d,hf-ar,hf-assisted,hf-pld"
     code = bench("--target", checkpoints["target"], "--target", sorted_draft, "--draft", sorted_draft,
                  "--methods", methods, "--questions", questions, "--max-new-tokens", 12, "--dtype", "float32",
                  "--warmup", 1, "--repeats", 2, "--out", out, "--no-progress")
@@ -53,8 +53,10 @@ def test_end_to_end_writes_every_output(tmp_path, checkpoints, sorted_draft, que
             assert (target, m, c) in runs, (m, c)
     assert runs[(target, "ar", "code")]["num_questions"] == 2 and runs[(target, "ar", "chat")]["num_turns"] == 2
     # float32 greedy: our speculative methods are lossless against ar.
-    for m in ("sd", "pld", "sd-exit-1"):
+    for m in ("sd", "pld", "sd-exit-1", "s2d"):
         assert runs[(target, m, ALL)]["greedy_identical"] == 1.0, m
+    exits = runs[(target, "s2d", ALL)]["exit_histogram"]
+    assert exits and set(exits) <= {"1", "2"} and sum(exits.values()) > 0
     assert runs[(target, "ar", ALL)]["mean_accepted_tokens"] == pytest.approx(1.0)
     assert runs[(target, "hf-ar", ALL)]["mean_accepted_tokens"] == pytest.approx(1.0)  # prefill pass = 1st token
     assert runs[(target, "hf-assisted", ALL)]["mean_accepted_tokens"] >= 1.0
@@ -63,14 +65,14 @@ def test_end_to_end_writes_every_output(tmp_path, checkpoints, sorted_draft, que
     # The draft as a target: draft methods are skipped (drafting with itself measures nothing), others run.
     draft_name = sorted_draft.name
     skipped = {(s["target"], s["method"]) for s in doc["skipped"]}
-    assert skipped == {(draft_name, "sd"), (draft_name, "sd-exit-1"), (draft_name, "hf-assisted")}
+    assert skipped == {(draft_name, m) for m in ("sd", "sd-exit-1", "s2d", "hf-assisted")}
     assert (draft_name, "pld", ALL) in runs and (draft_name, "sd", ALL) not in runs
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     multi = [r for r in records if r["question_id"] == 2]
     assert multi and all(len(r["turns"]) == 2 for r in multi)
     assert all(0 < len(t["tokens"]) <= 12 for r in records for t in r["turns"])
     report = (out / "report.md").read_text()
-    assert "## Overall" in report and "hf-assisted" in report and "## Skipped" in report
+    assert "## Overall" in report and "hf-assisted" in report and "## Skipped" in report and "## Exits" in report
     assert "![mat_vs_speedup](mat_vs_speedup.png)" in report
     stdout = capsys.readouterr().out
     assert "speedup" in stdout

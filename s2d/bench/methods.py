@@ -74,3 +74,13 @@ def sd_exit(ctx: MethodContext, E: int) -> EngineMethod:
 @register("pld", help="prompt lookup decoding (n-gram copy from the context)")
 def pld(ctx: MethodContext) -> EngineMethod:
     return engine_method(ctx, PromptLookupDrafter())
+
+
+@register("s2d", needs_draft=True,
+          help="sorted speculative decoding: the cascade over the exits of a sorted --draft (paper thresholds)")
+def s2d(ctx: MethodContext) -> EngineMethod:
+    from s2d.drafting import DraftOptions, build_drafter
+
+    # Default thresholds (0.5, ..., 0.5, 0) and a fixed draft length: a stored calibration is not applied,
+    # so the number measures the method, not a tuning run.
+    return engine_method(ctx, build_drafter("s2d", draft_model(ctx), DraftOptions(ctx.options.num_draft_tokens)))
