@@ -1,6 +1,7 @@
 """Rebuild ``benchmarks/zoo-draft``: the sorted draft for the zoo family (zoo-s, zoo-m, zoo-l).
 
     python benchmarks/build_zoo_draft.py ../shared/zoo        # about 40 minutes on 2 CPU cores
+    python benchmarks/build_zoo_draft.py ../shared/zoo --soft-only   # stage 1 alone (for the MAT table)
 
 The draft: the first 3 of zoo-s's 4 layers (with its embeddings, final norm and tied head), exits after
 layers 1, 2 and 3. Three layers, not four: a 4-layer draft *is* zoo-s, one of the targets (no speedup
@@ -69,6 +70,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/zoo-draft"))
     ap.add_argument("--soft-steps", type=int, default=160)
     ap.add_argument("--distill-steps", type=int, default=65)
+    ap.add_argument("--soft-only", action="store_true",
+                    help="run stage 1 only (the SoFT draft stays in --work/soft; --out is not written)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     zoo = args.zoo.resolve()
@@ -89,7 +92,8 @@ def main() -> int:
                           max_minutes=25, **common)
     t0 = time.time()
     info = {}
-    for name, make in (("soft", soft), ("distill", distill)):  # configs made in turn: stage 2 starts from stage 1
+    stages = (("soft", soft),) if args.soft_only else (("soft", soft), ("distill", distill))
+    for name, make in stages:  # configs made in turn: stage 2 starts from stage 1
         cfg = make()
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         tokens = cfg.out_dir / "tokens.pt"
@@ -106,6 +110,9 @@ def main() -> int:
         print(f"{name}: {result.status} after {result.step} steps, {result.tokens} tokens, "
               f"{result.elapsed_s / 60:.1f} min of training", file=sys.stderr)
     info["wall_minutes"] = round((time.time() - t0) / 60, 1)
+    if args.soft_only:
+        print(f"SoFT draft in {args.work / 'soft'}", file=sys.stderr)
+        return 0
     info["heldout_files_excluded"] = len(heldout)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED:

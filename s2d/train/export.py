@@ -44,6 +44,9 @@ def save_draft(model: nn.Module, exits: tuple[int, ...], tokenizer, out: Path, d
     config = model.config
     setattr(config, EXITS_KEY, list(exits))
     state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        # A tied head is the embedding matrix; writing it twice would only add a vocab x hidden copy.
+        state.pop("lm_head.weight", None)
     with quiet_transformers():
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
