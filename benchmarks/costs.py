@@ -54,20 +54,21 @@ def main() -> None:
     ap.add_argument("--targets", default="zoo-s,zoo-m,zoo-l")
     ap.add_argument("--context", type=int, default=400)
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     for path in [args.zoo, args.draft]:
         if not path.exists():
             sys.exit(f"costs: {path} not found")
-    report: dict = {"context": args.context, "targets": {}, "draft_exits_ms": {}}
-    draft = load_model(args.draft, dtype="bfloat16")
+    report: dict = {"context": args.context, "dtype": args.dtype, "targets": {}, "draft_exits_ms": {}}
+    draft = load_model(args.draft, dtype=args.dtype)
     for e in sorted_exits(draft):
         report["draft_exits_ms"][e] = 1000 * block_cost(draft, args.context, 1, args.reps * 3, layers=e)
     for name in args.targets.split(","):
-        target = load_model(args.zoo / name, dtype="bfloat16")
+        target = load_model(args.zoo / name, dtype=args.dtype)
         row = {k: 1000 * block_cost(target, args.context, k, args.reps) for k in (1, 2, 4, 6, 9)}
         report["targets"][name] = row
-    print(f"context {args.context} tokens, bfloat16, {torch.get_num_threads()} threads; milliseconds per pass")
+    print(f"context {args.context} tokens, {args.dtype}, {torch.get_num_threads()} threads; milliseconds per pass")
     print("| target | 1 token | 2 | 4 | 6 | 9 | " + " | ".join(f"draft exit {e} / target 1-token" for e in
                                                          report["draft_exits_ms"]) + " |")
     print("|---" * (6 + len(report["draft_exits_ms"])) + "|")
