@@ -145,3 +145,35 @@ def test_truncated_load_keeps_first_layers(checkpoints):
     ids = torch.randint(0, 257, (1, 6))
     h = full.run_layers(full.embed_tokens(ids), torch.arange(6), full.new_cache(), 0, 2)
     torch.testing.assert_close(two(ids, torch.arange(6), two.new_cache()), full.logits(h))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 37])
+def test_bf16_upcast_linear_agrees_with_plain_bf16(monkeypatch, rows):
+    """The float32-upcast fast path for bf16 on CPUs without bf16 equals the plain bf16 product."""
+    from s2d.model import llama
+
+    layer = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16)
+    x = torch.randn(1, rows, 64, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    with torch.inference_mode():
+        monkeypatch.setattr(llama, "CPU_BF16_UPCAST", False)
+        plain = llama.linear(layer, x)
+        monkeypatch.setattr(llama, "CPU_BF16_UPCAST", True)
+        fast = llama.linear(layer, x)
+    assert fast.dtype == torch.bfloat16 and fast.shape == plain.shape
+    # Same exact products; only the float32 summation order may differ: at most one bf16 ulp.
+    torch.testing.assert_close(fast.float(), plain.float(), atol=0.0, rtol=2 ** -7)
+
+
+def test_bf16_upcast_keeps_greedy_decoding(monkeypatch, checkpoints):
+    """Prefill and blocks through the upcast path give the same greedy tokens as plain bf16."""
+    from s2d.model import llama
+
+    model = load_model(checkpoints["target"], dtype="bfloat16")
+    ids = torch.randint(0, 257, (1, 24), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for upcast in (False, True):
+        monkeypatch.setattr(llama, "CPU_BF16_UPCAST", upcast)
+        with torch.inference_mode():
+            outs.append(model(ids, torch.arange(24), model.new_cache()).float())
+    assert (outs[0].argmax(-1) == outs[1].argmax(-1)).float().mean() > 0.9
+    assert (outs[0] - outs[1]).abs().max() < 0.05 * outs[0].abs().max()
