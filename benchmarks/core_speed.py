@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from s2d.drafting.lookup import PromptLookupDrafter
 from s2d.drafting.model import ModelDrafter
 from s2d.engine import Engine
+from s2d.model.llama import CPU_BF16_UPCAST
 from s2d.model.loading import load_model, load_tokenizer
 from s2d.sampling import SamplingParams
 
@@ -103,6 +105,7 @@ def main() -> None:
     rows["sd"]["vs_hf_assisted"] = rows["sd"]["tokens_per_s"] / rows["hf-assisted"]["tokens_per_s"]
     report = {"target": args.target, "draft": args.draft, "prompts": len(prompts), "max_new_tokens": n,
               "num_draft_tokens": args.num_draft_tokens, "dtype": "bfloat16", "threads": torch.get_num_threads(),
+              "machine": {"cpu": platform.processor() or platform.machine(), "native_bf16": not CPU_BF16_UPCAST},
               "methods": rows}
     print(f"| method | tokens/s | speedup vs own plain | MAT | greedy identical to ar |")
     print("|---|---|---|---|---|")

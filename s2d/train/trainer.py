@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor
 
+from s2d.model.llama import CPU_BF16_UPCAST
 from s2d.model.loading import DTYPES, load_tokenizer
 from s2d.train.checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
 from s2d.train.config import TrainConfig
@@ -291,6 +293,10 @@ def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
     seq_len, n_exits = cfg.data.seq_len, len(cfg.exits)
     per_rank = cfg.batch_size // dist.world
     autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast)
+    if main and cfg.autocast and torch.device(cfg.device).type == "cpu" and CPU_BF16_UPCAST:
+        # Measured on an AVX2-only EPYC: one SoFT step of the zoo draft took > 6 minutes under autocast.
+        warnings.warn("bfloat16 autocast on a CPU without native bfloat16 (no AVX512-BF16/AMX) is very slow; "
+                      "train in float32 with --no-autocast (autocast=False)", stacklevel=2)
     status: Status = "completed"
     loss_value = float("nan")
     bar = None
