@@ -18,7 +18,7 @@ from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams
 
 CALIBRATION_FILE = "s2d_calibration.json"
-DRAFT_LENGTHS = (3, 5, 7)
+DRAFT_LENGTHS = (2, 3, 5, 7)
 EXIT_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
 STOP_THRESHOLDS = (0.0, 0.1, 0.3)
 

@@ -99,3 +99,25 @@ def test_bad_requests_get_clear_errors(tmp_path, checkpoints, questions, capsys)
         assert bench(*argv) == 2, argv
         assert message in capsys.readouterr().err, message
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_calibrated_s2d_method_reads_the_stored_calibration(checkpoints, sorted_draft, tmp_path):
+    from s2d.bench.registry import MethodContext, MethodOptions, ModelStore, build_method
+    from s2d.calibrate import calibration_path, save_calibration
+    from s2d.sampling import SamplingParams
+
+    target = checkpoints["target"]
+    ctx = MethodContext(target, sorted_draft, MethodOptions(dtype="float32", ignore_eos=True), ModelStore())
+    path = calibration_path(sorted_draft)
+    assert build_method("s2d-cal", ctx).engine.num_draft_tokens == 5  # no calibration yet: defaults
+    save_calibration(path, target.name, {"num_draft_tokens": 2, "exit_thresholds": [0.9, 0.0], "stop_threshold": 0.1})
+    try:
+        method = build_method("s2d-cal", ctx)
+        assert method.engine.num_draft_tokens == 2
+        assert tuple(method.engine.drafter.config.thresholds) == (0.9, 0.0)
+        prompt = [5, 6, 7, 5, 6]
+        got = method.generate(prompt, SamplingParams(), 16)
+        ref = build_method("ar", ctx).generate(prompt, SamplingParams(), 16)
+        assert got.tokens == ref.tokens and len(got.proposed_at) <= 2
+    finally:
+        path.unlink()
