@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/zoo-draft"))
     ap.add_argument("--soft-steps", type=int, default=160)
     ap.add_argument("--distill-steps", type=int, default=65)
+    ap.add_argument("--soft-minutes", type=float, default=16, help="stage 1 time guard (training minutes)")
+    ap.add_argument("--distill-minutes", type=float, default=25, help="stage 2 time guard (training minutes)")
     ap.add_argument("--soft-only", action="store_true",
                     help="run stage 1 only (the SoFT draft stays in --work/soft; --out is not written)")
     ap.add_argument("--no-progress", action="store_true")
@@ -88,12 +90,12 @@ def main() -> int:
     common = dict(data=data, exits=EXITS, batch_size=16, micro_batch_size=2, seed=0, save_every=10,
                   progress=not args.no_progress, autocast=not CPU_BF16_UPCAST)
     soft = lambda: TrainConfig(out_dir=args.work / "soft", init=zoo / "zoo-s", num_layers=3, objective="soft",
-                       steps=args.soft_steps, lr=4e-4, warmup_steps=10, max_minutes=16, **common)
+                       steps=args.soft_steps, lr=4e-4, warmup_steps=10, max_minutes=args.soft_minutes, **common)
     distill = lambda: TrainConfig(out_dir=args.work / "distill", init=args.work / "soft", objective="distill",
                           targets=tuple(zoo / t for t in TARGETS), ce_weight=0.25, distill_weight=1.0,
                           divergence=DivergenceSpec("fkl"), on_policy=0.5, on_policy_temperature=0.7,
                           on_policy_tokens=256, steps=args.distill_steps, lr=2e-4, warmup_steps=5,
-                          max_minutes=25, **common)
+                          max_minutes=args.distill_minutes, **common)
     t0 = time.time()
     info = {}
     stages = (("soft", soft),) if args.soft_only else (("soft", soft), ("distill", distill))
