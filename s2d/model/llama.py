@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from s2d.model.cache import KVCache
 from s2d.model.config import ModelConfig
+from s2d.model.cpu_kernels import bf16_rows_kernel
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -61,18 +62,29 @@ def _cpu_lacks_bf16() -> bool:
 
 # CPUs without native bf16 (no AVX512-BF16/AMX, e.g. AVX2-only x86) multiply a bf16 matrix by
 # M > 1 rows about M times as slowly as by one row (measured on an AVX2 EPYC, 576x1536: 0.12 ms at
-# M=1, 0.68 ms at M=6, 44 ms at M=400). Upcasting the weight to float32 for that product is exact;
-# in a whole zoo-l pass (its upcast weights no longer fit in cache) it pays from ~8 rows on (9 rows:
-# 46 ms vs 57 ms; 64 rows: 99 ms vs 451 ms), which makes long prefills affordable there. Fewer rows,
-# as in decoding and most verification blocks, stay in bf16.
+# M=1, 0.68 ms at M=6, 44 ms at M=400), so verifying k draft tokens would cost k+1 decoding steps.
+# There, products of 2..KERNEL_MAX_ROWS rows (draft blocks, verification, catch-up) go to our AVX2
+# kernel (cpu_kernels.py: one weight read for all rows), and longer ones (prefill) upcast the weight
+# to float32 for torch's float32 GEMM (exact, ~7x faster than its bf16 path at 400 rows). One row
+# stays on torch's bf16 path, which is the fastest there. A whole zoo-l pass at context 400, 2
+# threads: 1 token 11.9 ms; 6 tokens 44.3 ms -> 20.4 ms; 9 tokens 66.8 ms -> 20.8 ms.
 CPU_BF16_UPCAST = _cpu_lacks_bf16()
 UPCAST_MIN_ROWS = 8
+KERNEL_MIN_ROWS, KERNEL_MAX_ROWS = 2, 16
+_NO_BIAS = torch.empty(0)
 
 
 def linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x), with the bf16 weight upcast to float32 for multi-row products on CPUs without bf16."""
-    if (CPU_BF16_UPCAST and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1] and not torch.is_grad_enabled()):
+    """layer(x); on CPUs without native bf16, bf16 inference takes the faster paths described above."""
+    if not (CPU_BF16_UPCAST and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and layer.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled()):
+        return layer(x)
+    rows = x.numel() // x.shape[-1]
+    if KERNEL_MIN_ROWS <= rows <= KERNEL_MAX_ROWS and (kernel := bf16_rows_kernel()) is not None:
+        bias = _NO_BIAS if layer.bias is None else layer.bias.float()
+        y = kernel(x.reshape(rows, x.shape[-1]).float().contiguous(), layer.weight, bias)
+        return y.to(torch.bfloat16).view(*x.shape[:-1], y.shape[-1])
+    if rows >= UPCAST_MIN_ROWS:
         bias = None if layer.bias is None else layer.bias.float()
         return F.linear(x.float(), layer.weight.float(), bias).to(x.dtype)
     return layer(x)
