@@ -3,7 +3,7 @@
 torch's own bf16 product there costs about M one-row products for M rows, which makes verifying a
 block of draft tokens as slow as decoding them one by one. ``bf16_rows.cpp`` loads each weight row
 once for all M rows (see its header). It is compiled on first use with the machine's C++ compiler
-(torch.utils.cpp_extension, cached under ~/.cache/torch_extensions); where that is impossible, or
+(torch.utils.cpp_extension, cached under ~/.cache/s2d/kernels, or $S2D_CACHE/kernels); where that is impossible, or
 with ``S2D_CPU_KERNEL=0``, callers fall back to torch's path with a one-time warning.
 """
 
@@ -39,9 +39,13 @@ def bf16_rows_kernel() -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
     try:
         from torch.utils.cpp_extension import load
 
-        print("s2d: compiling the AVX2 bf16 kernel (once per machine)...", file=sys.stderr, flush=True)
-        module = load(name="s2d_bf16_rows", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                      verbose=False)
+        build = Path(os.environ.get("S2D_CACHE", Path.home() / ".cache" / "s2d")) / "kernels" / (
+            f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}")
+        build.mkdir(parents=True, exist_ok=True)
+        if not (build / "s2d_bf16_rows.so").exists():
+            print("s2d: compiling the AVX2 bf16 kernel (once per machine, ~1 min)...", file=sys.stderr, flush=True)
+        module = load(name="s2d_bf16_rows", sources=[str(SOURCE)], build_directory=str(build),
+                      extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         return module.bf16_rows_linear
     except Exception as err:  # no compiler, no ninja, a read-only cache...: slower, still correct
         warnings.warn(f"s2d: cannot build the AVX2 bf16 kernel ({type(err).__name__}: {err}); "
