@@ -43,6 +43,13 @@ def load_calibration(draft: str | Path, path: Path | None = None) -> dict[str, d
         raise CheckpointError(f"malformed calibration file {path}: {err}") from err
 
 
+def stored_options(entry: dict, num_draft_tokens: int = 5) -> DraftOptions:
+    """One target's calibration entry as drafter options; what it lacks takes the defaults."""
+    return DraftOptions(num_draft_tokens=entry.get("num_draft_tokens", num_draft_tokens),
+                        exit_thresholds=tuple(entry.get("exit_thresholds", ())),
+                        stop_threshold=entry.get("stop_threshold", 0.0))
+
+
 def save_calibration(path: Path, target_name: str, entry: dict) -> None:
     """Merge one target's entry into the file, atomically (a crash never leaves half a file)."""
     data = load_calibration("", path) if path.exists() else {}

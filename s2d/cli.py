@@ -60,17 +60,14 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 def draft_options(args: argparse.Namespace, method: str, draft_path: str | None, target_name: str):
     """Per-target drafting knobs: explicit flags win over a stored calibration, which wins over defaults."""
-    from s2d.calibrate import load_calibration
-    from s2d.drafting import DraftOptions
+    from dataclasses import replace
 
-    stored = load_calibration(draft_path).get(target_name, {}) if draft_path and method == "s2d" else {}
-    return DraftOptions(
-        num_draft_tokens=args.num_draft_tokens if args.num_draft_tokens is not None else stored.get(
-            "num_draft_tokens", 5),
-        schedule=args.draft_schedule or "fixed",
-        exit_thresholds=args.exit_thresholds or tuple(stored.get("exit_thresholds", ())),
-        stop_threshold=args.stop_threshold if args.stop_threshold is not None else stored.get("stop_threshold", 0.0),
-    )
+    from s2d.calibrate import load_calibration, stored_options
+
+    stored = stored_options(load_calibration(draft_path).get(target_name, {}) if draft_path and method == "s2d" else {})
+    flags = {"num_draft_tokens": args.num_draft_tokens, "exit_thresholds": args.exit_thresholds or None,
+             "stop_threshold": args.stop_threshold}
+    return replace(stored, schedule=args.draft_schedule or "fixed", **{k: v for k, v in flags.items() if v is not None})
 
 
 def default_method(method: str | None, draft) -> str:

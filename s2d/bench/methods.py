@@ -89,14 +89,10 @@ def s2d(ctx: MethodContext) -> EngineMethod:
 @register("s2d-cal", needs_draft=True,
           help="s2d with the per-target calibration stored beside the draft (`s2d calibrate`); defaults without one")
 def s2d_calibrated(ctx: MethodContext) -> EngineMethod:
-    from s2d.calibrate import load_calibration
-    from s2d.drafting import DraftOptions, build_drafter
+    from s2d.calibrate import load_calibration, stored_options
+    from s2d.drafting import build_drafter
 
     assert ctx.draft is not None
-    stored = load_calibration(ctx.draft).get(ctx.target.name, {})
-    options = DraftOptions(num_draft_tokens=stored.get("num_draft_tokens", ctx.options.num_draft_tokens),
-                           exit_thresholds=tuple(stored.get("exit_thresholds", ())),
-                           stop_threshold=stored.get("stop_threshold", 0.0))
-    method = EngineMethod(target_model(ctx), build_drafter("s2d", draft_model(ctx), options),
-                          options.num_draft_tokens, ctx.options.ignore_eos)
-    return method
+    options = stored_options(load_calibration(ctx.draft).get(ctx.target.name, {}), ctx.options.num_draft_tokens)
+    return EngineMethod(target_model(ctx), build_drafter("s2d", draft_model(ctx), options),
+                        options.num_draft_tokens, ctx.options.ignore_eos)

@@ -37,7 +37,7 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// NB weight rows at a time (independent FMA chains hide latency); M rows of x, M * NB <= 12.
+// NB weight rows at a time (independent FMA chains hide latency); M rows of x; M * NB <= 8 accumulators.
 template <int M, int NB>
 void rows_block(const float* x, const uint16_t* w, const float* bias, float* y, int64_t K, int64_t N,
                 int64_t n) {
@@ -94,7 +94,6 @@ torch::Tensor bf16_rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor b
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     const int64_t rows = std::min<int64_t>(8, M - m0);
     RangeFn fn = kRange[rows];
-    // y rows m0.. are written through a strided view: pass the row offset into x and y.
     const float* xr = xp + m0 * K;
     float* yr = yp + m0 * N;
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { fn(xr, wp, bp, yr, K, N, n0, n1); });

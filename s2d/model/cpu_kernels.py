@@ -3,8 +3,8 @@
 torch's own bf16 product there costs about M one-row products for M rows, which makes verifying a
 block of draft tokens as slow as decoding them one by one. ``bf16_rows.cpp`` loads each weight row
 once for all M rows (see its header). It is compiled on first use with the machine's C++ compiler
-(torch.utils.cpp_extension, cached under ~/.cache/s2d/kernels, or $S2D_CACHE/kernels); where that is impossible, or
-with ``S2D_CPU_KERNEL=0``, callers fall back to torch's path with a one-time warning.
+(torch.utils.cpp_extension; cached under ~/.cache/s2d/kernels, or $S2D_CACHE/kernels). Where that is
+impossible, callers fall back to torch's path with a one-time warning; ``S2D_CPU_KERNEL=0`` turns it off.
 """
 
 from __future__ import annotations
