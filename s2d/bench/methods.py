@@ -50,8 +50,10 @@ def draft_model(ctx: MethodContext, num_layers: int | None = None) -> Transforme
     return draft
 
 
-def engine_method(ctx: MethodContext, drafter: Drafter | None) -> EngineMethod:
-    return EngineMethod(target_model(ctx), drafter, ctx.options.num_draft_tokens, ctx.options.ignore_eos)
+def engine_method(ctx: MethodContext, drafter: Drafter | None, num_draft_tokens: int | None = None) -> EngineMethod:
+    """Our engine on the target; ``num_draft_tokens`` defaults to the run's ``--num-draft-tokens``."""
+    return EngineMethod(target_model(ctx), drafter, num_draft_tokens or ctx.options.num_draft_tokens,
+                        ctx.options.ignore_eos)
 
 
 @register("ar", help="plain autoregressive decoding (the speedup baseline)")
@@ -94,5 +96,4 @@ def s2d_calibrated(ctx: MethodContext) -> EngineMethod:
 
     assert ctx.draft is not None
     options = stored_options(load_calibration(ctx.draft).get(ctx.target.name, {}), ctx.options.num_draft_tokens)
-    return EngineMethod(target_model(ctx), build_drafter("s2d", draft_model(ctx), options),
-                        options.num_draft_tokens, ctx.options.ignore_eos)
+    return engine_method(ctx, build_drafter("s2d", draft_model(ctx), options), options.num_draft_tokens)
