@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from s2d.model import native
 from s2d.model.cache import KVCache
 from s2d.model.config import ModelConfig
-from s2d.model.cpu_kernels import bf16_rows_kernel
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -62,29 +62,17 @@ def _cpu_lacks_bf16() -> bool:
 
 # CPUs without native bf16 (no AVX512-BF16/AMX, e.g. AVX2-only x86) multiply a bf16 matrix by
 # M > 1 rows about M times as slowly as by one row (measured on an AVX2 EPYC, 576x1536: 0.12 ms at
-# M=1, 0.68 ms at M=6, 44 ms at M=400), so verifying k draft tokens would cost k+1 decoding steps.
-# There, products of 2..KERNEL_MAX_ROWS rows (draft blocks, verification, catch-up) go to our AVX2
-# kernel (cpu_kernels.py: one weight read for all rows), and longer ones (prefill) upcast the weight
-# to float32 for torch's float32 GEMM (exact, ~7x faster than its bf16 path at 400 rows). One row
-# stays on torch's bf16 path, which is the fastest there. A whole zoo-l pass at context 400, 2
-# threads: 1 token 11.9 ms; 6 tokens 44.3 ms -> 20.4 ms; 9 tokens 66.8 ms -> 20.8 ms.
+# M=1, 0.68 ms at M=6, 44 ms at M=400). Passes over a few tokens go to the native runtime there
+# (s2d/model/native); longer ones (prefill) upcast the weight to float32 for torch's float32 GEMM
+# (exact, ~7x faster than its bf16 path at 400 rows).
 CPU_BF16_UPCAST = _cpu_lacks_bf16()
 UPCAST_MIN_ROWS = 8
-KERNEL_MIN_ROWS, KERNEL_MAX_ROWS = 2, 16
-_NO_BIAS = torch.empty(0)
 
 
 def linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x); on CPUs without native bf16, bf16 inference takes the faster paths described above."""
-    if not (CPU_BF16_UPCAST and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and layer.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled()):
-        return layer(x)
-    rows = x.numel() // x.shape[-1]
-    if KERNEL_MIN_ROWS <= rows <= KERNEL_MAX_ROWS and (kernel := bf16_rows_kernel()) is not None:
-        bias = _NO_BIAS if layer.bias is None else layer.bias.float()
-        y = kernel(x.reshape(rows, x.shape[-1]).float().contiguous(), layer.weight, bias)
-        return y.to(torch.bfloat16).view(*x.shape[:-1], y.shape[-1])
-    if rows >= UPCAST_MIN_ROWS:
+    """layer(x); on CPUs without native bf16, long bf16 inference blocks upcast as described above."""
+    if (CPU_BF16_UPCAST and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and layer.weight.dtype == torch.bfloat16 and x.numel() // x.shape[-1] >= UPCAST_MIN_ROWS):
         bias = None if layer.bias is None else layer.bias.float()
         return F.linear(x.float(), layer.weight.float(), bias).to(x.dtype)
     return layer(x)
@@ -106,9 +94,41 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_rope()
+        # The native CPU runtime (s2d/model/native) serves inference passes over <= native.MAX_ROWS
+        # tokens of batch 1; set False to force the torch reference path (tests compare the two).
+        self.use_native = True
+        self._native: native.NativeRuntime | None | bool = None  # None: not built yet; False: not served
+        self.register_load_state_dict_post_hook(lambda module, _: module.drop_native())
+
+    def drop_native(self) -> None:
+        """Forget the native runtime (it points at tensors that are being replaced)."""
+        self._native = None
+
+    def __getstate__(self) -> dict:  # copies and pickles rebuild their own runtime
+        state = dict(super().__getstate__())
+        state["_native"] = None
+        return state
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(), ... give new tensors
+        self.drop_native()
+        return super()._apply(fn, recurse)
+
+    def native_runtime(self) -> "native.NativeRuntime | None":
+        """The native runtime serving this model's inference passes, or None (torch reference path)."""
+        if not self.use_native:
+            return None
+        if self._native is None:
+            self._native = native.NativeRuntime.create(self) or False
+        return self._native or None
+
+    def _native_for(self, hidden: Tensor) -> "native.NativeRuntime | None":
+        if hidden.shape[0] != 1 or torch.is_grad_enabled() or hidden.device.type != "cpu":
+            return None
+        return self.native_runtime()
 
     def reset_rope(self) -> None:
         """(Re)compute the RoPE tables [max_positions, D] on the model's device (after a meta init)."""
+        self.drop_native()
         device = self.embed.weight.device
         inv_freq = rope_inv_freq(self.cfg).to(device)
         angles = torch.outer(torch.arange(self.cfg.max_positions, dtype=torch.float32, device=device), inv_freq)
@@ -126,15 +146,17 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int = 1, capacity: int | None = None, num_layers: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache; on CPU it defaults to float32 whatever the weights' dtype.
+        """A KV cache, by default in the weights' dtype, except on CPU without the native runtime.
 
         Why: torch's CPU attention kernel is ~7x slower for one bfloat16 query than for one float32
-        query (measured: 530 us vs 70 us over 1300 keys), which at long contexts costs more than
-        the doubled cache traffic. Attention then runs in float32, like the softmax already does.
+        query (measured: 530 us vs 70 us over 1300 keys), so the torch path keeps a float32 cache;
+        the native runtime reads a bf16 cache at half the memory traffic. Either holds the same
+        values: keys and values are rounded to the model's dtype before they are stored.
         """
         cfg = self.cfg
         if dtype is None:
-            dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+            cpu_reference = self.device.type == "cpu" and (batch != 1 or self.native_runtime() is None)
+            dtype = torch.float32 if cpu_reference else self.dtype
         return KVCache(num_layers or cfg.num_layers, batch, cfg.num_kv_heads, capacity or cfg.max_positions,
                        cfg.head_dim, dtype, self.device)
 
@@ -157,6 +179,12 @@ class Transformer(nn.Module):
             raise ValueError(f"layers {start}..{end - 1} hold different cache lengths: {cache.lengths[start:end]}")
         if slot + t > cache.capacity:
             raise ValueError(f"cache overflow: {slot} + {t} tokens > capacity {cache.capacity}")
+        fast = self._native_for(hidden) if t <= native.MAX_ROWS else None
+        if fast is not None and hidden.dtype == self.dtype and cache.k.device.type == "cpu":
+            hidden = fast.run_layers(hidden, positions, cache, slot, start, end, block_mask)
+            for i in range(start, end):
+                cache.lengths[i] = slot + t
+            return hidden
         mask = None
         causal = slot == 0 and t > 1 and block_mask is None  # a prefill: the kernel's causal path is faster
         if (t > 1 or block_mask is not None) and not causal:
@@ -190,7 +218,13 @@ class Transformer(nn.Module):
         return x + linear(layer.down, F.silu(gate) * up)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """hidden [..., C] -> logits [..., V] through the final norm and LM head."""
+        """hidden [..., C] -> logits [..., V] through the final norm and LM head.
+
+        The native runtime returns float32 logits (its products accumulate in float32 anyway).
+        """
+        if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and hidden.dtype == self.dtype
+                and hidden.numel() // hidden.shape[-1] <= native.MAX_ROWS and (fast := self.native_runtime())):
+            return fast.logits(hidden)
         return linear(self.lm_head, rms_norm(hidden, self.norm, self.cfg.rms_norm_eps))
 
     def forward(self, ids: Tensor, positions: Tensor, cache: KVCache, block_mask: Tensor | None = None,

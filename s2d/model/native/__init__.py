@@ -1,0 +1,216 @@
+"""The native CPU runtime: a model's layers or LM head over a few new tokens in one C++ call.
+
+``runtime.cpp`` (see its header for the design) is compiled on first use with the machine's C++
+compiler (``$CXX`` or g++; a few seconds, no torch headers) into ``~/.cache/s2d/native`` (or
+``$S2D_CACHE/native``), keyed by the source and the compiler, so it is built once per machine and
+never twice. One binary serves every x86-64 CPU: it picks AVX512-BF16 or AVX2 code at run time.
+Where it cannot be built or run (no compiler, no AVX2, not x86-64), models use the torch reference
+path with a one-time warning; ``S2D_NATIVE=0`` turns it off, and ``S2D_NATIVE_ISA=avx2`` keeps a
+runtime created afterwards on its AVX2 code even where AVX512-BF16 is available (tests run both).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from s2d.model.cache import KVCache
+    from s2d.model.llama import Transformer
+
+SOURCES = [Path(__file__).with_name("runtime.cpp"), Path(__file__).with_name("kernels.inc")]
+# Passes over more new tokens than this (prefill) go to torch, whose GEMMs (oneDNN, AMX) win there.
+MAX_ROWS = 64
+MAX_HEAD_DIM = 512  # the kernels keep one head vector on the stack
+ISA_NAMES = {0: "none", 1: "AVX2", 2: "AVX512-BF16"}
+PHASES = ("qkv", "kv_write", "attention", "o", "gate_up", "down", "head")
+
+_VP, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "s2d_isa": ([], _I),
+    "s2d_model_new": ([_I, _I, _I, _I, _I, _I, _I, _I, _F, _I, _VP, _VP, _VP, _VP, _I, _I], _VP),
+    "s2d_model_set_layer": ([_VP, _I] + [_VP] * 10, None),
+    "s2d_model_free": ([_VP], None),
+    "s2d_profile": ([_VP, _I, _VP], None),
+    "s2d_run_layers": ([_VP, _VP, _I, _VP, _VP, _VP, _I, _I64, _I64, _I64, _VP, _I, _I], _I),
+    "s2d_logits": ([_VP, _VP, _I, _VP], None),
+    "s2d_linear": ([_VP, _VP, _VP, _I, _I64, _I64, _I, _I, _I], None),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("S2D_CACHE", Path.home() / ".cache" / "s2d")) / "native"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def library_path(compiler: str) -> Path:
+    digest = hashlib.sha256()
+    for src in SOURCES:
+        digest.update(src.read_bytes())
+    digest.update(compiler.encode())
+    return cache_dir() / f"libs2d_runtime-{digest.hexdigest()[:16]}.so"
+
+
+def build(compiler: str, out: Path) -> None:
+    """Compile runtime.cpp into ``out`` atomically (a temporary file, then a rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print("s2d: building the native CPU runtime (once per machine, a few seconds)...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w", str(SOURCES[0]), "-o", str(tmp_out)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+        os.replace(tmp_out, out)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded runtime, built if needed; None (with a warning) where it cannot run."""
+    if os.environ.get("S2D_NATIVE", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
+        return None
+    compiler = _compiler()
+    try:
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+        path = library_path(compiler)
+        if not path.exists():
+            build(compiler, path)
+        lib = ctypes.CDLL(str(path))
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        if lib.s2d_isa() == 0:
+            raise RuntimeError("this CPU has neither AVX2+FMA nor AVX512")
+        return lib
+    except Exception as err:  # slower, still correct
+        warnings.warn(f"s2d: the native CPU runtime is unavailable ({err}); using torch's slower path", stacklevel=2)
+        return None
+
+
+def isa_level() -> int:
+    """The instruction set new runtimes use: 2 = AVX512-BF16, 1 = AVX2, 0 = none (see S2D_NATIVE_ISA)."""
+    lib = library()
+    if lib is None:
+        return 0
+    wanted = {"avx2": 1, "avx512": 2, "": 2}.get(os.environ.get("S2D_NATIVE_ISA", "").lower())
+    if wanted is None:
+        raise ValueError(f"S2D_NATIVE_ISA must be avx2 or avx512, got {os.environ['S2D_NATIVE_ISA']!r}")
+    return min(wanted, lib.s2d_isa())
+
+
+def isa() -> str:
+    """The instruction set new runtimes use here: 'AVX512-BF16', 'AVX2' or 'none'."""
+    return ISA_NAMES[isa_level()]
+
+
+def linear(x: Tensor, w: Tensor, level: int | None = None) -> Tensor:
+    """x [M, K] @ w [N, K]^T -> float32 [M, N] through the runtime's product (both float32 or both bf16).
+
+    For tests and measurements; ``level`` 1 forces the AVX2 code (2 = AVX512-BF16, the default
+    where the CPU has it).
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU runtime is unavailable here")
+    level = isa_level() if level is None else min(level, lib.s2d_isa())
+    if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != w.shape[-1]:
+        raise ValueError("x and w must share K and a dtype, float32 or bfloat16")
+    x, w = x.contiguous(), w.contiguous()
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    lib.s2d_linear(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], w.shape[0],
+                   int(x.dtype == torch.bfloat16), torch.get_num_threads(), level)
+    return y
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class NativeRuntime:
+    """The C++ view of one Transformer: pointers to its own weight tensors (read in place)."""
+
+    def __init__(self, lib: ctypes.CDLL, model: "Transformer") -> None:
+        cfg = model.cfg
+        self.lib = lib
+        self.bf16 = model.dtype == torch.bfloat16
+        self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
+        self.max_positions = model.cos.shape[0]
+        # The handle holds raw pointers: keep every tensor it reads alive as long as it lives.
+        self._tensors = [p for p in model.parameters()] + [model.cos, model.sin]
+        self.handle = lib.s2d_model_new(
+            cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            cfg.vocab_size, self.max_positions, cfg.rms_norm_eps, int(self.bf16), _ptr(model.cos), _ptr(model.sin),
+            _ptr(model.norm), _ptr(model.lm_head.weight), torch.get_num_threads(), isa_level())
+        self.isa = ISA_NAMES[isa_level()]
+        for i, layer in enumerate(model.layers):
+            lib.s2d_model_set_layer(
+                self.handle, i, _ptr(layer.attn_norm), _ptr(layer.qkv.weight), _ptr(layer.qkv.bias),
+                _ptr(layer.o.weight), _ptr(layer.o.bias), _ptr(layer.mlp_norm), _ptr(layer.gate_up.weight),
+                _ptr(layer.gate_up.bias), _ptr(layer.down.weight), _ptr(layer.down.bias))
+
+    @classmethod
+    def create(cls, model: "Transformer") -> "NativeRuntime | None":
+        """A runtime for ``model``, or None when the model or machine is not one it serves."""
+        lib = library()
+        if lib is None or model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float32):
+            return None
+        if model.cfg.head_dim > MAX_HEAD_DIM or model.cfg.num_heads % model.cfg.num_kv_heads:
+            return None
+        tensors = [*model.parameters(), model.cos, model.sin]
+        if any(not t.is_contiguous() or t.dtype != model.dtype for t in model.parameters()):
+            return None
+        if not all(t.device.type == "cpu" for t in tensors):
+            return None
+        return cls(lib, model)
+
+    def __del__(self) -> None:
+        handle, self.handle = getattr(self, "handle", None), None
+        if handle:
+            self.lib.s2d_model_free(handle)
+
+    def profile(self, on: bool | None = None) -> dict[str, float]:
+        """Seconds per phase since profiling was last turned on; ``on`` turns it on (clearing) or off."""
+        out = (ctypes.c_double * len(PHASES))()
+        self.lib.s2d_profile(self.handle, -1 if on is None else int(on), out)
+        return dict(zip(PHASES, out))
+
+    def run_layers(self, hidden: Tensor, positions: Tensor, cache: "KVCache", slot: int, start: int, end: int,
+                   block_mask: Tensor | None) -> Tensor:
+        """hidden [1, T, C] -> [1, T, C] through layers start..end-1 (keys/values at slots slot..slot+T-1)."""
+        _, t, c = hidden.shape
+        x = hidden.reshape(t, c).clone(memory_format=torch.contiguous_format)
+        pos = positions.to(torch.int64).contiguous()
+        mask = None if block_mask is None else block_mask.to(torch.uint8).contiguous()
+        k, v = cache.k, cache.v
+        status = self.lib.s2d_run_layers(self.handle, x.data_ptr(), t, pos.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                         int(k.dtype == torch.bfloat16), k.stride(0), k.stride(2), slot, _ptr(mask),
+                                         start, end)
+        if status:
+            raise ValueError(f"positions must lie in [0, {self.max_positions}), got {pos.tolist()}")
+        return x.view(1, t, c)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [..., C] -> float32 logits [..., V]."""
+        rows = hidden.reshape(-1, self.hidden_size).contiguous()
+        out = torch.empty(rows.shape[0], self.vocab_size, dtype=torch.float32)
+        self.lib.s2d_logits(self.handle, rows.data_ptr(), rows.shape[0], out.data_ptr())
+        return out.view(*hidden.shape[:-1], self.vocab_size)

@@ -1,0 +1,403 @@
+// The s2d CPU runtime: a Llama-family decoder pass over a few new tokens (a decode step, a block of
+// draft tokens to verify, a token tree, a sorted draft's catch-up) in one call from Python.
+//
+// Why a runtime of our own: an eager torch step spends most of its time outside the weight reads
+// (~20 small ops per layer, each a dispatch and a fork-join of the thread pool), and torch's bf16
+// matrix-vector product reads weights at half the memory bandwidth llama.cpp reaches. Here one call
+// runs the whole layer range on a pool of threads that stay hot, synchronised by spin barriers; the
+// weights are read in place from the model's own tensors (no repacking, no second copy).
+//
+// Numerics, on purpose:
+// - bf16 weights x bf16 activations with float32 accumulation (AVX512-BF16's dot product, or an
+//   exact widening to float32 on AVX2), rounded back to the model's dtype where transformers rounds.
+// - Every output element is reduced by one thread in a fixed order over k. A token's result depends
+//   neither on how many tokens share the pass nor on the thread count: verifying a block of draft
+//   tokens gives bit-identical logits to decoding them one by one, so speculative greedy output equals
+//   plain greedy output even in bfloat16.
+//
+// Built once per machine by s2d/model/native/__init__.py (g++ -O3, no torch headers: seconds) and
+// called through ctypes. The ISA-specific part, kernels.inc, is compiled twice (AVX2+FMA and
+// AVX512+BF16) and chosen at run time, so one binary serves every x86-64 CPU with AVX2.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace s2d {
+
+using bf16 = uint16_t;
+
+inline float bf2f(bf16 v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as torch does; NaN stays NaN.
+inline bf16 f2bf(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<bf16>(u >> 16);
+}
+
+inline void cpu_relax() { _mm_pause(); }
+
+// ---------------------------------------------------------------------------------------------
+// A fixed pool of threads. run(fn) executes fn(ctx, tid, n) on every thread (the caller is tid 0)
+// and returns when all are done; inside fn, barrier() synchronises them. Workers spin for a while
+// after each job (the next decoding step usually follows within microseconds), then sleep.
+class Pool {
+ public:
+  using Fn = void (*)(void*, int, int);
+
+  explicit Pool(int n) : n_(std::max(1, n)) {
+    for (int i = 1; i < n_; ++i) threads_.emplace_back([this, i] { worker(i); });
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_.store(true);
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  int size() const { return n_; }
+
+  void run(Fn fn, void* ctx) {
+    if (n_ == 1) {
+      fn(ctx, 0, 1);
+      return;
+    }
+    fn_ = fn;
+    ctx_ = ctx;
+    pending_.store(n_ - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mu_);  // no lost wake-up for a worker about to sleep
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    fn(ctx, 0, n_);
+    while (pending_.load(std::memory_order_acquire) > 0) cpu_relax();
+  }
+
+  void barrier() {
+    if (n_ == 1) return;
+    const uint64_t gen = bar_gen_.load(std::memory_order_acquire);
+    if (bar_count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      bar_count_.store(0, std::memory_order_relaxed);
+      bar_gen_.fetch_add(1, std::memory_order_release);
+    } else {
+      while (bar_gen_.load(std::memory_order_acquire) == gen) cpu_relax();
+    }
+  }
+
+ private:
+  void worker(int tid) {
+    uint64_t seen = 0;  // the generation at construction: a job posted before this thread ran is still seen
+    for (;;) {
+      auto spin_start = std::chrono::steady_clock::now();
+      uint64_t gen;
+      int spins = 0;
+      while ((gen = gen_.load(std::memory_order_acquire)) == seen) {
+        cpu_relax();
+        if (++spins == 256) {
+          spins = 0;
+          if (std::chrono::steady_clock::now() - spin_start > kSpin) {
+            std::unique_lock<std::mutex> lock(mu_);
+            sleepers_.fetch_add(1);
+            cv_.wait(lock, [&] { return gen_.load() != seen; });
+            sleepers_.fetch_sub(1);
+          }
+        }
+      }
+      seen = gen;
+      if (stop_.load()) return;
+      fn_(ctx_, tid, n_);
+      pending_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  // Long enough to bridge the Python work between two decoding steps, short enough not to steal
+  // a core from torch's own threads for long when decoding stops.
+  static constexpr std::chrono::microseconds kSpin{2000};
+
+  int n_;
+  std::vector<std::thread> threads_;
+  Fn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<int> sleepers_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  alignas(64) std::atomic<int> bar_count_{0};
+  alignas(64) std::atomic<uint64_t> bar_gen_{0};
+};
+
+// ---------------------------------------------------------------------------------------------
+struct LayerWeights {
+  const void* attn_norm;  // [C]
+  const void* qkv_w;      // [(H + 2 Hkv) D, C]
+  const void* qkv_b;      // [(H + 2 Hkv) D] or null
+  const void* o_w;        // [C, H D]
+  const void* o_b;        // [C] or null
+  const void* mlp_norm;   // [C]
+  const void* gu_w;       // [2 F, C]: gate rows, then up rows
+  const void* gu_b;       // [2 F] or null
+  const void* down_w;     // [C, F]
+  const void* down_b;     // [C] or null
+};
+
+struct Model;
+
+// One call's arguments, shared by all threads.
+struct Job {
+  const Model* m;
+  int T;                 // new tokens (rows)
+  void* x;               // [T, C] model dtype, updated in place (layers) or read (logits)
+  const int64_t* pos;    // [T] RoPE positions
+  void* kc;              // key cache base (layer 0, batch 0, head 0, slot 0)
+  void* vc;
+  int64_t layer_stride;  // elements between layers of the cache
+  int64_t head_stride;   // elements between KV heads of the cache
+  int64_t slot;          // cache slot of the first new token
+  const uint8_t* mask;   // [T, T] 1 = may attend among the new tokens; null = causal
+  int start, end;        // layer range
+  float* logits;         // [T, V] for the logits job
+};
+
+// Scratch, sized for the largest T seen. Shared buffers hold one phase's outputs for all threads;
+// private ones hold what each thread computes redundantly (norms) or converts (AVX2 widening).
+struct Scratch {
+  int rows = 0;
+  std::vector<float> lin;                  // [T, max N] linear outputs, float32
+  std::vector<uint8_t> att, mlp;           // [T, H D], [T, F] model dtype
+  std::vector<std::vector<uint8_t>> xn;    // per thread: [T, C] model dtype
+  std::vector<std::vector<float>> xf;      // per thread: [T, max K] float32
+  std::vector<std::vector<float>> scores;  // per thread: [capacity] attention scores
+};
+
+using JobFn = void (*)(void*, int, int);
+
+struct Kernels {
+  JobFn layers[2][2];  // [weights bf16][cache bf16]
+  JobFn logits[2];     // [weights bf16]
+  JobFn linear[2];     // [bf16]
+};
+
+// Where a pass's time goes, when profiling is on: thread 0's wall time per phase, in seconds.
+enum Phase { PH_QKV, PH_KV, PH_ATTN, PH_O, PH_GATE_UP, PH_DOWN, PH_HEAD, PH_COUNT };
+
+struct Profile {
+  double seconds[PH_COUNT] = {};
+  std::chrono::steady_clock::time_point last;
+  void start() { last = std::chrono::steady_clock::now(); }
+  void mark(int phase) {
+    auto now = std::chrono::steady_clock::now();
+    seconds[phase] += std::chrono::duration<double>(now - last).count();
+    last = now;
+  }
+};
+
+struct Model {
+  int num_layers, C, H, Hkv, D, F, V, max_pos;
+  float eps;
+  bool bf16_weights;
+  std::vector<LayerWeights> layers;
+  const float* cos;  // [max_pos, D] float32, as Transformer.cos
+  const float* sin;  // [max_pos, D], sign folded in: rotate_half(x) * sin == roll(x, D/2) * table
+  const void* final_norm;
+  const void* head_w;  // [V, C]
+  Pool* pool;
+  Kernels kernels;
+  Scratch scratch;
+  Job job;
+  bool profile = false;
+  Profile prof;
+
+  int max_k() const { return std::max({C, H * D, F}); }
+  int max_n() const { return std::max({(H + 2 * Hkv) * D, 2 * F, C}); }
+  size_t dsize() const { return bf16_weights ? 2 : 4; }
+
+  void ensure_scratch(int rows, int64_t keys) {
+    Scratch& s = scratch;
+    const int n = pool->size();
+    if (rows > s.rows || static_cast<int>(s.xn.size()) != n) {
+      s.rows = std::max(rows, s.rows);
+      s.lin.assign(static_cast<size_t>(s.rows) * max_n(), 0.f);
+      s.att.assign(static_cast<size_t>(s.rows) * H * D * dsize(), 0);
+      s.mlp.assign(static_cast<size_t>(s.rows) * F * dsize(), 0);
+      s.xn.assign(n, std::vector<uint8_t>(static_cast<size_t>(s.rows) * C * dsize()));
+      s.xf.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * max_k()));
+      s.scores.resize(n);
+    }
+    for (auto& sc : s.scores)
+      if (static_cast<int64_t>(sc.size()) < keys) sc.resize(keys);
+  }
+};
+
+// A bare product's arguments (s2d_linear).
+struct LinearArgs {
+  const void* x;
+  const void* w;
+  float* y;
+  int M;
+  int64_t K, N;
+  Pool* pool;
+  Scratch* s;
+};
+
+// [begin, end) of n items for thread tid of nt, in multiples of align (the last takes the rest).
+inline void split(int64_t n, int tid, int nt, int64_t align, int64_t* begin, int64_t* end) {
+  const int64_t blocks = (n + align - 1) / align;
+  const int64_t b0 = blocks * tid / nt, b1 = blocks * (tid + 1) / nt;
+  *begin = std::min(n, b0 * align);
+  *end = std::min(n, b1 * align);
+}
+
+}  // namespace s2d
+
+// The ISA-specific kernels, compiled once per instruction set into their own namespace.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace s2d::avx2 {
+#define S2D_AVX512 0
+#include "kernels.inc"
+#undef S2D_AVX512
+}  // namespace s2d::avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+namespace s2d::avx512 {
+#define S2D_AVX512 1
+#include "kernels.inc"
+#undef S2D_AVX512
+}  // namespace s2d::avx512
+#pragma GCC pop_options
+
+namespace {
+
+s2d::Kernels kernels_for(int isa) { return isa >= 2 ? s2d::avx512::kernels() : s2d::avx2::kernels(); }
+
+s2d::Pool* shared_pool(int threads) {
+  static std::mutex mu;
+  static s2d::Pool* pool = nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  if (pool == nullptr || pool->size() != threads) {
+    delete pool;  // only between calls: callers hold the GIL while a pass runs
+    pool = new s2d::Pool(threads);
+  }
+  return pool;
+}
+
+}  // namespace
+
+extern "C" {
+
+// 2 = AVX512 with BF16 dot products, 1 = AVX2 + FMA, 0 = unsupported (callers use torch).
+int s2d_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bf16"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+  return 0;
+}
+
+void* s2d_model_new(int num_layers, int hidden, int heads, int kv_heads, int head_dim, int ffn, int vocab,
+                    int max_pos, float eps, int bf16_weights, const float* cos, const float* sin,
+                    const void* final_norm, const void* head_w, int threads, int isa) {
+  auto* m = new s2d::Model();
+  m->num_layers = num_layers;
+  m->C = hidden;
+  m->H = heads;
+  m->Hkv = kv_heads;
+  m->D = head_dim;
+  m->F = ffn;
+  m->V = vocab;
+  m->max_pos = max_pos;
+  m->eps = eps;
+  m->bf16_weights = bf16_weights != 0;
+  m->layers.resize(num_layers);
+  m->cos = cos;
+  m->sin = sin;
+  m->final_norm = final_norm;
+  m->head_w = head_w;
+  m->pool = shared_pool(threads);
+  m->kernels = kernels_for(isa);
+  return m;
+}
+
+void s2d_model_set_layer(void* handle, int i, const void* attn_norm, const void* qkv_w, const void* qkv_b,
+                         const void* o_w, const void* o_b, const void* mlp_norm, const void* gu_w,
+                         const void* gu_b, const void* down_w, const void* down_b) {
+  auto* m = static_cast<s2d::Model*>(handle);
+  m->layers[i] = {attn_norm, qkv_w, qkv_b, o_w, o_b, mlp_norm, gu_w, gu_b, down_w, down_b};
+}
+
+// Profiling: on != 0 turns it on and clears the totals; out (may be null) receives the seconds per phase
+// (qkv, kv write, attention, o, gate/up, down, head) accumulated since.
+void s2d_profile(void* handle, int on, double* out) {
+  auto* m = static_cast<s2d::Model*>(handle);
+  if (out)
+    for (int i = 0; i < s2d::PH_COUNT; ++i) out[i] = m->prof.seconds[i];
+  if (on >= 0) {
+    m->profile = on != 0;
+    m->prof = s2d::Profile();
+  }
+}
+
+void s2d_model_free(void* handle) { delete static_cast<s2d::Model*>(handle); }
+
+// Layers [start, end) over T new tokens: x [T, C] (model dtype) is updated in place; their keys and
+// values are written to the cache at slots slot .. slot+T-1 (cache_bf16: the cache's dtype).
+// Returns 0, or -1 (nothing done) when a position lies outside the RoPE table.
+int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, void* vc, int cache_bf16,
+                    int64_t layer_stride, int64_t head_stride, int64_t slot, const uint8_t* mask, int start,
+                    int end) {
+  auto* m = static_cast<s2d::Model*>(handle);
+  for (int t = 0; t < T; ++t)
+    if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
+  m->ensure_scratch(T, slot + T);
+  m->job = {m, T, x, pos, kc, vc, layer_stride, head_stride, slot, mask, start, end, nullptr};
+  if (m->profile) m->prof.start();
+  m->pool->run(m->kernels.layers[m->bf16_weights][cache_bf16 != 0], &m->job);
+  return 0;
+}
+
+// Final norm and LM head over T rows: x [T, C] (model dtype) -> out [T, V] float32.
+void s2d_logits(void* handle, const void* x, int T, float* out) {
+  auto* m = static_cast<s2d::Model*>(handle);
+  m->ensure_scratch(T, 0);
+  m->job = {m, T, const_cast<void*>(x), nullptr, nullptr, nullptr, 0, 0, 0, nullptr, 0, 0, out};
+  if (m->profile) m->prof.start();
+  m->pool->run(m->kernels.logits[m->bf16_weights], &m->job);
+}
+
+// y [M, N] float32 = x [M, K] @ w [N, K]^T, both float32 or both bf16: the product every pass uses,
+// exposed for tests and measurements.
+void s2d_linear(const void* x, const void* w, float* y, int M, int64_t K, int64_t N, int bf16, int threads, int isa) {
+  s2d::Scratch scratch;
+  scratch.xf.assign(threads, std::vector<float>(static_cast<size_t>(M) * K));
+  s2d::LinearArgs args{x, w, y, M, K, N, shared_pool(threads), &scratch};
+  args.pool->run(kernels_for(isa).linear[bf16 != 0], &args);
+}
+
+}  // extern "C"

@@ -1,0 +1,183 @@
+"""The native CPU runtime against the torch reference path: products, passes, decoding, invariances."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from s2d.drafting import DraftOptions, build_drafter
+from s2d.engine import Engine
+from s2d.model import native
+from s2d.model.loading import load_model
+from s2d.model.tiny import write_random_checkpoint
+from s2d.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="the native runtime does not run on this machine")
+
+# Every instruction set this CPU can run: the AVX2 code is tested on AVX512 machines too.
+LEVELS = [lvl for lvl in (1, 2) if native.library() is not None and native.library().s2d_isa() >= lvl]
+ISA_ENV = {1: "avx2", 2: "avx512"}
+
+
+@pytest.fixture(params=LEVELS, ids=lambda lvl: ISA_ENV[lvl])
+def isa(request, monkeypatch):
+    monkeypatch.setenv("S2D_NATIVE_ISA", ISA_ENV[request.param])
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Tiny checkpoints with what the runtime must handle: GQA, qkv bias, odd sizes, a sorted draft."""
+    root = tmp_path_factory.mktemp("native")
+    return {
+        "gqa": write_random_checkpoint(root / "gqa", num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=2,
+                                       intermediate_size=200, seed=11),
+        # K and N not multiples of any vector width; Qwen2 adds q/k/v biases
+        "qwen": write_random_checkpoint(root / "qwen", "qwen2", num_layers=2, hidden_size=52, num_heads=2,
+                                        num_kv_heads=1, intermediate_size=74, seed=12),
+        "draft": write_random_checkpoint(root / "draft", num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2,
+                                         intermediate_size=96, seed=5, s2d_exits=[1, 2, 3]),
+    }
+
+
+def reference(model):
+    ref = copy.deepcopy(model)
+    ref.use_native = False
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 37, 43), (6, 130, 576), (16, 7, 9), (5, 64, 2050)])
+def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    got = native.linear(x, w, isa)
+    ref = x.float() @ w.float().T  # the exact products, summed in float32
+    torch.testing.assert_close(got, ref, atol=1e-4 * k ** 0.5, rtol=1e-5)
+    # A row's result does not depend on how many rows share the call, nor on the thread count.
+    for i in range(m):
+        assert torch.equal(native.linear(x[i:i + 1], w, isa)[0], got[i])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(native.linear(x, w, isa), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["gqa", "qwen"])
+def test_passes_match_the_reference_in_float32(isa, family, name):
+    """One-token, block and tree-masked passes: logits within float32 rounding of the torch path."""
+    model = load_model(family[name], dtype="float32")
+    assert model.native_runtime() is not None and model.native_runtime().isa == native.ISA_NAMES[isa]
+    ref = reference(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 257, (1, 40), generator=g)
+    with torch.inference_mode():
+        caches = [model.new_cache(), ref.new_cache()]
+        assert caches[0].k.dtype == torch.float32
+        for m, c in zip((model, ref), caches):
+            m(ids[:, :30], torch.arange(30), c, logits_at=None)  # the prefix, through each path
+        for start, stop in ((30, 31), (31, 37), (37, 40)):  # one token, a block of 6, a block of 3
+            got = model(ids[:, start:stop], torch.arange(start, stop), caches[0])
+            want = ref(ids[:, start:stop], torch.arange(start, stop), caches[1]).float()
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(caches[0].k[:, :, :, :40], caches[1].k[:, :, :, :40], atol=1e-5, rtol=1e-5)
+        # a tree: two branches of two tokens after the prefix, positions per depth
+        tree = torch.tensor([[11, 12, 13, 14]])
+        positions = torch.tensor([40, 41, 40, 41])
+        mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+        got = model(tree, positions, caches[0], block_mask=mask)
+        want = ref(tree, positions, caches[1], block_mask=mask).float()
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_layer_ranges_and_logits_rows(isa, family):
+    model = load_model(family["draft"], dtype="float32")
+    ref = reference(model)
+    ids = torch.randint(0, 257, (1, 9))
+    with torch.inference_mode():
+        c1, c2 = model.new_cache(), ref.new_cache()
+        h = model.run_layers(model.embed_tokens(ids), torch.arange(9), c1, 0, 1)
+        h = model.run_layers(h, torch.arange(9), c1, 1, 3)
+        want = ref.run_layers(ref.embed_tokens(ids), torch.arange(9), c2, 0, 3)
+        torch.testing.assert_close(h, want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(model.logits(h[0, 3]), ref.logits(want[0, 3]), atol=2e-5, rtol=1e-4)
+        assert model.logits(h).shape == (1, 9, 257)
+
+
+def test_bf16_block_pass_is_bit_identical_to_one_token_passes(isa, family):
+    """Why greedy speculative decoding equals plain decoding even in bfloat16 on this runtime."""
+    model = load_model(family["gqa"], dtype="bfloat16")
+    ids = torch.randint(0, 257, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        block_cache, step_cache = model.new_cache(), model.new_cache()
+        assert block_cache.k.dtype == torch.bfloat16  # the runtime reads a cache in the model's dtype
+        for c in (block_cache, step_cache):
+            model(ids[:, :20], torch.arange(20), c, logits_at=None)
+        block = model(ids[:, 20:30], torch.arange(20, 30), block_cache)
+        steps = torch.cat([model(ids[:, i:i + 1], torch.tensor([i]), step_cache) for i in range(20, 30)], 1)
+    assert torch.equal(block, steps)
+    assert torch.equal(block_cache.k[:, :, :, :30], step_cache.k[:, :, :, :30])
+
+
+@pytest.mark.parametrize("method", ["sd", "pld", "sd-exit-1", "s2d"])
+def test_greedy_outputs_equal_the_reference_path(isa, family, method):
+    """Plain and speculative greedy decoding: token-identical to the torch reference path (float32)."""
+    target = load_model(family["gqa"], dtype="float32")
+    draft = load_model(family["draft"], dtype="float32")
+    prompt = [7, 3, 9, 7, 3, 1, 12, 40, 41, 42] * 3
+    outputs = []
+    for use_native in (True, False):
+        target.use_native = draft.use_native = use_native
+        ar = Engine(target, eos_token_ids=()).generate(prompt, SamplingParams(), 40).output
+        drafter = build_drafter(method, draft, DraftOptions(num_draft_tokens=4, exit_thresholds=(0.05, 0.05, 0)
+                                                            if method == "s2d" else ()))
+        spec = Engine(target, drafter, 4, eos_token_ids=()).generate(prompt, SamplingParams(), 40)
+        assert spec.output == ar
+        outputs.append(ar)
+    assert outputs[0] == outputs[1]
+
+
+def test_bf16_speculative_greedy_equals_plain_greedy(family):
+    target = load_model(family["gqa"], dtype="bfloat16")
+    draft = load_model(family["draft"], dtype="bfloat16")
+    prompt = list(range(30, 60)) * 2
+    plain = Engine(target, eos_token_ids=()).generate(prompt, SamplingParams(), 60).output
+    for method in ("sd", "pld", "s2d"):
+        drafter = build_drafter(method, draft, DraftOptions(num_draft_tokens=5))
+        assert Engine(target, drafter, 5, eos_token_ids=()).generate(prompt, SamplingParams(), 60).output == plain
+
+
+def test_runtime_follows_the_model_tensors(family):
+    model = load_model(family["gqa"], dtype="float32")
+    first = model.native_runtime()
+    assert first is not None
+    model.to(torch.bfloat16)  # new tensors: the old runtime must not be used
+    assert model._native is None and model.native_runtime() is not first and model.native_runtime().bf16
+    model.load_state_dict(model.state_dict())
+    assert model._native is None
+    clone = copy.deepcopy(model)  # a copy builds its own
+    assert clone.native_runtime() is not None and clone.native_runtime() is not model.native_runtime()
+    with torch.inference_mode():
+        ids = torch.randint(0, 257, (1, 5))
+        assert torch.equal(clone(ids, torch.arange(5), clone.new_cache()), model(ids, torch.arange(5), model.new_cache()))
+
+
+def test_positions_outside_the_rope_table_are_refused(family):
+    model = load_model(family["gqa"], dtype="float32")
+    with torch.inference_mode(), pytest.raises(ValueError, match="positions"):
+        model(torch.tensor([[1, 2]]), torch.tensor([5, model.cfg.max_positions]), model.new_cache())
+
+
+def test_profile_counts_each_phase(family):
+    model = load_model(family["gqa"], dtype="float32")
+    rt = model.native_runtime()
+    rt.profile(True)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), torch.arange(3), model.new_cache())
+    times = rt.profile(False)
+    assert set(times) == set(native.PHASES) and all(v > 0 for v in times.values())
