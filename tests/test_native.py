@@ -17,8 +17,8 @@ from s2d.sampling import SamplingParams
 pytestmark = pytest.mark.skipif(native.library() is None, reason="the native runtime does not run on this machine")
 
 # Every instruction set this CPU can run: the AVX2 code is tested on AVX512 machines too.
-LEVELS = [lvl for lvl in (1, 2) if native.library() is not None and native.library().s2d_isa() >= lvl]
-ISA_ENV = {1: "avx2", 2: "avx512"}
+LEVELS = [lvl for lvl in (1, 2, 3) if native.library() is not None and native.library().s2d_isa() >= lvl]
+ISA_ENV = {1: "avx2", 2: "avx512", 3: "amx"}
 
 
 @pytest.fixture(params=LEVELS, ids=lambda lvl: ISA_ENV[lvl])
@@ -37,6 +37,9 @@ def family(tmp_path_factory):
         # K and N not multiples of any vector width; Qwen2 adds q/k/v biases
         "qwen": write_random_checkpoint(root / "qwen", "qwen2", num_layers=2, hidden_size=52, num_heads=2,
                                         num_kv_heads=1, intermediate_size=74, seed=12),
+        # contexts past one attention chunk (256 keys)
+        "long": write_random_checkpoint(root / "long", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+                                        intermediate_size=96, max_positions=1024, seed=13),
         "draft": write_random_checkpoint(root / "draft", num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2,
                                          intermediate_size=96, seed=5, s2d_exits=[1, 2, 3]),
     }
@@ -68,27 +71,29 @@ def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name", ["gqa", "qwen"])
-def test_passes_match_the_reference_in_float32(isa, family, name):
+@pytest.mark.parametrize("name,prefix", [("gqa", 30), ("qwen", 30), ("long", 600)])
+def test_passes_match_the_reference_in_float32(isa, family, name, prefix):
     """One-token, block and tree-masked passes: logits within float32 rounding of the torch path."""
     model = load_model(family[name], dtype="float32")
     assert model.native_runtime() is not None and model.native_runtime().isa == native.ISA_NAMES[isa]
     ref = reference(model)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 257, (1, 40), generator=g)
+    ids = torch.randint(0, 257, (1, prefix + 10), generator=g)
+    end = prefix + 10
     with torch.inference_mode():
         caches = [model.new_cache(), ref.new_cache()]
         assert caches[0].k.dtype == torch.float32
         for m, c in zip((model, ref), caches):
-            m(ids[:, :30], torch.arange(30), c, logits_at=None)  # the prefix, through each path
-        for start, stop in ((30, 31), (31, 37), (37, 40)):  # one token, a block of 6, a block of 3
+            m(ids[:, :prefix], torch.arange(prefix), c, logits_at=None)  # the prefix, through each path
+        # one token, a block of 6, a block of 3
+        for start, stop in ((prefix, prefix + 1), (prefix + 1, prefix + 7), (prefix + 7, end)):
             got = model(ids[:, start:stop], torch.arange(start, stop), caches[0])
             want = ref(ids[:, start:stop], torch.arange(start, stop), caches[1]).float()
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(caches[0].k[:, :, :, :40], caches[1].k[:, :, :, :40], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(caches[0].k[:, :, :, :end], caches[1].k[:, :, :, :end], atol=1e-5, rtol=1e-5)
         # a tree: two branches of two tokens after the prefix, positions per depth
         tree = torch.tensor([[11, 12, 13, 14]])
-        positions = torch.tensor([40, 41, 40, 41])
+        positions = torch.tensor([end, end + 1, end, end + 1])
         mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
         got = model(tree, positions, caches[0], block_mask=mask)
         want = ref(tree, positions, caches[1], block_mask=mask).float()
@@ -109,19 +114,21 @@ def test_layer_ranges_and_logits_rows(isa, family):
         assert model.logits(h).shape == (1, 9, 257)
 
 
-def test_bf16_block_pass_is_bit_identical_to_one_token_passes(isa, family):
+@pytest.mark.parametrize("name,prefix", [("gqa", 20), ("long", 250)])  # 250: the block crosses a chunk border
+def test_bf16_block_pass_is_bit_identical_to_one_token_passes(isa, family, name, prefix):
     """Why greedy speculative decoding equals plain decoding even in bfloat16 on this runtime."""
-    model = load_model(family["gqa"], dtype="bfloat16")
-    ids = torch.randint(0, 257, (1, 30), generator=torch.Generator().manual_seed(3))
+    model = load_model(family[name], dtype="bfloat16")
+    end = prefix + 10
+    ids = torch.randint(0, 257, (1, end), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         block_cache, step_cache = model.new_cache(), model.new_cache()
         assert block_cache.k.dtype == torch.bfloat16  # the runtime reads a cache in the model's dtype
         for c in (block_cache, step_cache):
-            model(ids[:, :20], torch.arange(20), c, logits_at=None)
-        block = model(ids[:, 20:30], torch.arange(20, 30), block_cache)
-        steps = torch.cat([model(ids[:, i:i + 1], torch.tensor([i]), step_cache) for i in range(20, 30)], 1)
+            model(ids[:, :prefix], torch.arange(prefix), c, logits_at=None)
+        block = model(ids[:, prefix:end], torch.arange(prefix, end), block_cache)
+        steps = torch.cat([model(ids[:, i:i + 1], torch.tensor([i]), step_cache) for i in range(prefix, end)], 1)
     assert torch.equal(block, steps)
-    assert torch.equal(block_cache.k[:, :, :, :30], step_cache.k[:, :, :, :30])
+    assert torch.equal(block_cache.k[:, :, :, :end], step_cache.k[:, :, :, :end])
 
 
 @pytest.mark.parametrize("method", ["sd", "pld", "sd-exit-1", "s2d"])

@@ -6,7 +6,8 @@ compiler (``$CXX`` or g++; a few seconds, no torch headers) into ``~/.cache/s2d/
 never twice. One binary serves every x86-64 CPU: it picks AVX512-BF16 or AVX2 code at run time.
 Where it cannot be built or run (no compiler, no AVX2, not x86-64), models use the torch reference
 path with a one-time warning; ``S2D_NATIVE=0`` turns it off, and ``S2D_NATIVE_ISA=avx2`` keeps a
-runtime created afterwards on its AVX2 code even where AVX512-BF16 is available (tests run both).
+runtime created afterwards on its AVX2 code even where AVX512-BF16 is available (``avx512``: without
+AMX tiles; tests run every level the CPU has).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ SOURCES = [Path(__file__).with_name("runtime.cpp"), Path(__file__).with_name("ke
 # Passes over more new tokens than this (prefill) go to torch, whose GEMMs (oneDNN, AMX) win there.
 MAX_ROWS = 64
 MAX_HEAD_DIM = 512  # the kernels keep one head vector on the stack
-ISA_NAMES = {0: "none", 1: "AVX2", 2: "AVX512-BF16"}
+ISA_NAMES = {0: "none", 1: "AVX2", 2: "AVX512-BF16", 3: "AMX"}
 PHASES = ("qkv", "kv_write", "attention", "o", "gate_up", "down", "head")
 
 _VP, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -107,26 +108,26 @@ def library() -> ctypes.CDLL | None:
 
 
 def isa_level() -> int:
-    """The instruction set new runtimes use: 2 = AVX512-BF16, 1 = AVX2, 0 = none (see S2D_NATIVE_ISA)."""
+    """The instruction set new runtimes use: 3 = AMX, 2 = AVX512-BF16, 1 = AVX2, 0 = none (S2D_NATIVE_ISA)."""
     lib = library()
     if lib is None:
         return 0
-    wanted = {"avx2": 1, "avx512": 2, "": 2}.get(os.environ.get("S2D_NATIVE_ISA", "").lower())
+    wanted = {"avx2": 1, "avx512": 2, "amx": 3, "": 3}.get(os.environ.get("S2D_NATIVE_ISA", "").lower())
     if wanted is None:
-        raise ValueError(f"S2D_NATIVE_ISA must be avx2 or avx512, got {os.environ['S2D_NATIVE_ISA']!r}")
+        raise ValueError(f"S2D_NATIVE_ISA must be avx2, avx512 or amx, got {os.environ['S2D_NATIVE_ISA']!r}")
     return min(wanted, lib.s2d_isa())
 
 
 def isa() -> str:
-    """The instruction set new runtimes use here: 'AVX512-BF16', 'AVX2' or 'none'."""
+    """The instruction set new runtimes use here: 'AMX', 'AVX512-BF16', 'AVX2' or 'none'."""
     return ISA_NAMES[isa_level()]
 
 
 def linear(x: Tensor, w: Tensor, level: int | None = None) -> Tensor:
     """x [M, K] @ w [N, K]^T -> float32 [M, N] through the runtime's product (both float32 or both bf16).
 
-    For tests and measurements; ``level`` 1 forces the AVX2 code (2 = AVX512-BF16, the default
-    where the CPU has it).
+    For tests and measurements; ``level`` caps the instruction set (1 AVX2, 2 AVX512-BF16, 3 AMX; the
+    default is the best this CPU has).
     """
     lib = library()
     if lib is None:
@@ -204,6 +205,8 @@ class NativeRuntime:
         status = self.lib.s2d_run_layers(self.handle, x.data_ptr(), t, pos.data_ptr(), k.data_ptr(), v.data_ptr(),
                                          int(k.dtype == torch.bfloat16), k.stride(0), k.stride(2), slot, _ptr(mask),
                                          start, end)
+        if status == -2:
+            raise ValueError(f"a native pass takes 1 to {MAX_ROWS} tokens, got {t}")
         if status:
             raise ValueError(f"positions must lie in [0, {self.max_positions}), got {pos.tolist()}")
         return x.view(1, t, c)

@@ -19,6 +19,8 @@
 // called through ctypes. The ISA-specific part, kernels.inc, is compiled twice (AVX2+FMA and
 // AVX512+BF16) and chosen at run time, so one binary serves every x86-64 CPU with AVX2.
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -52,6 +54,14 @@ inline bf16 f2bf(float f) {
 }
 
 inline void cpu_relax() { _mm_pause(); }
+
+// A waiting loop's step: pause, and every so often give the core away. On a machine with more
+// runnable threads than cores (another process compiling, a second benchmark), pure spinning would
+// burn the time slice the thread we wait for needs: passes became ~100x slower without this.
+inline void spin_wait(int& spins) {
+  cpu_relax();
+  if (++spins % 256 == 0) std::this_thread::yield();
+}
 
 // ---------------------------------------------------------------------------------------------
 // A fixed pool of threads. run(fn) executes fn(ctx, tid, n) on every thread (the caller is tid 0)
@@ -91,7 +101,8 @@ class Pool {
     }
     if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
     fn(ctx, 0, n_);
-    while (pending_.load(std::memory_order_acquire) > 0) cpu_relax();
+    int spins = 0;
+    while (pending_.load(std::memory_order_acquire) > 0) spin_wait(spins);
   }
 
   void barrier() {
@@ -101,7 +112,8 @@ class Pool {
       bar_count_.store(0, std::memory_order_relaxed);
       bar_gen_.fetch_add(1, std::memory_order_release);
     } else {
-      while (bar_gen_.load(std::memory_order_acquire) == gen) cpu_relax();
+      int spins = 0;
+      while (bar_gen_.load(std::memory_order_acquire) == gen) spin_wait(spins);
     }
   }
 
@@ -113,9 +125,8 @@ class Pool {
       uint64_t gen;
       int spins = 0;
       while ((gen = gen_.load(std::memory_order_acquire)) == seen) {
-        cpu_relax();
-        if (++spins == 256) {
-          spins = 0;
+        spin_wait(spins);
+        if (spins % 256 == 0) {
           if (std::chrono::steady_clock::now() - spin_start > kSpin) {
             std::unique_lock<std::mutex> lock(mu_);
             sleepers_.fetch_add(1);
@@ -181,15 +192,20 @@ struct Job {
   float* logits;         // [T, V] for the logits job
 };
 
+constexpr int kMaxRows = 64;         // tokens per pass (native.MAX_ROWS)
+constexpr int64_t kKeyChunk = 256;  // keys per attention work unit (see kernels.inc)
+
 // Scratch, sized for the largest T seen. Shared buffers hold one phase's outputs for all threads;
 // private ones hold what each thread computes redundantly (norms) or converts (AVX2 widening).
 struct Scratch {
   int rows = 0;
   std::vector<float> lin;                  // [T, max N] linear outputs, float32
-  std::vector<uint8_t> att, mlp;           // [T, H D], [T, F] model dtype
+  std::vector<uint8_t> mlp;                // [T, F] model dtype
+  std::vector<float> parts;                // [T, H, chunks, D + 2] attention partials
+  std::vector<std::vector<uint8_t>> att;   // per thread: [T, H D] model dtype, the merged attention
   std::vector<std::vector<uint8_t>> xn;    // per thread: [T, C] model dtype
   std::vector<std::vector<float>> xf;      // per thread: [T, max K] float32
-  std::vector<std::vector<float>> scores;  // per thread: [capacity] attention scores
+  std::vector<std::vector<float>> scores;  // per thread: [chunk] attention scores
 };
 
 using JobFn = void (*)(void*, int, int);
@@ -240,14 +256,14 @@ struct Model {
     if (rows > s.rows || static_cast<int>(s.xn.size()) != n) {
       s.rows = std::max(rows, s.rows);
       s.lin.assign(static_cast<size_t>(s.rows) * max_n(), 0.f);
-      s.att.assign(static_cast<size_t>(s.rows) * H * D * dsize(), 0);
+      s.att.assign(n, std::vector<uint8_t>(static_cast<size_t>(s.rows) * H * D * dsize()));
       s.mlp.assign(static_cast<size_t>(s.rows) * F * dsize(), 0);
       s.xn.assign(n, std::vector<uint8_t>(static_cast<size_t>(s.rows) * C * dsize()));
       s.xf.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * max_k()));
-      s.scores.resize(n);
+      s.scores.assign(n, std::vector<float>(kKeyChunk));
     }
-    for (auto& sc : s.scores)
-      if (static_cast<int64_t>(sc.size()) < keys) sc.resize(keys);
+    const size_t parts = static_cast<size_t>(rows) * H * ((keys + kKeyChunk - 1) / kKeyChunk) * (D + 2);
+    if (s.parts.size() < parts) s.parts.resize(parts);
   }
 };
 
@@ -291,9 +307,33 @@ namespace s2d::avx512 {
 }  // namespace s2d::avx512
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
+namespace s2d::amx {
+#define S2D_AVX512 1
+#define S2D_AMX 1
+#include "kernels.inc"
+#undef S2D_AMX
+#undef S2D_AVX512
+}  // namespace s2d::amx
+#pragma GCC pop_options
+
 namespace {
 
-s2d::Kernels kernels_for(int isa) { return isa >= 2 ? s2d::avx512::kernels() : s2d::avx2::kernels(); }
+s2d::Kernels kernels_for(int isa) {
+  if (isa >= 3) return s2d::amx::kernels();
+  return isa >= 2 ? s2d::avx512::kernels() : s2d::avx2::kernels();
+}
+
+// AMX needs the CPU's tile instructions and the kernel's permission to use tile state (Linux 5.16+).
+bool amx_usable() {
+  unsigned eax, ebx, ecx, edx;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+  const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
+  if (!tile || !bf16) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
 
 s2d::Pool* shared_pool(int threads) {
   static std::mutex mu;
@@ -310,13 +350,14 @@ s2d::Pool* shared_pool(int threads) {
 
 extern "C" {
 
-// 2 = AVX512 with BF16 dot products, 1 = AVX2 + FMA, 0 = unsupported (callers use torch).
+// 3 = AVX512-BF16 + AMX, 2 = AVX512 with BF16 dot products, 1 = AVX2 + FMA, 0 = unsupported
+// (callers use torch).
 int s2d_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512bf16"))
-    return 2;
+    return amx_usable() ? 3 : 2;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
   return 0;
 }
@@ -373,6 +414,7 @@ int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, v
                     int64_t layer_stride, int64_t head_stride, int64_t slot, const uint8_t* mask, int start,
                     int end) {
   auto* m = static_cast<s2d::Model*>(handle);
+  if (T < 1 || T > s2d::kMaxRows) return -2;
   for (int t = 0; t < T; ++t)
     if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
   m->ensure_scratch(T, slot + T);
