@@ -1,10 +1,13 @@
-"""What bounds speculative speedup here: forward-pass costs of targets and draft exits.
+"""What bounds speculative speedup here: forward-pass costs of targets and draft exits, and where they go.
 
     python benchmarks/costs.py --zoo ../shared/zoo --draft benchmarks/zoo-draft [--context 400] [--out F]
+    python benchmarks/costs.py --models runs/llama-1b-shape --draft benchmarks/zoo-draft --sizes 1,6,16
 
-For each target: the time of one decoding pass over 1 new token and over k+1 new tokens (k = 1..8)
-at a fixed context length. For the draft: the time of one token through the layers of each exit
-plus the shared head. Ratios to the target's 1-token pass are the c of Leviathan et al.:
+For each target: the time of one decoding pass over 1 new token and over k new tokens at a fixed
+context length, through the native runtime and through the torch reference path (``--reference``);
+where a one-token pass goes (products by stage, attention, head, and everything outside the native
+call: Python, embedding, argmax); for the draft: one token through the layers of each exit plus the
+head, and the head alone. Ratios to the target's 1-token pass are the c of Leviathan et al.:
 expected speedup ~ MAT / (1 + k * c) * (t_1 / t_{k+1}).
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -19,63 +23,161 @@ from pathlib import Path
 import torch
 
 from s2d.drafting import sorted_exits
+from s2d.model import native
 from s2d.model.loading import load_model
 
 
 def timed(fn, reps: int) -> float:
+    """Median seconds of ``reps`` calls, after two warm-up calls."""
     fn()
     fn()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(reps):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / reps
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def prefilled(model, context: int, extra: int):
+    cache = model.new_cache(capacity=context + extra)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, context + extra))
+    model(ids[:, :context], torch.arange(context), cache, logits_at=None)
+    return cache, ids
 
 
 @torch.inference_mode()
-def block_cost(model, context: int, new: int, reps: int, layers: int | None = None) -> float:
-    cache = model.new_cache(num_layers=layers)
-    ids = torch.randint(0, model.cfg.vocab_size, (1, context + new))
-    end = layers or model.cfg.num_layers
-    h = model.run_layers(model.embed_tokens(ids[:, :context]), torch.arange(context), cache, 0, end)
+def block_cost(model, context: int, new: int, reps: int) -> float:
+    """Seconds of one verification pass: ``new`` tokens in, their logits and argmax out."""
+    cache, ids = prefilled(model, context, new)
     positions = torch.arange(context, context + new)
+    block = ids[:, context:]
 
     def step():
         cache.truncate(context)
-        out = model.run_layers(model.embed_tokens(ids[:, context:]), positions, cache, 0, end)
-        model.logits(out[:, -1]).argmax()
+        model(block, positions, cache).argmax(-1)
 
     return timed(step, reps)
 
 
+@torch.inference_mode()
+def step_breakdown(model, context: int, reps: int) -> dict[str, float]:
+    """Milliseconds per one-token pass by part (native runtime only)."""
+    runtime = model.native_runtime()
+    cache, ids = prefilled(model, context, 1)
+    pos = torch.arange(context, context + 1)
+
+    def step():
+        cache.truncate(context)
+        model(ids[:, context:], pos, cache).argmax(-1)
+
+    step()
+    runtime.profile(True)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    total = (time.perf_counter() - t0) / reps
+    parts = {k: v / reps for k, v in runtime.profile(False).items()}
+    out = {"products (qkv, o, gate_up, down)": parts["qkv"] + parts["o"] + parts["gate_up"] + parts["down"],
+           "attention (incl. cache writes)": parts["attention"] + parts["kv_write"],
+           "head": parts["head"]}
+    out["outside the native call (Python, embedding, argmax)"] = total - sum(out.values())
+    out["total"] = total
+    return {k: 1000 * v for k, v in out.items()}
+
+
+@torch.inference_mode()
+def exit_cost(draft, context: int, layers: int, reps: int, head_only: bool = False) -> float:
+    """Seconds of one draft token through ``layers`` layers and the head (or the head alone)."""
+    cache = draft.new_cache(num_layers=layers)
+    ids = torch.randint(0, draft.cfg.vocab_size, (1, context + 1))
+    draft.run_layers(draft.embed_tokens(ids[:, :context]), torch.arange(context), cache, 0, layers)
+    pos = torch.arange(context, context + 1)
+    h = draft.embed_tokens(ids[:, context:])
+
+    def step():
+        if head_only:
+            draft.logits(h[0, -1]).argmax()
+            return
+        cache.truncate(context)
+        out = draft.run_layers(draft.embed_tokens(ids[:, context:]), pos, cache, 0, layers)
+        draft.logits(out[0, -1]).argmax()
+
+    return timed(step, reps)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", type=Path, required=True)
+    ap.add_argument("--zoo", type=Path, help="the zoo directory (targets zoo-s, zoo-m, zoo-l)")
+    ap.add_argument("--models", default=None, help="comma-separated target directories instead of --zoo")
     ap.add_argument("--draft", type=Path, required=True)
     ap.add_argument("--targets", default="zoo-s,zoo-m,zoo-l")
     ap.add_argument("--context", type=int, default=400)
+    ap.add_argument("--sizes", default="1,2,4,6,9,16,32,64", help="new tokens per pass")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--reference", action="store_true", help="also time the torch reference path")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    for path in [args.zoo, args.draft]:
+    if args.models:
+        targets = {Path(p).name: Path(p) for p in args.models.split(",")}
+    elif args.zoo:
+        targets = {name: args.zoo / name for name in args.targets.split(",")}
+    else:
+        sys.exit("costs: pass --zoo or --models")
+    for path in [*targets.values(), args.draft]:
         if not path.exists():
             sys.exit(f"costs: {path} not found")
-    report: dict = {"context": args.context, "dtype": args.dtype, "targets": {}, "draft_exits_ms": {}}
+    sizes = [int(s) for s in args.sizes.split(",")]
+    report: dict = {"cpu": cpu_name(), "isa": native.isa(), "threads": torch.get_num_threads(),
+                    "context": args.context, "dtype": args.dtype, "targets": {}, "draft": {}}
+    print(f"{report['cpu']}; native runtime: {report['isa']}; {report['threads']} threads; context "
+          f"{args.context} tokens; {args.dtype}; median of {args.reps} passes, milliseconds", flush=True)
+
     draft = load_model(args.draft, dtype=args.dtype)
     for e in sorted_exits(draft):
-        report["draft_exits_ms"][e] = 1000 * block_cost(draft, args.context, 1, args.reps * 3, layers=e)
-    for name in args.targets.split(","):
-        target = load_model(args.zoo / name, dtype=args.dtype)
-        row = {k: 1000 * block_cost(target, args.context, k, args.reps) for k in (1, 2, 4, 6, 9)}
+        report["draft"][f"exit {e}"] = 1000 * exit_cost(draft, args.context, e, args.reps * 3)
+    report["draft"]["head alone"] = 1000 * exit_cost(draft, args.context, 1, args.reps * 3, head_only=True)
+
+    for name, path in targets.items():
+        target = load_model(path, dtype=args.dtype)
+        row: dict = {"native": {k: 1000 * block_cost(target, args.context, k, args.reps) for k in sizes}}
+        if target.native_runtime() is not None:
+            row["breakdown"] = step_breakdown(target, args.context, args.reps * 3)
+        if args.reference:
+            target.use_native = False
+            row["reference"] = {k: 1000 * block_cost(target, args.context, k, args.reps) for k in sizes}
+            target.use_native = True
         report["targets"][name] = row
-    print(f"context {args.context} tokens, {args.dtype}, {torch.get_num_threads()} threads; milliseconds per pass")
-    print("| target | 1 token | 2 | 4 | 6 | 9 | " + " | ".join(f"draft exit {e} / target 1-token" for e in
-                                                         report["draft_exits_ms"]) + " |")
-    print("|---" * (6 + len(report["draft_exits_ms"])) + "|")
+        print(f"{name}: " + ", ".join(f"{k}: {v:.2f}" for k, v in row["native"].items()), flush=True)
+
+    print("\n| target | path | " + " | ".join(f"{k} tok" for k in sizes) + " | 6 tok / 1 tok |")
+    print("|---|---|" + "---|" * (len(sizes) + 1))
     for name, row in report["targets"].items():
-        ratios = " | ".join(f"{ms / row[1]:.3f}" for ms in report["draft_exits_ms"].values())
-        print(f"| {name} | " + " | ".join(f"{row[k]:.2f}" for k in (1, 2, 4, 6, 9)) + f" | {ratios} |")
-    print("draft exit cost (ms): " + ", ".join(f"exit {e}: {ms:.2f}" for e, ms in report["draft_exits_ms"].items()))
+        for path_name in ("native", "reference"):
+            if path_name in row:
+                r = row[path_name]
+                ratio = f"{r[6] / r[1]:.2f}" if 6 in r and 1 in r else "-"
+                print(f"| {name} | {path_name} | " + " | ".join(f"{r[k]:.2f}" for k in sizes) + f" | {ratio} |")
+    print("\nOne-token pass by part (ms):")
+    for name, row in report["targets"].items():
+        if "breakdown" in row:
+            print(f"- {name}: " + "; ".join(f"{k} {v:.3f}" for k, v in row["breakdown"].items()))
+    print("\nDraft (ms): " + ", ".join(f"{k}: {v:.3f}" for k, v in report["draft"].items()))
+    for name, row in report["targets"].items():
+        one = row["native"][sizes[0]] if sizes[0] == 1 else None
+        if one:
+            print(f"- / {name} one-token pass: " + ", ".join(f"{k}: {v / one:.3f}" for k, v in report["draft"].items()))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 

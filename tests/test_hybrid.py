@@ -1,0 +1,113 @@
+"""The n-gram index, the lookup drafter and hybrid lookup + sorted drafting: lossless, greedy and sampled."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from s2d.drafting import SortedConfig, SortedDrafter
+from s2d.drafting.hybrid import HybridConfig, HybridDrafter
+from s2d.drafting.ngram import NgramConfig, NgramDrafter, NgramIndex
+from s2d.engine import Engine
+from s2d.model.config import ModelConfig
+from s2d.model.llama import Transformer
+from s2d.model.loading import load_model
+from s2d.model.tiny import write_random_checkpoint
+from s2d.sampling import SamplingParams
+
+
+def test_index_follows_the_latest_longest_match():
+    index = NgramIndex(NgramConfig(max_n=3, min_n=1, min_match=1))
+    index.sync([1, 2, 3, 9, 1, 2, 4, 7, 2])
+    assert index.follow([1, 2]) == (4, 2)  # the latest (1, 2) was followed by 4
+    assert index.follow([5, 2]) == (4, 1)  # only the 1-gram (2,) matches: latest follower 4
+    assert index.follow([3]) == (9, 1)
+    assert index.follow([8]) is None
+    index.sync([1, 2, 3, 9, 1, 2, 3])  # diverged from what was indexed: rebuilt
+    assert index.tokens == [1, 2, 3, 9, 1, 2, 3] and index.follow([1, 2]) == (3, 2)
+
+
+def test_lookup_drafts_across_passages_and_respects_min_match():
+    drafter = NgramDrafter(NgramConfig(max_n=4, min_n=1, min_match=2))
+    context = [5, 6, 7, 8, 40, 41, 42, 5, 6]
+    tokens, match = drafter.lookup(context, 6)
+    assert tokens == [7, 8, 40, 41, 42, 5] and match == 2
+    assert drafter.lookup([5, 6, 7, 8, 40, 9, 7], 4) == ([], 0)  # (7,) alone is below min_match
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hybrid")
+    target = write_random_checkpoint(root / "target", num_layers=2, seed=21)
+    draft = write_random_checkpoint(root / "draft", num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2,
+                                    intermediate_size=96, seed=22, s2d_exits=[1, 2, 3])
+    return load_model(target, dtype="float32"), load_model(draft, dtype="float32")
+
+
+PROMPTS = [list(range(60, 80)) * 3, [7, 3, 9, 7, 3, 1, 12, 40, 41, 42]]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_hybrid_and_lookup_equal_plain_decoding(models, prompt):
+    target, draft = models
+    expected = Engine(target, eos_token_ids=()).generate(prompt, SamplingParams(), 40).output
+    lookup = Engine(target, NgramDrafter(), 8, eos_token_ids=()).generate(prompt, SamplingParams(), 40)
+    assert lookup.output == expected
+    hybrid = HybridDrafter(SortedDrafter(draft, SortedConfig((1, 2, 3), (0.05, 0.05, 0.0))), HybridConfig())
+    state = Engine(target, hybrid, 8, eos_token_ids=()).generate(prompt, SamplingParams(), 40)
+    assert state.output == expected
+    if prompt is PROMPTS[0]:
+        assert state.stats.target_passes < 40  # the repeated prompt is copied, several tokens per pass
+
+
+def small_vocab_model(layers: int, seed: int, exits: tuple[int, ...] = ()) -> Transformer:
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=64, num_layers=layers,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_positions=32, exits=exits)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    return model.eval().requires_grad_(False)
+
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper quantile of chi-squared with ``df`` degrees of freedom (Wilson-Hilferty; z=3.09: p=0.001)."""
+    c = 2.0 / (9.0 * df)
+    return df * (1.0 - c + z * math.sqrt(c)) ** 3
+
+
+def test_sampling_through_the_hybrid_drafter_keeps_the_target_distribution():
+    """Lookup tokens are drafted with a one-hot q: the output must still be distributed as the target's."""
+    target = small_vocab_model(2, seed=3)
+    draft = small_vocab_model(3, seed=4, exits=(1, 2, 3))
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]  # the tail (1, 2) was followed by 3: lookup proposes 3, 1, 2, ...
+    with torch.no_grad():  # exact P(x1, x2 | prompt) of the target, by enumeration
+        p1 = target(torch.tensor([prompt]), torch.arange(8), target.new_cache())[0, -1].softmax(-1)
+        seqs = torch.tensor([prompt + [a] for a in range(8)])
+        p2 = target(seqs, torch.arange(9), target.new_cache(batch=8))[:, -1].softmax(-1)
+    exact = (p1[:, None] * p2).reshape(-1)
+    hybrid = HybridDrafter(SortedDrafter(draft, SortedConfig((1, 2, 3), (0.6, 0.6, 0.0))),
+                           HybridConfig(min_lookup=1, lookup_tokens=4, ngram=NgramConfig(max_n=3, min_match=1)))
+    engine = Engine(target, hybrid, 4, eos_token_ids=())
+    n = 4000
+    counts = torch.zeros(64)
+    lookup_tokens = model_tokens = 0
+    for i in range(n):
+        state = engine.generate(prompt, SamplingParams(temperature=1.0, seed=i), 3)
+        counts[state.output[0] * 8 + state.output[1]] += 1
+        exits = state.stats.exit_counts
+        lookup_tokens += exits.get(0, 0)
+        model_tokens += sum(c for e, c in exits.items() if e)
+    assert lookup_tokens > n // 2 and model_tokens > n // 4  # both kinds of draft were verified
+    tv = 0.5 * float((counts / n - exact).abs().sum())
+    assert tv < 0.06, tv
+    # Goodness of fit: cells expected >= 5 times, the rest lumped into one.
+    expected = exact * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    assert stat < chi2_critical(int(keep.sum()) - 1), stat
