@@ -188,3 +188,22 @@ def test_profile_counts_each_phase(family):
         model(torch.tensor([[1, 2, 3]]), torch.arange(3), model.new_cache())
     times = rt.profile(False)
     assert set(times) == set(native.PHASES) and all(v > 0 for v in times.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_top1_agrees_with_softmax_argmax(isa, family, dtype):
+    model = load_model(family["gqa"], dtype=dtype)
+    ref = reference(model)
+    g = torch.Generator().manual_seed(7)
+    subset = torch.randperm(257, generator=g)[:100]
+    head = model.lm_head.weight[subset].contiguous()
+    with torch.inference_mode():
+        for _ in range(5):
+            h = torch.randn(model.cfg.hidden_size, generator=g).to(model.dtype)
+            for w in (None, head):
+                token, prob = model.top1(h, w)
+                ref_token, ref_prob = ref.top1(h, w)
+                logits = model.logits(h[None]) if w is None else model.native_runtime().logits(h[None], w)
+                assert token == int(logits.argmax()) and token == ref_token
+                # the reference rounds bf16 logits before its softmax; ours keeps them in float32
+                assert prob == pytest.approx(ref_prob, rel=5e-2 if dtype == "bfloat16" else 1e-5)

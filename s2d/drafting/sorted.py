@@ -115,12 +115,16 @@ class SortedDrafter:
             for j, threshold in enumerate(cfg.thresholds):
                 if j:
                     self._deepen(j, pos)
-                conf, q = confidence_and_q(self.model.logits(self.hidden[pos]), params)
+                if params.greedy:  # the argmax and its probability, without a [V] tensor
+                    token, conf = self.model.top1(self.hidden[pos])
+                else:
+                    conf, q = confidence_and_q(self.model.logits(self.hidden[pos]), params)
                 if conf >= threshold or j == len(cfg.exits) - 1:
                     break
-            token = int(q.argmax()) if params.greedy else int(sample(q, generator))
+            if not params.greedy:
+                token = int(sample(q, generator))
+                dists.append(q)
             tokens.append(token)
-            dists.append(q)
             exits.append(cfg.exits[j])
             if conf < cfg.stop_threshold or i + 1 == max_tokens:
                 break

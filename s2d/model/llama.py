@@ -227,6 +227,23 @@ class Transformer(nn.Module):
             return fast.logits(hidden)
         return linear(self.lm_head, rms_norm(hidden, self.norm, self.cfg.rms_norm_eps))
 
+    def top1(self, hidden: Tensor, head: Tensor | None = None) -> tuple[int, float]:
+        """hidden [C] -> (argmax token, its softmax probability) through the final norm and LM head.
+
+        ``head`` [V', C] replaces the LM head (a draft's vocabulary subset; the token indexes it). The
+        native runtime answers without building the logits in Python: greedy drafting's hot path.
+        """
+        if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and hidden.dtype == self.dtype
+                and (fast := self.native_runtime())):
+            return fast.top1(hidden, head)
+        if head is None:
+            logits = self.logits(hidden)
+        else:
+            logits = F.linear(rms_norm(hidden, self.norm, self.cfg.rms_norm_eps), head)
+        probs = logits.float().reshape(-1).softmax(-1)
+        token = int(probs.argmax())
+        return token, float(probs[token])
+
     def forward(self, ids: Tensor, positions: Tensor, cache: KVCache, block_mask: Tensor | None = None,
                 logits_at: Tensor | slice | None = slice(None)) -> Tensor | None:
         """ids [B, T] -> logits [B, len(logits_at), V] (None when ``logits_at`` is None)."""

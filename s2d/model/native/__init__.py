@@ -47,7 +47,7 @@ _SIGNATURES = {
     "s2d_model_free": ([_VP], None),
     "s2d_profile": ([_VP, _I, _VP], None),
     "s2d_run_layers": ([_VP, _VP, _I, _VP, _VP, _VP, _I, _I64, _I64, _I64, _VP, _I, _I], _I),
-    "s2d_logits": ([_VP, _VP, _I, _VP], None),
+    "s2d_head": ([_VP, _VP, _I, _VP, _I64, _VP, _VP, _VP], _I),
     "s2d_linear": ([_VP, _VP, _VP, _I, _I64, _I64, _I, _I, _I], None),
 }
 
@@ -211,9 +211,33 @@ class NativeRuntime:
             raise ValueError(f"positions must lie in [0, {self.max_positions}), got {pos.tolist()}")
         return x.view(1, t, c)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """hidden [..., C] -> float32 logits [..., V]."""
-        rows = hidden.reshape(-1, self.hidden_size).contiguous()
-        out = torch.empty(rows.shape[0], self.vocab_size, dtype=torch.float32)
-        self.lib.s2d_logits(self.handle, rows.data_ptr(), rows.shape[0], out.data_ptr())
-        return out.view(*hidden.shape[:-1], self.vocab_size)
+    def logits(self, hidden: Tensor, head: Tensor | None = None) -> Tensor:
+        """hidden [..., C] -> float32 logits [..., V] (``head`` [V', C]: another head, e.g. a vocabulary subset)."""
+        rows = self._rows(hidden)
+        vocab = self.vocab_size if head is None else head.shape[0]
+        out = torch.empty(rows.shape[0], vocab, dtype=torch.float32)
+        self._head(rows, head, out.data_ptr(), None, None)
+        return out.view(*hidden.shape[:-1], vocab)
+
+    def top1(self, hidden: Tensor, head: Tensor | None = None) -> tuple[int, float]:
+        """hidden [C] -> (argmax token, its softmax probability), without building the logits in Python.
+
+        ``head`` [V', C]: another head (a vocabulary subset): the token is then an index into it.
+        """
+        rows = self._rows(hidden)
+        token, prob = ctypes.c_int64(), ctypes.c_float()
+        self._head(rows, head, None, ctypes.addressof(token), ctypes.addressof(prob))
+        return token.value, prob.value
+
+    def _rows(self, hidden: Tensor) -> Tensor:
+        rows = hidden.reshape(-1, self.hidden_size)
+        if rows.shape[0] > MAX_ROWS:
+            raise ValueError(f"a native head call takes 1 to {MAX_ROWS} rows, got {rows.shape[0]}")
+        return rows.contiguous()
+
+    def _head(self, rows: Tensor, head: Tensor | None, out: int | None, tokens: int | None, probs: int | None) -> None:
+        if head is not None and (head.dtype != rows.dtype or head.shape[-1] != self.hidden_size
+                                 or not head.is_contiguous()):
+            raise ValueError("a head must be a contiguous [V, hidden] tensor in the model's dtype")
+        self.lib.s2d_head(self.handle, rows.data_ptr(), rows.shape[0], _ptr(head),
+                          0 if head is None else head.shape[0], out, tokens, probs)

@@ -189,7 +189,17 @@ struct Job {
   int64_t slot;          // cache slot of the first new token
   const uint8_t* mask;   // [T, T] 1 = may attend among the new tokens; null = causal
   int start, end;        // layer range
-  float* logits;         // [T, V] for the logits job
+  float* logits;         // [T, V] for the logits job (null: scratch, when only the top-1 is wanted)
+  const void* head_w;    // the logits job's head [head_rows, C] (the model's, or a vocabulary subset)
+  int64_t head_rows;
+  void* top;             // non-null: the logits job also reduces each row to its top-1
+};
+
+// One thread's share of one row's top-1 (the logits job).
+struct TopPart {
+  float max;
+  int64_t arg;
+  float sum;  // sum of exp(logit - max) over the thread's columns
 };
 
 constexpr int kMaxRows = 64;         // tokens per pass (native.MAX_ROWS)
@@ -206,6 +216,8 @@ struct Scratch {
   std::vector<std::vector<uint8_t>> xn;    // per thread: [T, C] model dtype
   std::vector<std::vector<float>> xf;      // per thread: [T, max K] float32
   std::vector<std::vector<float>> scores;  // per thread: [chunk] attention scores
+  std::vector<float> head_out;             // [T, head rows] logits when the caller wants only the top-1
+  std::vector<TopPart> top;                // [threads, T]
 };
 
 using JobFn = void (*)(void*, int, int);
@@ -418,19 +430,50 @@ int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, v
   for (int t = 0; t < T; ++t)
     if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
   m->ensure_scratch(T, slot + T);
-  m->job = {m, T, x, pos, kc, vc, layer_stride, head_stride, slot, mask, start, end, nullptr};
+  m->job = {m, T, x, pos, kc, vc, layer_stride, head_stride, slot, mask, start, end, nullptr, nullptr, 0, nullptr};
   if (m->profile) m->prof.start();
   m->pool->run(m->kernels.layers[m->bf16_weights][cache_bf16 != 0], &m->job);
   return 0;
 }
 
-// Final norm and LM head over T rows: x [T, C] (model dtype) -> out [T, V] float32.
-void s2d_logits(void* handle, const void* x, int T, float* out) {
+// Final norm and LM head over T rows: x [T, C] (model dtype) -> out [T, V] float32 logits (out may be
+// null), and where tokens/probs are non-null each row's argmax (the first, as torch's) and its
+// softmax probability. head_w/rows: another head (a vocabulary subset, [rows, C]); null/0: the model's.
+int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t rows, float* out, int64_t* tokens,
+             float* probs) {
   auto* m = static_cast<s2d::Model*>(handle);
+  if (T < 1 || T > s2d::kMaxRows) return -2;
+  const int64_t V = head_w ? rows : m->V;
   m->ensure_scratch(T, 0);
-  m->job = {m, T, const_cast<void*>(x), nullptr, nullptr, nullptr, 0, 0, 0, nullptr, 0, 0, out};
+  s2d::Scratch& s = m->scratch;
+  const bool top = tokens != nullptr || probs != nullptr;
+  if (top) {
+    if (out == nullptr && s.head_out.size() < static_cast<size_t>(T) * V) s.head_out.resize(static_cast<size_t>(T) * V);
+    s.top.assign(static_cast<size_t>(m->pool->size()) * T, s2d::TopPart{-INFINITY, 0, 0.f});
+  }
+  m->job = {m, T, const_cast<void*>(x), nullptr, nullptr, nullptr, 0, 0, 0, nullptr, 0, 0, out,
+            head_w ? head_w : m->head_w, V, top ? &s.top : nullptr};
   if (m->profile) m->prof.start();
   m->pool->run(m->kernels.logits[m->bf16_weights], &m->job);
+  if (top) {
+    // Merge the threads' shares in column order: ties go to the lowest index.
+    for (int t = 0; t < T; ++t) {
+      float best = -INFINITY;
+      int64_t arg = 0;
+      for (int i = 0; i < m->pool->size(); ++i) {
+        const s2d::TopPart& p = s.top[static_cast<size_t>(i) * T + t];
+        if (p.max > best) best = p.max, arg = p.arg;
+      }
+      float sum = 0.f;
+      for (int i = 0; i < m->pool->size(); ++i) {
+        const s2d::TopPart& p = s.top[static_cast<size_t>(i) * T + t];
+        if (p.sum > 0.f) sum += p.sum * std::exp(p.max - best);
+      }
+      if (tokens) tokens[t] = arg;
+      if (probs) probs[t] = 1.0f / sum;
+    }
+  }
+  return 0;
 }
 
 // y [M, N] float32 = x [M, K] @ w [N, K]^T, both float32 or both bf16: the product every pass uses,
