@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -45,9 +45,12 @@ def load_calibration(draft: str | Path, path: Path | None = None) -> dict[str, d
 
 def stored_options(entry: dict, num_draft_tokens: int = 5) -> DraftOptions:
     """One target's calibration entry as drafter options; what it lacks takes the defaults."""
-    return DraftOptions(num_draft_tokens=entry.get("num_draft_tokens", num_draft_tokens),
-                        exit_thresholds=tuple(entry.get("exit_thresholds", ())),
-                        stop_threshold=entry.get("stop_threshold", 0.0))
+    known = {f.name for f in fields(DraftOptions)}
+    values = {k: v for k, v in entry.items() if k in known}
+    values.setdefault("num_draft_tokens", num_draft_tokens)
+    if "exit_thresholds" in values:
+        values["exit_thresholds"] = tuple(values["exit_thresholds"])
+    return DraftOptions(**values)
 
 
 def save_calibration(path: Path, target_name: str, entry: dict) -> None:

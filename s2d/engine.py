@@ -181,7 +181,7 @@ class MultiTargetEngine:
 
     def __init__(self, targets: dict[str, Transformer], draft: Transformer | None = None, method: str = "s2d",
                  options: "DraftOptions | dict[str, DraftOptions] | None" = None) -> None:
-        from s2d.drafting import DraftOptions, build_drafter
+        from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens
 
         if not targets:
             raise ValueError("MultiTargetEngine needs at least one target")
@@ -194,8 +194,7 @@ class MultiTargetEngine:
                                  f"{target.cfg.vocab_size}")
             opts = options.get(name, DraftOptions()) if isinstance(options, dict) else (options or DraftOptions())
             drafter = build_drafter(method, draft, opts)
-            cap = getattr(getattr(drafter, "length", None), "maximum", opts.num_draft_tokens)
-            self.engines[name] = Engine(target, drafter, cap if opts.schedule == "heuristic" else opts.num_draft_tokens)
+            self.engines[name] = Engine(target, drafter, engine_draft_tokens(method, opts))
             self.totals[name] = DecodeStats()
 
     def engine(self, name: str) -> Engine:

@@ -87,10 +87,11 @@ def test_fit_context_keeps_the_tail():
 
 
 def test_registry_resolves_patterns_and_refuses_bad_methods():
-    spec, params = resolve("sd-exit-12")
-    assert spec.pattern == "sd-exit-{E}" and params == {"E": 12} and spec.needs_draft
-    assert resolve("ar")[1] == {}
-    for bad in ("sd-exit-", "sd-exit-x", "AR", "medusa"):
+    spec, params = resolve("sd-exit-12")  # ours come from s2d.drafting.methods, as the CLI builds them
+    assert spec.pattern == "sd-exit-12" and params == {} and spec.needs_draft
+    assert resolve("ar")[1] == {} and not resolve("lookup")[0].needs_draft and resolve("lookup+s2d-gate")[0].needs_draft
+    assert resolve("hf-ar")[0].pattern == "hf-ar"  # a peer, registered in the bench
+    for bad in ("sd-exit-", "sd-exit-x", "AR", "medusa", "lookup+pld", "lookup+"):
         with pytest.raises(BenchError, match="unknown method"):
             resolve(bad)
     assert parse_methods("ar, pld,hf-ar", have_draft=False) == ["ar", "pld", "hf-ar"]

@@ -95,7 +95,7 @@ def test_single_exit_agrees_with_the_reference_model_drafter(sorted_draft):
 def test_multi_target_engine_keeps_targets_apart(tmp_path, checkpoints, sorted_draft):
     other = load_model(write_random_checkpoint(tmp_path / "t2", num_layers=2, seed=9), dtype="float32")
     targets = {"a": load_model(checkpoints["target"], dtype="float32"), "b": other}
-    multi = MultiTargetEngine(targets, sorted_draft, "s2d",
+    multi = MultiTargetEngine(targets, sorted_draft, "s2d-softmax",
                               DraftOptions(num_draft_tokens=2, schedule="heuristic", exit_thresholds=(0.1, 0.1, 0)))
     assert multi.engines["a"].drafter.model is multi.engines["b"].drafter.model  # one draft in memory
     out_a = multi.generate("a", PROMPT, SamplingParams(), 30).output

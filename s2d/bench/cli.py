@@ -23,8 +23,12 @@ EXAMPLE = """examples:
 
 def method_help() -> str:
     from s2d.bench.registry import method_specs
+    from s2d.drafting import METHOD_HELP, parse_method
 
-    lines = ["methods (--methods, comma-separated; {E} = a layer count):"]
+    lines = ["methods (--methods, comma-separated; E = a layer count, M = a model method):"]
+    for name, text in METHOD_HELP.items():
+        needs = parse_method(name.replace("-E", "-1").replace("+M", "+sd")).needs_draft
+        lines.append(f"  {name:<14} {text}{'  [needs --draft]' if needs else ''}")
     for spec in method_specs():
         lines.append(f"  {spec.pattern:<14} {spec.help}{'  [needs --draft]' if spec.needs_draft else ''}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Our decoding methods as benchmark entries. A new drafter is one more ``@register`` here."""
+"""Our decoding methods as benchmark entries: every name of s2d.drafting.methods, built as the CLI builds it."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from pathlib import Path
 
 from s2d.bench.registry import Generation, MethodContext, MethodSkipped, register
 from s2d.drafting.base import Drafter
-from s2d.drafting.lookup import PromptLookupDrafter
-from s2d.drafting.model import ModelDrafter
 from s2d.engine import Engine
 from s2d.loading import check_same_tokenizer, check_same_vocab, load_model, load_tokenizer
 from s2d.model.llama import Transformer
@@ -56,44 +54,23 @@ def engine_method(ctx: MethodContext, drafter: Drafter | None, num_draft_tokens:
                         ctx.options.ignore_eos)
 
 
-@register("ar", help="plain autoregressive decoding (the speedup baseline)")
-def ar(ctx: MethodContext) -> EngineMethod:
-    return engine_method(ctx, None)
+def ours(ctx: MethodContext, name: str) -> EngineMethod:
+    """One of our decoding methods, built through the one registry (s2d.drafting.methods), as users run it."""
+    from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens, parse_method
 
-
-@register("sd", needs_draft=True, help="speculative decoding with the whole --draft model")
-def sd(ctx: MethodContext) -> EngineMethod:
-    return engine_method(ctx, ModelDrafter(draft_model(ctx)))
-
-
-@register("sd-exit-{E}", needs_draft=True,
-          help="speculative decoding with the first E layers of --draft (one exit of a sorted draft)")
-def sd_exit(ctx: MethodContext, E: int) -> EngineMethod:
-    # load_model refuses E outside 1..layers with a clear CheckpointError.
-    return engine_method(ctx, ModelDrafter(draft_model(ctx, num_layers=E)))
-
-
-@register("pld", help="prompt lookup decoding (n-gram copy from the context)")
-def pld(ctx: MethodContext) -> EngineMethod:
-    return engine_method(ctx, PromptLookupDrafter())
-
-
-@register("s2d", needs_draft=True,
-          help="sorted speculative decoding: the cascade over the exits of a sorted --draft (paper thresholds)")
-def s2d(ctx: MethodContext) -> EngineMethod:
-    from s2d.drafting import DraftOptions, build_drafter
-
-    # Default thresholds (0.5, ..., 0.5, 0) and a fixed draft length: a stored calibration is not applied,
-    # so the number measures the method, not a tuning run.
-    return engine_method(ctx, build_drafter("s2d", draft_model(ctx), DraftOptions(ctx.options.num_draft_tokens)))
+    # Default knobs and a fixed draft length: a stored calibration is not applied (see s2d-cal), so
+    # the number measures the method, not a tuning run.
+    options = DraftOptions(num_draft_tokens=ctx.options.num_draft_tokens)
+    draft = draft_model(ctx) if parse_method(name).needs_draft else None
+    return engine_method(ctx, build_drafter(name, draft, options), engine_draft_tokens(name, options))
 
 
 @register("s2d-cal", needs_draft=True,
           help="s2d with the per-target calibration stored beside the draft (`s2d calibrate`); defaults without one")
 def s2d_calibrated(ctx: MethodContext) -> EngineMethod:
     from s2d.calibrate import load_calibration, stored_options
-    from s2d.drafting import build_drafter
+    from s2d.drafting import build_drafter, engine_draft_tokens
 
     assert ctx.draft is not None
     options = stored_options(load_calibration(ctx.draft).get(ctx.target.name, {}), ctx.options.num_draft_tokens)
-    return engine_method(ctx, build_drafter("s2d", draft_model(ctx), options), options.num_draft_tokens)
+    return engine_method(ctx, build_drafter("s2d", draft_model(ctx), options), engine_draft_tokens("s2d", options))

@@ -124,12 +124,20 @@ def method_specs() -> list[MethodSpec]:
 
 
 def resolve(name: str) -> tuple[MethodSpec, dict[str, int]]:
+    """A peer or bench-only method registered here, else one of ours (s2d.drafting.methods)."""
     for spec in method_specs():
         params = spec.match(name)
         if params is not None:
             return spec, params
-    known = ", ".join(spec.pattern for spec in _REGISTRY)
-    raise BenchError(f"unknown method {name!r}; known methods: {known}")
+    from s2d.bench.methods import ours
+    from s2d.drafting import METHODS, parse_method
+
+    try:
+        method = parse_method(name)
+    except ValueError:
+        known = ", ".join([*METHODS, *(spec.pattern for spec in _REGISTRY)])
+        raise BenchError(f"unknown method {name!r}; known methods: {known}") from None
+    return MethodSpec(name, lambda ctx: ours(ctx, name), method.needs_draft, "", re.compile(re.escape(name))), {}
 
 
 def parse_methods(text: str, have_draft: bool) -> list[str]:

@@ -1,8 +1,9 @@
 """The S2D drafter: one sorted multi-exit draft, exit chosen token by token from its confidence.
 
 For each draft token the shallowest exit runs first; the token is taken there if the exit's top
-probability reaches that exit's threshold, otherwise the hidden state continues through the next
-layers to the next exit; the last exit always answers.
+probability reaches that exit's threshold (the paper's softmax cascade), or, with learned exit gates
+(``gates.py``), if the gate's probability does (no vocabulary head until an exit answers); otherwise
+the hidden state continues through the next layers to the next exit; the last exit always answers.
 
 Lazy KV catch-up: a token that left at a shallow exit has no KV entries in deeper layers. We keep
 every position's latest hidden state; when a deeper exit is next needed, the missing positions
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from s2d.drafting.base import Draft, common_prefix
+from s2d.drafting.gates import ExitGates, GateRunner
 from s2d.drafting.length import DraftLength
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams, probabilities, sample
@@ -52,12 +54,17 @@ def confidence_and_q(logits: Tensor, params: SamplingParams) -> tuple[float, Ten
 
 
 class SortedDrafter:
-    def __init__(self, model: Transformer, config: SortedConfig, length: DraftLength | None = None) -> None:
+    def __init__(self, model: Transformer, config: SortedConfig, length: DraftLength | None = None,
+                 gates: ExitGates | None = None) -> None:
         if config.exits[-1] > model.cfg.num_layers:
             raise ValueError(f"exit {config.exits[-1]} is beyond the draft's {model.cfg.num_layers} layers")
         self.model = model
         self.config = config
         self.length = length or DraftLength()
+        if gates is not None and (missing := [e for e in config.exits[:-1] if e not in gates.weights]):
+            raise ValueError(f"the exit gates have no gate for exit(s) {missing}")
+        # thresholds then apply to the gates' probabilities instead of the exits' softmax confidence
+        self.gates = GateRunner(gates, model) if gates is not None else None
         self.cache = model.new_cache(num_layers=config.exits[-1])
         # hidden[s]: position s's hidden state after the deepest layer it has been through.
         self.hidden = torch.zeros(self.cache.capacity, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
@@ -111,15 +118,18 @@ class SortedDrafter:
         tokens: list[int] = []
         dists: list[Tensor] = []
         exits: list[int] = []
+        last = len(cfg.exits) - 1
         for i in range(max_tokens):
             for j, threshold in enumerate(cfg.thresholds):
                 if j:
                     self._deepen(j, pos)
+                if self.gates is not None and j < last and self.gates(cfg.exits[j], self.hidden[pos]) < threshold:
+                    continue  # deeper, without having paid for this exit's head
                 if params.greedy:  # the argmax and its probability, without a [V] tensor
                     token, conf = self.model.top1(self.hidden[pos])
                 else:
                     conf, q = confidence_and_q(self.model.logits(self.hidden[pos]), params)
-                if conf >= threshold or j == len(cfg.exits) - 1:
+                if self.gates is not None or conf >= threshold or j == last:
                     break
             if not params.greedy:
                 token = int(sample(q, generator))

@@ -97,6 +97,7 @@ class Transformer(nn.Module):
         # The native CPU runtime (s2d/model/native) serves inference passes over <= native.MAX_ROWS
         # tokens of batch 1; set False to force the torch reference path (tests compare the two).
         self.use_native = True
+        self.checkpoint_dir = None  # set by load_model: where files stored beside the weights live
         self._native: native.NativeRuntime | None | bool = None  # None: not built yet; False: not served
         self.register_load_state_dict_post_hook(lambda module, _: module.drop_native())
 

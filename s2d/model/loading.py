@@ -109,7 +109,9 @@ def load_model(name_or_path: str | Path, dtype: str | torch.dtype | None = None,
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     state = hf_to_s2d(read_safetensors(directory), cfg)
-    return build_model(cfg, state, dtype or cfg.torch_dtype, device)
+    model = build_model(cfg, state, dtype or cfg.torch_dtype, device)
+    model.checkpoint_dir = directory
+    return model
 
 
 def load_tokenizer(name_or_path: str | Path):

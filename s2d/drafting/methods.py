@@ -1,0 +1,189 @@
+"""Decoding methods by name: the one place the CLI, the bench, ``calibrate`` and the server read.
+
+A method is a drafter (or none) plus the number of tokens the engine lets it draft per step. Names:
+
+- ``ar``: plain decoding, no draft.
+- ``sd``: the whole ``--draft`` model drafts (vanilla speculative decoding).
+- ``sd-exit-E``: exit E of a sorted draft alone (its first E layers and the shared head).
+- ``s2d-softmax``: the paper's cascade: each exit's softmax confidence against its threshold.
+- ``s2d-gate``: the cascade decided by learned exit gates (``gates.py``): the head runs only at the
+  exit that answers. Needs ``s2d_exit_gates.safetensors`` beside the draft.
+- ``pld``: prompt lookup (the seed papers' n-gram copy, a backward scan).
+- ``lookup``: the n-gram index drafter (``ngram.py``): longest earlier match, several orders.
+- ``lookup+M``: hybrid: lookup tokens where the text repeats, model method M otherwise
+  (``lookup+sd-exit-1``, ``lookup+s2d-gate``, ...).
+- ``s2d``: the default configuration, whichever measured best across the zoo's targets on the
+  calibration prompts (``DEFAULT_S2D``; see benchmarks/RESULTS.md); ``s2d calibrate`` refines its
+  knobs per target.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from s2d.drafting.base import Drafter
+from s2d.drafting.gates import ExitGates
+from s2d.drafting.hybrid import HybridConfig, HybridDrafter
+from s2d.drafting.length import DraftLength
+from s2d.drafting.lookup import PromptLookupDrafter
+from s2d.drafting.model import ModelDrafter
+from s2d.drafting.ngram import NgramConfig, NgramDrafter
+from s2d.drafting.sorted import SortedConfig, SortedDrafter
+from s2d.model.llama import Transformer
+
+LOOKUP_PREFIX = "lookup+"
+_EXIT = re.compile(r"sd-exit-(\d+)$")
+METHOD_HELP = {
+    "ar": "plain autoregressive decoding (the speedup baseline)",
+    "s2d": "the default S2D configuration (measured best; see benchmarks/RESULTS.md)",
+    "sd": "speculative decoding with the whole --draft model",
+    "sd-exit-E": "exit E of a sorted --draft alone (its first E layers and the head)",
+    "s2d-softmax": "the paper's cascade: the first exit whose softmax confidence reaches its threshold answers",
+    "s2d-gate": "the cascade decided by learned exit gates (the head runs once, at the answering exit)",
+    "pld": "prompt lookup: copy what followed the latest earlier n-gram (backward scan)",
+    "lookup": "n-gram index drafting: the longest earlier match of the context's tail, several orders",
+    "lookup+M": "lookup tokens where the text repeats, model method M otherwise (e.g. lookup+sd-exit-1)",
+}
+METHODS = tuple(METHOD_HELP)
+# What `s2d` means: measured best on the calibration prompts (benchmarks/RESULTS.md, issue 16).
+# Without exit gates beside the draft, the gate-free cascade stands in for s2d-gate.
+DEFAULT_S2D = "lookup+s2d-gate"
+DEFAULT_S2D_NO_GATES = "lookup+s2d-softmax"
+
+
+@dataclass(frozen=True)
+class DraftOptions:
+    """Knobs of one target's drafter (a calibration may set them per target)."""
+
+    num_draft_tokens: int = 5  # model-drafted tokens per step
+    schedule: str = "fixed"  # "fixed" | "heuristic" (+2 after full acceptance, -1 otherwise)
+    exit_thresholds: tuple[float, ...] = ()  # s2d-*: per exit; () = 0.5, ..., 0.5, 0
+    stop_threshold: float = 0.0  # end a draft after a token whose confidence is below this
+    lookup_tokens: int = 8  # lookup: most tokens copied per step
+    min_lookup: int = 2  # lookup+M: copied tokens needed to skip the model for a step
+    lookup_max_n: int = 4  # lookup: longest suffix matched
+    lookup_min_match: int = 2  # lookup: shortest match that may back a drafted token
+
+    def __post_init__(self) -> None:
+        if self.num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
+        if self.schedule not in ("fixed", "heuristic"):
+            raise ValueError(f"unknown draft schedule {self.schedule!r} (fixed, heuristic)")
+        if not all(0.0 <= t <= 1.0 for t in (*self.exit_thresholds, self.stop_threshold)):
+            raise ValueError("exit and stop thresholds must lie in [0, 1]")
+        if not 1 <= self.min_lookup <= self.lookup_tokens:
+            raise ValueError(f"need 1 <= min_lookup <= lookup_tokens, got {self.min_lookup}, {self.lookup_tokens}")
+        NgramConfig(self.lookup_max_n, 1, self.lookup_min_match)  # validates the lookup orders
+
+    @property
+    def ngram(self) -> NgramConfig:
+        return NgramConfig(max_n=self.lookup_max_n, min_n=1, min_match=self.lookup_min_match)
+
+    @property
+    def hybrid(self) -> HybridConfig:
+        return HybridConfig(self.min_lookup, self.lookup_tokens, self.ngram)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed method name."""
+
+    name: str  # as given
+    model: str | None  # the model-drafting part ("sd", "sd-exit-2", "s2d-gate", ...); None: no model
+    lookup: bool  # n-gram lookup drafts (alone, or before the model)
+
+    @property
+    def needs_draft(self) -> bool:
+        return self.model is not None
+
+
+def parse_method(name: str) -> Method:
+    """Validate a method name (before any model is loaded); ``s2d`` stays ``s2d`` (resolved with the draft)."""
+    if name in ("ar", "pld"):
+        return Method(name, None, False)
+    if name == "lookup":
+        return Method(name, None, True)
+    if name == "s2d":
+        return Method(name, "s2d", True)
+    lookup = name.startswith(LOOKUP_PREFIX)
+    model = name[len(LOOKUP_PREFIX):] if lookup else name
+    if model in ("sd", "s2d-softmax", "s2d-gate") or _EXIT.match(model):
+        return Method(name, model, lookup)
+    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} "
+                     "(E = an exit layer count, M = a model method)")
+
+
+def check_method(method: str) -> None:
+    parse_method(method)
+
+
+def needs_draft_model(method: str) -> bool:
+    return parse_method(method).needs_draft
+
+
+def sorted_exits(draft: Transformer) -> tuple[int, ...]:
+    """The draft's exits (config ``s2d_exits``); a plain model has one exit, its last layer."""
+    return draft.cfg.exits or (draft.cfg.num_layers,)
+
+
+def load_gates(draft: Transformer) -> ExitGates | None:
+    directory = getattr(draft, "checkpoint_dir", None)
+    return ExitGates.load(Path(directory), draft) if directory is not None and len(sorted_exits(draft)) > 1 else None
+
+
+def resolve_default(draft: Transformer | None) -> str:
+    """What ``s2d`` runs with this draft: the measured default, or its gate-free stand-in."""
+    if draft is None:
+        raise ValueError("method 's2d' needs a draft model (--draft)")
+    if len(sorted_exits(draft)) == 1:
+        return LOOKUP_PREFIX + "sd"  # a plain draft: nothing to choose between (callers say so)
+    return DEFAULT_S2D if load_gates(draft) is not None else DEFAULT_S2D_NO_GATES
+
+
+def engine_draft_tokens(method: str, options: DraftOptions) -> int:
+    """The most tokens the engine lets the method draft per step."""
+    m = parse_method(method)
+    cap = options.num_draft_tokens
+    if options.schedule == "heuristic":
+        cap = max(cap, DraftLength(options.num_draft_tokens, "heuristic", maximum=max(16, cap)).maximum)
+    if m.lookup:
+        cap = max(cap, options.lookup_tokens)
+    return cap
+
+
+def _model_drafter(model: str, draft: Transformer, options: DraftOptions) -> Drafter:
+    length = DraftLength(options.num_draft_tokens, options.schedule, maximum=max(16, options.num_draft_tokens))
+    if model == "sd":
+        return ModelDrafter(draft, length)
+    if match := _EXIT.match(model):
+        exit_layers = int(match.group(1))
+        if not 1 <= exit_layers <= draft.cfg.num_layers:
+            n = draft.cfg.num_layers
+            raise ValueError(f"{model}: the draft has {n} layer{'s' if n != 1 else ''} (exits 1..{n})")
+        return SortedDrafter(draft, SortedConfig((exit_layers,), (0.0,), options.stop_threshold), length)
+    exits = sorted_exits(draft)
+    config = SortedConfig(exits, options.exit_thresholds, options.stop_threshold)
+    if model == "s2d-softmax":
+        return SortedDrafter(draft, config, length)
+    gates = load_gates(draft)
+    if gates is None:
+        raise ValueError("method s2d-gate needs exit gates beside the draft (s2d_exit_gates.safetensors); "
+                         "train them with `s2d train-draft --objective gates`")
+    return SortedDrafter(draft, config, length, gates)
+
+
+def build_drafter(method: str, draft: Transformer | None, options: DraftOptions = DraftOptions()) -> Drafter | None:
+    """A fresh drafter for one target. Drafters built from the same ``draft`` share its weights."""
+    m = parse_method(method)
+    if m.name == "s2d":
+        return build_drafter(resolve_default(draft), draft, options)
+    if m.model is None:
+        if m.name == "ar":
+            return None
+        return PromptLookupDrafter() if m.name == "pld" else NgramDrafter(options.ngram)
+    if draft is None:
+        raise ValueError(f"method {method!r} needs a draft model (--draft)")
+    drafter = _model_drafter(m.model, draft, options)
+    return HybridDrafter(drafter, options.hybrid) if m.lookup else drafter

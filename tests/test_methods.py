@@ -1,0 +1,103 @@
+"""The one registry of decoding methods, and learned exit gates (training, round trip, decoding)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from s2d.drafting import (DEFAULT_S2D, DraftOptions, ExitGates, HybridDrafter, ModelDrafter, NgramDrafter,
+                          PromptLookupDrafter, SortedDrafter, build_drafter, engine_draft_tokens, parse_method,
+                          resolve_default)
+from s2d.drafting.gates import GATES_FILE
+from s2d.engine import Engine
+from s2d.model.config import CheckpointError
+from s2d.model.loading import load_model
+from s2d.model.tiny import write_random_checkpoint
+from s2d.sampling import SamplingParams
+from s2d.train.data import DataConfig
+from s2d.train.gates import GateTraining, train_gates
+
+
+def test_method_names_parse_and_bad_ones_are_refused():
+    assert parse_method("lookup+sd-exit-2").model == "sd-exit-2" and parse_method("lookup+sd-exit-2").lookup
+    assert not parse_method("lookup").needs_draft and parse_method("s2d").needs_draft
+    for bad in ("sd-exit", "lookup+", "lookup+pld", "lookup+lookup", "S2D", "s2d-tree"):
+        with pytest.raises(ValueError, match="unknown method"):
+            parse_method(bad)
+    opts = DraftOptions(num_draft_tokens=3, lookup_tokens=9)
+    assert engine_draft_tokens("sd", opts) == 3 and engine_draft_tokens("lookup+sd", opts) == 9
+    assert engine_draft_tokens("sd", DraftOptions(num_draft_tokens=3, schedule="heuristic")) == 16
+    with pytest.raises(ValueError, match="min_lookup"):
+        DraftOptions(min_lookup=5, lookup_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("methods")
+    target = write_random_checkpoint(root / "target", num_layers=2, seed=31)
+    draft = write_random_checkpoint(root / "draft", num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2,
+                                    intermediate_size=96, seed=32, s2d_exits=[1, 2, 3])
+    text = root / "corpus.txt"
+    text.write_text("def add(a, b):\n    return a + b\n\n" * 200 + "for i in range(10):\n    print(i)\n" * 200)
+    return {"target": target, "draft": draft, "corpus": text, "root": root}
+
+
+def test_each_name_builds_its_drafter(family):
+    draft = load_model(family["draft"], dtype="float32")
+    assert build_drafter("ar", None) is None
+    assert isinstance(build_drafter("pld", None), PromptLookupDrafter)
+    assert isinstance(build_drafter("lookup", None), NgramDrafter)
+    assert isinstance(build_drafter("sd", draft), ModelDrafter)
+    exit2 = build_drafter("sd-exit-2", draft)
+    assert isinstance(exit2, SortedDrafter) and exit2.config.exits == (2,)
+    hybrid = build_drafter("lookup+s2d-softmax", draft)
+    assert isinstance(hybrid, HybridDrafter) and hybrid.model.gates is None
+    with pytest.raises(ValueError, match="exit gates"):
+        build_drafter("s2d-gate", draft)  # none trained yet
+    assert resolve_default(draft) == "lookup+s2d-softmax"  # the gate-free stand-in
+    plain = load_model(family["target"], dtype="float32")
+    assert resolve_default(plain) == "lookup+sd"  # a one-exit draft: nothing to choose between
+    with pytest.raises(ValueError, match="needs a draft"):
+        build_drafter("s2d", None)
+
+
+def test_gates_train_round_trip_and_decode_losslessly(family, tmp_path):
+    draft_dir = tmp_path / "draft"
+    shutil.copytree(family["draft"], draft_dir)
+    report = train_gates(GateTraining(draft_dir, DataConfig((family["corpus"],), seq_len=32), positions=2000,
+                                      batch_size=8), progress=False)
+    assert set(report["per_exit"]) == {"1", "2"}
+    for r in report["per_exit"].values():
+        assert r["samples"] >= 2000 and 0.0 <= r["agree_with_deepest"] <= 1.0
+        assert r["train_accuracy"] >= max(r["agree_with_deepest"], 1 - r["agree_with_deepest"]) - 0.02
+    draft = load_model(draft_dir, dtype="float32")
+    gates = ExitGates.load(draft_dir, draft)
+    assert gates is not None and set(gates.weights) == {1, 2}
+    assert resolve_default(draft) == DEFAULT_S2D
+    target = load_model(family["target"], dtype="float32")
+    prompt = [7, 3, 9, 7, 3, 1, 12, 40, 41, 42]
+    plain = Engine(target, eos_token_ids=()).generate(prompt, SamplingParams(), 40).output
+    exits_used = set()
+    for thresholds in ((0.5, 0.5, 0.0), (0.0, 1.0, 0.0), (1.0, 1.0, 0.0)):
+        drafter = build_drafter("s2d-gate", draft, DraftOptions(num_draft_tokens=4, exit_thresholds=thresholds))
+        state = Engine(target, drafter, 4, eos_token_ids=()).generate(prompt, SamplingParams(), 40)
+        assert state.output == plain
+        exits_used |= set(state.stats.exit_counts)
+    # threshold 0: exit 1 always answers; 1.0: the gates defer (unless one saturates at exactly 1)
+    assert 1 in exits_used and exits_used - {1}
+    state = Engine(target, build_drafter("s2d", draft), 8, eos_token_ids=()).generate(prompt, SamplingParams(), 40)
+    assert state.output == plain
+
+
+def test_malformed_gates_file_is_named(family, tmp_path):
+    draft_dir = tmp_path / "draft"
+    shutil.copytree(family["draft"], draft_dir)
+    draft = load_model(draft_dir, dtype="float32")
+    (draft_dir / GATES_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=GATES_FILE):
+        ExitGates.load(draft_dir, draft)
+    ExitGates({1: torch.zeros(48)}, {1: 0.0}).save(draft_dir)  # exit 2's gate missing
+    with pytest.raises(CheckpointError, match="exit 2"):
+        ExitGates.load(draft_dir, draft)
