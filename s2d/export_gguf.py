@@ -25,6 +25,7 @@ from s2d.model.loading import read_safetensors, resolve_checkpoint
 from s2d.train.export import check_exit
 
 GGUF_DTYPES = ("bfloat16", "float16", "float32")
+FORMAT_VERSION = 1  # bump when the files this module writes change: cached exports are keyed by it
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 
 # Pre-tokenizer regexes as tokenizer.json spells them -> the llama.cpp pre-tokenizer that implements

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
-
-gguf = pytest.importorskip("gguf")
 
 from s2d.cli import main
 from s2d.export_gguf import export_gguf, pre_tokenizer, unpermute_rope
@@ -277,3 +276,51 @@ def test_llama_cpp_tokenizes_like_transformers(models, tmp_path, name):
     hf = load_tokenizer(models[name])
     for text in TEXTS + [f"one{EOS_TOKEN}two"]:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf(text).input_ids, text
+
+
+# --- the llama.cpp bench peers ----------------------------------------------------------------------------------
+
+def test_llamacpp_peers_are_skipped_without_llama_cpp_python(checkpoints, monkeypatch, tmp_path):
+    import sys
+
+    from s2d.bench.registry import MethodContext, MethodOptions, MethodSkipped, ModelStore, build_method
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    monkeypatch.setenv("S2D_CACHE", str(tmp_path))
+    ctx = MethodContext(checkpoints["target"], None, MethodOptions(dtype="float32"), ModelStore())
+    for name in ("llamacpp", "llamacpp-lookup"):
+        with pytest.raises(MethodSkipped, match="pip install llama-cpp-python"):
+            build_method(name, ctx)
+
+
+def test_llamacpp_peers_end_to_end(checkpoints, monkeypatch, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from s2d.bench.metrics import ALL
+    from s2d.bench.registry import MethodContext, MethodOptions, ModelStore, build_method
+    from s2d.bench.results import read_results
+    from s2d.sampling import SamplingParams
+
+    monkeypatch.setenv("S2D_CACHE", str(tmp_path / "cache"))
+    rows = [{"question_id": 1, "category": "code", "turns": ["def add(a, b):\n    return a + b\n\ndef add3("]},
+            {"question_id": 2, "category": "chat", "turns": ["abcabcabc", "again: abc"]}]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["bench", "--target", str(checkpoints["target"]), "--methods", "ar,llamacpp,llamacpp-lookup",
+                 "--questions", str(questions), "--max-new-tokens", "16", "--dtype", "float32",
+                 "--out", str(out), "--no-progress"]) == 0
+    runs = {r["method"]: r for r in read_results(out)["runs"] if r["category"] == ALL}
+    # float32, greedy: llama.cpp computes the same tokens as our engine.
+    assert runs["llamacpp"]["greedy_identical"] == 1.0 and runs["llamacpp-lookup"]["greedy_identical"] == 1.0
+    assert runs["llamacpp"]["mean_accepted_tokens"] == pytest.approx(1.0)
+    assert runs["llamacpp-lookup"]["mean_accepted_tokens"] > 1.0  # "abcabcabc" is made for prompt lookup
+    assert runs["llamacpp-lookup"]["acceptance_by_position"]
+    # The export is cached, keyed by the checkpoint: one file for both peers and for later runs.
+    cached = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith("-float32.gguf")
+    ctx = MethodContext(checkpoints["target"], None, MethodOptions(dtype="float32", ignore_eos=True), ModelStore())
+    method = build_method("llamacpp", ctx)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == cached
+    sampled = method.generate([5, 6, 7], SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3), 12)
+    again = method.generate([5, 6, 7], SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3), 12)
+    assert len(sampled.tokens) == 12 and sampled.tokens == again.tokens and sampled.target_passes == 12
