@@ -324,3 +324,20 @@ def test_llamacpp_peers_end_to_end(checkpoints, monkeypatch, tmp_path):
     sampled = method.generate([5, 6, 7], SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3), 12)
     again = method.generate([5, 6, 7], SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3), 12)
     assert len(sampled.tokens) == 12 and sampled.tokens == again.tokens and sampled.target_passes == 12
+
+
+def test_llamacpp_lookup_takes_prompts_longer_than_a_batch(tmp_path, monkeypatch):
+    """llama-cpp-python sizes its per-position logits by n_batch unless told logits_all: a 600-token prompt."""
+    pytest.importorskip("llama_cpp")
+    from s2d.bench.registry import MethodContext, MethodOptions, ModelStore, build_method
+    from s2d.engine import Engine
+    from s2d.model.loading import load_model
+    from s2d.sampling import SamplingParams
+
+    monkeypatch.setenv("S2D_CACHE", str(tmp_path / "cache"))
+    target = write_random_checkpoint(tmp_path / "long", num_layers=1, max_positions=1024, seed=9)
+    ctx = MethodContext(target, None, MethodOptions(dtype="float32", ignore_eos=True), ModelStore())
+    prompt = [(7 * i) % 200 for i in range(600)]
+    got = build_method("llamacpp-lookup", ctx).generate(prompt, SamplingParams(), 16)
+    ours = Engine(load_model(target, "float32"), None, eos_token_ids=()).generate(prompt, SamplingParams(), 16)
+    assert got.tokens == ours.output

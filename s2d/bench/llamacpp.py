@@ -78,9 +78,12 @@ class LlamaCppMethod:
         self.draft = draft
         threads = torch.get_num_threads()  # the same threads our methods get
         # The prompt budget leaves max_new_tokens of the model's context, so its whole context is enough.
+        # With a draft model Llama keeps logits of every position (it verifies drafts from them) but sizes
+        # that buffer from the logits_all argument: False would give it n_batch rows and fail on any
+        # context longer than 512 tokens (llama-cpp-python 0.3.36), so say True where it applies anyway.
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=cfg.max_positions, n_threads=threads,
-                                   n_threads_batch=threads, n_batch=512, verbose=False, logits_all=False,
-                                   draft_model=draft)
+                                   n_threads_batch=threads, n_batch=512, verbose=False,
+                                   logits_all=draft is not None, draft_model=draft)
         self.steps: list[list[int]] = []  # per target pass: [draft tokens it verified, tokens it emitted]
         evaluate = self.llm.eval
 
