@@ -104,9 +104,11 @@ def read_vocab(directory: Path, vocab_size: int) -> Vocab:
 
 def pre_tokenizer(spec: dict[str, Any] | None) -> tuple[str, bool]:
     """(llama.cpp pre-tokenizer name, its ignore_merges) for a tokenizer.json ``pre_tokenizer``."""
-    kind = (spec or {}).get("type")
-    parts = spec.get("pretokenizers", []) if kind == "Sequence" and spec else [spec] if spec else []
-    regex = None
+    if spec is None:
+        parts = []
+    else:
+        parts = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
+    regex, byte_level = None, {}
     if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
         regex, byte_level = GPT2_REGEX, parts[0]  # ByteLevel's built-in split is the GPT-2 regex
     elif (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
@@ -230,8 +232,6 @@ def export_gguf(model: str | Path, out: str | Path, exit_layers: int | None = No
     A sorted draft without ``exit_layers`` is written at its deepest exit. The file is written to a
     temporary name beside ``out`` and renamed into place, so a reader never sees half a file.
     """
-    import gguf
-
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
     directory = resolve_checkpoint(model)
@@ -303,7 +303,9 @@ def write_metadata(w, cfg: ModelConfig, arch: str, name: str, dtype: str, vocab:
     w.add_key_value(gguf.Keys.Tokenizer.MERGES, vocab.merges, gguf.GGUFValueType.ARRAY,
                     sub_type=gguf.GGUFValueType.STRING)
     for kind, token_id in vocab.special_ids.items():
-        getattr(w, f"add_{kind}_token_id")(token_id)
+        add = getattr(w, f"add_{kind}_token_id", None)  # GGUF has no key for some kinds (cls): llama.cpp ignores them
+        if add is not None:
+            add(token_id)
     w.add_add_bos_token(vocab.add_bos)
     w.add_add_eos_token(vocab.add_eos)
     if vocab.chat_template:

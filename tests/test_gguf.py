@@ -145,6 +145,10 @@ def test_sorted_draft_exit(models, tmp_path):
     assert torch.equal(tensors["output_norm.weight"], state["model.norm.weight"])
     meta, tensors, _ = read_gguf(export_gguf(models["sorted"], tmp_path / "deepest.gguf"))
     assert meta["llama.block_count"] == 3
+    # llama.cpp accepts a -md draft only with the target's vocabulary: same tokenizer, same metadata.
+    target, _, _ = read_gguf(export_gguf(models["llama"], tmp_path / "target.gguf"))
+    assert {k: v for k, v in meta.items() if k.startswith("tokenizer.")} == {
+        k: v for k, v in target.items() if k.startswith("tokenizer.")}
 
 
 def gguf_ids(meta: dict, text: str) -> list[int]:
