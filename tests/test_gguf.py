@@ -48,6 +48,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "qwen2": write_random_checkpoint(root / "qwen2", "qwen2", num_layers=2, seed=6),
         "sorted": write_random_checkpoint(root / "sorted", num_layers=3, seed=7, s2d_exits=[1, 2, 3]),
         "bpe": write_random_checkpoint(root / "bpe", num_layers=2, seed=8, tokenizer=bpe_tokenizer()),
+        "linear": write_random_checkpoint(root / "linear", num_layers=1, seed=10,
+                                          rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+        "llama3": write_random_checkpoint(root / "llama3", num_layers=1, seed=11, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
     }
 
 
@@ -149,6 +154,17 @@ def test_sorted_draft_exit(models, tmp_path):
     target, _, _ = read_gguf(export_gguf(models["llama"], tmp_path / "target.gguf"))
     assert {k: v for k, v in meta.items() if k.startswith("tokenizer.")} == {
         k: v for k, v in target.items() if k.startswith("tokenizer.")}
+
+
+def test_rope_scaling(models, tmp_path):
+    meta, tensors, _ = read_gguf(export_gguf(models["linear"], tmp_path / "linear.gguf"))
+    assert meta["llama.rope.scaling.type"] == "linear" and meta["llama.rope.scaling.factor"] == 4.0
+    assert "rope_freqs.weight" not in tensors
+    meta, tensors, _ = read_gguf(export_gguf(models["llama3"], tmp_path / "llama3.gguf"))
+    # llama3: a per-frequency divisor, 1 for the fastest-turning dimensions, the full factor for the slowest.
+    factors = tensors["rope_freqs.weight"]
+    assert factors.shape == (16 // 2,) and factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(8.0)
+    assert "llama.rope.scaling.type" not in meta
 
 
 def gguf_ids(meta: dict, text: str) -> list[int]:
@@ -254,7 +270,7 @@ def llama(path: Path, **kwargs):
     return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=512, verbose=False, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "bpe"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "bpe", "linear", "llama3"])
 def test_llama_cpp_greedy_tokens_equal_ours(models, tmp_path, name):
     from s2d.engine import Engine
     from s2d.model.loading import load_model
@@ -263,7 +279,8 @@ def test_llama_cpp_greedy_tokens_equal_ours(models, tmp_path, name):
     path = export_gguf(models[name], tmp_path / "m.gguf", dtype="float32")
     llm = llama(path)
     engine = Engine(load_model(models[name], "float32"), None, eos_token_ids=())
-    for prompt in ([10, 20, 30, 40], list(range(40, 100, 3))):
+    # The long prompt reaches positions where the RoPE scalings change the frequencies.
+    for prompt in ([10, 20, 30, 40], list(range(40, 100, 3)), [(5 * i) % 250 for i in range(90)]):
         ours = engine.generate(prompt, SamplingParams(), 20).output
         theirs: list[int] = []
         llm.reset()
@@ -272,6 +289,24 @@ def test_llama_cpp_greedy_tokens_equal_ours(models, tmp_path, name):
             if len(theirs) == 20:
                 break
         assert theirs == ours, prompt
+
+
+@pytest.mark.parametrize("name", ["llama", "tied", "qwen2", "sorted", "linear", "llama3"])
+def test_llama_cpp_logits_equal_ours(models, tmp_path, name):
+    """Every position's logits, llama.cpp (float32 weights and KV cache) against our runtime: a wrong RoPE
+    layout or scaling shows as 1e-2 differences where float rounding leaves 1e-6."""
+    from s2d.model.loading import load_model
+
+    layers = 2 if name == "sorted" else None
+    path = export_gguf(models[name], tmp_path / "m.gguf", exit_layers=layers, dtype="float32")
+    llm = llama(path, logits_all=True, type_k=0, type_v=0)  # 0 = GGML_TYPE_F32 (the default KV cache is f16)
+    prompt = [(5 * i) % 250 for i in range(90)]
+    llm.eval(prompt)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(prompt)]))
+    model = load_model(models[name], "float32", num_layers=layers)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]), torch.arange(len(prompt)), model.new_cache())[0]
+    assert (ours - theirs).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("name", ["llama", "bpe"])
