@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from s2d.export_gguf import add_export_gguf
 from s2d.model.config import CheckpointError
 from s2d.train.cli import add_export_exit, add_train_draft
 
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_train_draft(sub)
     add_export_exit(sub)
+    add_export_gguf(sub)
     add_calibrate(sub)
     from s2d.bench.cli import add_bench
 

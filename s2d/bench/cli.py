@@ -30,14 +30,14 @@ def method_help() -> str:
         needs = parse_method(name.replace("-E", "-1").replace("+M", "+sd")).needs_draft
         lines.append(f"  {name:<14} {text}{'  [needs --draft]' if needs else ''}")
     for spec in method_specs():
-        lines.append(f"  {spec.pattern:<14} {spec.help}{'  [needs --draft]' if spec.needs_draft else ''}")
+        lines.append(f"  {spec.pattern:<16} {spec.help}{'  [needs --draft]' if spec.needs_draft else ''}")
     return "\n".join(lines)
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     from s2d.cli import add_sampling_args  # s2d.cli is loaded: it is the caller
 
-    p = sub.add_parser("bench", help="benchmark decoding methods and transformers' peers (Spec-Bench format)",
+    p = sub.add_parser("bench", help="benchmark decoding methods and their peers: transformers, llama.cpp (Spec-Bench format)",
                        description=__doc__, epilog=method_help() + "\n\n" + EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", action="append", type=Path, default=[], help="target checkpoint (repeatable)")
@@ -52,12 +52,13 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per turn; the median counts (default 1)")
     p.add_argument("--num-draft-tokens", type=int, default=5, help="draft tokens per step of our methods")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    peers = p.add_argument_group("transformers peers")
+    peers = p.add_argument_group("peers (transformers, llama.cpp)")
     peers.add_argument("--assistant-exit", type=int, help="hf-assisted: exit (layer count) of a sorted draft to "
                        "use as the assistant (default: the deepest)")
     peers.add_argument("--num-assistant-tokens", type=int, help="hf-assisted: default: transformers'")
     peers.add_argument("--assistant-confidence-threshold", type=float, help="hf-assisted: default: transformers'")
-    peers.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="hf-pld (default 10)")
+    peers.add_argument("--prompt-lookup-num-tokens", type=int, default=10,
+                       help="hf-pld, and llamacpp-lookup's num_pred_tokens (default 10)")
     p.add_argument("--out", type=Path, help="output directory: results.json, records.jsonl, report.md, *.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_bench_command)

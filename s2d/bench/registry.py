@@ -46,7 +46,7 @@ class MethodOptions:
     assistant_exit: int | None = None  # hf-assisted: exit of a sorted draft to export; None = deepest
     num_assistant_tokens: int | None = None  # hf-assisted: None = transformers' default
     assistant_confidence_threshold: float | None = None  # hf-assisted: None = transformers' default
-    prompt_lookup_num_tokens: int = 10  # hf-pld (transformers' documented example value)
+    prompt_lookup_num_tokens: int = 10  # hf-pld, llamacpp-lookup (transformers' documented example value)
 
 
 class ModelStore:
@@ -116,6 +116,7 @@ def _load_builtins() -> None:
     # Imported for their @register side effects; late, because they import this module.
     import s2d.bench.methods  # noqa: F401
     import s2d.bench.peers  # noqa: F401
+    import s2d.bench.llamacpp  # noqa: F401
 
 
 def method_specs() -> list[MethodSpec]:

@@ -60,6 +60,15 @@ def save_draft(model: nn.Module, exits: tuple[int, ...], tokenizer, out: Path, d
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_exit(cfg: ModelConfig, exit_layers: int) -> None:
+    """Refuse a layer count outside the model, or one that is not an exit of a sorted draft."""
+    if cfg.exits and exit_layers not in cfg.exits:
+        raise CheckpointError(f"exit {exit_layers} is not one of the draft's exits {list(cfg.exits)}; its head "
+                              "was never trained to read that layer")
+    if not 1 <= exit_layers <= cfg.num_layers:
+        raise CheckpointError(f"exit {exit_layers} is outside the model's {cfg.num_layers} layers")
+
+
 def export_exit(draft: str | Path, exit_layers: int, out: str | Path) -> Path:
     """Write the first ``exit_layers`` layers of ``draft`` with its shared final norm and head to ``out``.
 
@@ -68,11 +77,7 @@ def export_exit(draft: str | Path, exit_layers: int, out: str | Path) -> Path:
     """
     draft, out = Path(draft), Path(out)
     cfg = ModelConfig.from_file(draft / "config.json")
-    if cfg.exits and exit_layers not in cfg.exits:
-        raise CheckpointError(f"exit {exit_layers} is not one of the draft's exits {list(cfg.exits)}; its head "
-                              "was never trained to read that layer")
-    if not 1 <= exit_layers <= cfg.num_layers:
-        raise CheckpointError(f"exit {exit_layers} is outside the draft's {cfg.num_layers} layers")
+    check_exit(cfg, exit_layers)
     if out.resolve() == draft.resolve():
         raise CheckpointError("--out must differ from --draft")
     raw = json.loads((draft / "config.json").read_text())
