@@ -14,7 +14,7 @@ from s2d.drafting.base import Draft, Drafter
 from s2d.model.cache import KVCache
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams, probabilities, sample
-from s2d.verify import verify_greedy, verify_stochastic
+from s2d.verify import Verdict, verify_greedy, verify_stochastic
 
 if TYPE_CHECKING:
     from s2d.drafting import DraftOptions
@@ -123,20 +123,18 @@ class Engine:
             draft = self.drafter.propose(state.tokens, k, state.params, state.generator)
         device = self.target.device
         block = torch.cat([torch.tensor([state.tokens[-1]], device=device), draft.tokens.to(device)])
-        logits = self.target(block[None], torch.arange(base, base + block.numel(), device=device), state.cache)[0]
+        positions = torch.arange(base, base + block.numel(), device=device)
         if state.params.greedy:
-            verdict = verify_greedy(draft.tokens.to(device), logits.argmax(-1))
-        elif len(draft):
-            verdict = verify_stochastic(draft.tokens.to(device), draft.probs, probabilities(logits, state.params),
-                                        state.generator)
+            verdict = verify_greedy(draft.tokens.to(device), self.target.greedy(block[None], positions, state.cache))
         else:
-            verdict = None
-        if verdict is None:  # plain sampling step
-            emitted = [int(sample(probabilities(logits[-1], state.params), state.generator))]
-            num_accepted = 0
-        else:
-            num_accepted = verdict.num_accepted
-            emitted = draft.tokens[:num_accepted].tolist() + [verdict.next_token]
+            logits = self.target(block[None], positions, state.cache)[0]
+            if len(draft):
+                verdict = verify_stochastic(draft.tokens.to(device), draft.probs,
+                                            probabilities(logits, state.params), state.generator)
+            else:  # a plain sampling step
+                verdict = Verdict(0, int(sample(probabilities(logits[-1], state.params), state.generator)))
+        num_accepted = verdict.num_accepted
+        emitted = draft.tokens[:num_accepted].tolist() + [verdict.next_token]
         state.cache.truncate(base + 1 + num_accepted)
         state.stats.record(draft, num_accepted)
         if self.drafter is not None:

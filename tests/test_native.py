@@ -207,3 +207,17 @@ def test_top1_agrees_with_softmax_argmax(isa, family, dtype):
                 assert token == int(logits.argmax()) and token == ref_token
                 # the reference rounds bf16 logits before its softmax; ours keeps them in float32
                 assert prob == pytest.approx(ref_prob, rel=5e-2 if dtype == "bfloat16" else 1e-5)
+
+
+def test_greedy_pass_matches_forward_argmax(isa, family):
+    model = load_model(family["gqa"], dtype="bfloat16")
+    ref = reference(model)
+    ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        for m in (model, ref):
+            caches = [m.new_cache(), m.new_cache()]
+            for c in caches:
+                m(ids[:, :30], torch.arange(30), c, logits_at=None)
+            got = m.greedy(ids[:, 30:], torch.arange(30, 40), caches[0])
+            want = m(ids[:, 30:], torch.arange(30, 40), caches[1])[0].argmax(-1)
+            assert got.dtype == torch.long and torch.equal(got, want)

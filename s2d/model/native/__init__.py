@@ -219,6 +219,13 @@ class NativeRuntime:
         self._head(rows, head, out.data_ptr(), None, None)
         return out.view(*hidden.shape[:-1], vocab)
 
+    def argmax(self, hidden: Tensor) -> Tensor:
+        """hidden [..., C] -> the argmax token of each row [...] (long), without building the logits in Python."""
+        rows = self._rows(hidden)
+        tokens = torch.empty(rows.shape[0], dtype=torch.int64)
+        self._head(rows, None, None, tokens.data_ptr(), None)
+        return tokens.view(hidden.shape[:-1])
+
     def top1(self, hidden: Tensor, head: Tensor | None = None) -> tuple[int, float]:
         """hidden [C] -> (argmax token, its softmax probability), without building the logits in Python.
 
