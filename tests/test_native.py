@@ -221,3 +221,21 @@ def test_greedy_pass_matches_forward_argmax(isa, family):
             got = m.greedy(ids[:, 30:], torch.arange(30, 40), caches[0])
             want = m(ids[:, 30:], torch.arange(30, 40), caches[1])[0].argmax(-1)
             assert got.dtype == torch.long and torch.equal(got, want)
+
+
+def test_own_thread_pool_gives_the_same_tokens(family):
+    """Without torch's OpenMP team (S2D_NATIVE_POOL=own) passes run on the runtime's own threads."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; torch.set_num_threads(2); from s2d.model.loading import load_model; "
+            "from s2d.engine import Engine; from s2d.sampling import SamplingParams; "
+            f"m = load_model({str(family['gqa'])!r}, dtype='bfloat16'); "
+            "print(Engine(m, eos_token_ids=()).generate(list(range(20, 50)), SamplingParams(), 24).output)")
+    outs = []
+    for pool in ("own", "openmp"):
+        env = {**__import__("os").environ, "S2D_NATIVE_POOL": pool}
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr
+        outs.append(run.stdout.strip().splitlines()[-1])
+    assert outs[0] == outs[1]

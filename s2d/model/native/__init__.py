@@ -7,7 +7,8 @@ never twice. One binary serves every x86-64 CPU: it picks AVX512-BF16 or AVX2 co
 Where it cannot be built or run (no compiler, no AVX2, not x86-64), models use the torch reference
 path with a one-time warning; ``S2D_NATIVE=0`` turns it off, and ``S2D_NATIVE_ISA=avx2`` keeps a
 runtime created afterwards on its AVX2 code even where AVX512-BF16 is available (``avx512``: without
-AMX tiles; tests run every level the CPU has).
+AMX tiles; tests run every level the CPU has). Passes run on torch's own OpenMP thread team (libgomp)
+where torch uses one, else on the runtime's own threads (``S2D_NATIVE_POOL=own`` forces those).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ PHASES = ("qkv", "kv_write", "attention", "o", "gate_up", "down", "head")
 _VP, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "s2d_isa": ([], _I),
+    "s2d_use_openmp": ([ctypes.c_char_p], _I),
     "s2d_model_new": ([_I, _I, _I, _I, _I, _I, _I, _I, _F, _I, _VP, _VP, _VP, _VP, _I, _I], _VP),
     "s2d_model_set_layer": ([_VP, _I] + [_VP] * 10, None),
     "s2d_model_free": ([_VP], None),
@@ -101,10 +103,26 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = args, res
         if lib.s2d_isa() == 0:
             raise RuntimeError("this CPU has neither AVX2+FMA nor AVX512")
+        if (gomp := _torch_openmp()) is not None:
+            lib.s2d_use_openmp(str(gomp).encode())
         return lib
     except Exception as err:  # slower, still correct
         warnings.warn(f"s2d: the native CPU runtime is unavailable ({err}); using torch's slower path", stacklevel=2)
         return None
+
+
+def _torch_openmp() -> Path | None:
+    """The libgomp torch runs on, if loaded: passes then run on torch's own OpenMP team."""
+    if os.environ.get("S2D_NATIVE_POOL") == "own" or "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = line.rsplit(" ", 1)[-1]
+            if "/libgomp" in path:
+                return Path(path)
+    except OSError:
+        pass
+    return None
 
 
 def isa_level() -> int:

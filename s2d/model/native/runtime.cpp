@@ -18,6 +18,7 @@
 // Built once per machine by s2d/model/native/__init__.py (g++ -O3, no torch headers: seconds) and
 // called through ctypes. The ISA-specific part, kernels.inc, is compiled twice (AVX2+FMA and
 // AVX512+BF16) and chosen at run time, so one binary serves every x86-64 CPU with AVX2.
+#include <dlfcn.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -27,6 +28,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <memory>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -64,14 +66,32 @@ inline void spin_wait(int& spins) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A fixed pool of threads. run(fn) executes fn(ctx, tid, n) on every thread (the caller is tid 0)
-// and returns when all are done; inside fn, barrier() synchronises them. Workers spin for a while
-// after each job (the next decoding step usually follows within microseconds), then sleep.
+// The OpenMP runtime torch itself runs on (libgomp), when the caller hands us its path: running our
+// passes on torch's own thread team means no second set of spinning threads competes with torch's
+// (measured: a torch argmax right after a pass took 4-6 ms instead of 40 us while our own workers
+// spun), and the team is hot for both.
+struct OpenMP {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel
+  int (*thread_num)() = nullptr;                                           // omp_get_thread_num
+  int (*num_threads)() = nullptr;                                          // omp_get_num_threads
+};
+
+OpenMP& openmp() {
+  static OpenMP omp;
+  return omp;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs fn(ctx, tid, n) on n threads (the caller is tid 0) and returns when all are done; inside fn,
+// barrier(n) synchronises them. On torch's OpenMP team when available; else on a fixed pool of our
+// own, whose workers spin briefly after each job (a draft token's head follows its layers within
+// microseconds), then sleep.
 class Pool {
  public:
   using Fn = void (*)(void*, int, int);
 
   explicit Pool(int n) : n_(std::max(1, n)) {
+    if (openmp().parallel != nullptr) return;  // torch's team does the work
     for (int i = 1; i < n_; ++i) threads_.emplace_back([this, i] { worker(i); });
   }
 
@@ -92,6 +112,11 @@ class Pool {
       fn(ctx, 0, 1);
       return;
     }
+    if (openmp().parallel != nullptr) {
+      OmpCall call{fn, ctx};
+      openmp().parallel(&Pool::omp_entry, &call, static_cast<unsigned>(n_), 0);
+      return;
+    }
     fn_ = fn;
     ctx_ = ctx;
     pending_.store(n_ - 1, std::memory_order_relaxed);
@@ -105,10 +130,11 @@ class Pool {
     while (pending_.load(std::memory_order_acquire) > 0) spin_wait(spins);
   }
 
-  void barrier() {
-    if (n_ == 1) return;
+  // n: the threads running the job (the OpenMP team may be smaller than asked).
+  void barrier(int n) {
+    if (n <= 1) return;
     const uint64_t gen = bar_gen_.load(std::memory_order_acquire);
-    if (bar_count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+    if (bar_count_.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
       bar_count_.store(0, std::memory_order_relaxed);
       bar_gen_.fetch_add(1, std::memory_order_release);
     } else {
@@ -118,6 +144,16 @@ class Pool {
   }
 
  private:
+  struct OmpCall {
+    Fn fn;
+    void* ctx;
+  };
+
+  static void omp_entry(void* arg) {
+    auto* call = static_cast<OmpCall*>(arg);
+    call->fn(call->ctx, openmp().thread_num(), openmp().num_threads());
+  }
+
   void worker(int tid) {
     uint64_t seen = 0;  // the generation at construction: a job posted before this thread ran is still seen
     for (;;) {
@@ -333,6 +369,10 @@ namespace s2d::amx {
 
 namespace {
 
+// One native call at a time: ctypes releases the GIL, and a model's scratch (and our own pool) are
+// shared by all calls.
+std::mutex g_call;
+
 s2d::Kernels kernels_for(int isa) {
   if (isa >= 3) return s2d::amx::kernels();
   return isa >= 2 ? s2d::avx512::kernels() : s2d::avx2::kernels();
@@ -348,20 +388,33 @@ bool amx_usable() {
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
+// One pool per thread count, kept for the process's life: models hold a pointer to theirs.
 s2d::Pool* shared_pool(int threads) {
-  static std::mutex mu;
-  static s2d::Pool* pool = nullptr;
-  std::lock_guard<std::mutex> lock(mu);
-  if (pool == nullptr || pool->size() != threads) {
-    delete pool;  // only between calls: callers hold the GIL while a pass runs
-    pool = new s2d::Pool(threads);
-  }
-  return pool;
+  static std::vector<std::unique_ptr<s2d::Pool>> pools;
+  for (auto& pool : pools)
+    if (pool->size() == threads) return pool.get();
+  pools.push_back(std::make_unique<s2d::Pool>(threads));
+  return pools.back().get();
 }
 
 }  // namespace
 
 extern "C" {
+
+// Run passes on the OpenMP team of the libgomp at `path` (torch's, already loaded); returns 1 when it
+// can, 0 when that library is not loaded or lacks the entry points (our own pool is used then).
+int s2d_use_openmp(const char* path) {
+  std::lock_guard<std::mutex> lock(g_call);
+  void* lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+  if (lib == nullptr) return 0;
+  s2d::OpenMP omp;
+  omp.parallel = reinterpret_cast<decltype(omp.parallel)>(dlsym(lib, "GOMP_parallel"));
+  omp.thread_num = reinterpret_cast<decltype(omp.thread_num)>(dlsym(lib, "omp_get_thread_num"));
+  omp.num_threads = reinterpret_cast<decltype(omp.num_threads)>(dlsym(lib, "omp_get_num_threads"));
+  if (!omp.parallel || !omp.thread_num || !omp.num_threads) return 0;
+  s2d::openmp() = omp;
+  return 1;
+}
 
 // 3 = AVX512-BF16 + AMX, 2 = AVX512 with BF16 dot products, 1 = AVX2 + FMA, 0 = unsupported
 // (callers use torch).
@@ -378,6 +431,7 @@ int s2d_isa() {
 void* s2d_model_new(int num_layers, int hidden, int heads, int kv_heads, int head_dim, int ffn, int vocab,
                     int max_pos, float eps, int bf16_weights, const float* cos, const float* sin,
                     const void* final_norm, const void* head_w, int threads, int isa) {
+  std::lock_guard<std::mutex> lock(g_call);
   auto* m = new s2d::Model();
   m->num_layers = num_layers;
   m->C = hidden;
@@ -426,6 +480,7 @@ void s2d_model_free(void* handle) { delete static_cast<s2d::Model*>(handle); }
 int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, void* vc, int cache_bf16,
                     int64_t layer_stride, int64_t head_stride, int64_t slot, const uint8_t* mask, int start,
                     int end) {
+  std::lock_guard<std::mutex> lock(g_call);
   auto* m = static_cast<s2d::Model*>(handle);
   if (T < 1 || T > s2d::kMaxRows) return -2;
   for (int t = 0; t < T; ++t)
@@ -442,6 +497,7 @@ int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, v
 // softmax probability. head_w/rows: another head (a vocabulary subset, [rows, C]); null/0: the model's.
 int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t rows, float* out, int64_t* tokens,
              float* probs) {
+  std::lock_guard<std::mutex> lock(g_call);
   auto* m = static_cast<s2d::Model*>(handle);
   if (T < 1 || T > s2d::kMaxRows) return -2;
   const int64_t V = head_w ? rows : m->V;
@@ -480,6 +536,7 @@ int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t row
 // y [M, N] float32 = x [M, K] @ w [N, K]^T, both float32 or both bf16: the product every pass uses,
 // exposed for tests and measurements.
 void s2d_linear(const void* x, const void* w, float* y, int M, int64_t K, int64_t N, int bf16, int threads, int isa) {
+  std::lock_guard<std::mutex> lock(g_call);
   s2d::Scratch scratch;
   scratch.xf.assign(threads, std::vector<float>(static_cast<size_t>(M) * K));
   s2d::LinearArgs args{x, w, y, M, K, N, shared_pool(threads), &scratch};
