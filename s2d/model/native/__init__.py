@@ -48,7 +48,7 @@ _SIGNATURES = {
     "s2d_model_set_layer": ([_VP, _I] + [_VP] * 10, None),
     "s2d_model_free": ([_VP], None),
     "s2d_profile": ([_VP, _I, _VP], None),
-    "s2d_run_layers": ([_VP, _VP, _I, _VP, _VP, _VP, _I, _I64, _I64, _I64, _VP, _I, _I], _I),
+    "s2d_run_layers": ([_VP, _VP, _I, _VP, _VP, _VP, _I, _I64, _I64, _I64, _I64, _VP, _I, _I], _I),
     "s2d_head": ([_VP, _VP, _I, _VP, _I64, _VP, _VP, _VP], _I),
     "s2d_linear": ([_VP, _VP, _VP, _I, _I64, _I64, _I, _I, _I], None),
 }
@@ -221,8 +221,10 @@ class NativeRuntime:
         mask = None if block_mask is None else block_mask.to(torch.uint8).contiguous()
         k, v = cache.k, cache.v
         status = self.lib.s2d_run_layers(self.handle, x.data_ptr(), t, pos.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                         int(k.dtype == torch.bfloat16), k.stride(0), k.stride(2), slot, _ptr(mask),
-                                         start, end)
+                                         int(k.dtype == torch.bfloat16), k.stride(0), k.stride(2), k.shape[3], slot,
+                                         _ptr(mask), start, end)
+        if status == -3:
+            raise ValueError(f"cache overflow: {slot} + {t} tokens > capacity {k.shape[3]}")
         if status == -2:
             raise ValueError(f"a native pass takes 1 to {MAX_ROWS} tokens, got {t}")
         if status:

@@ -224,6 +224,7 @@ struct Job {
   int64_t layer_stride;  // elements between layers of the cache
   int64_t head_stride;   // elements between KV heads of the cache
   int64_t slot;          // cache slot of the first new token
+  int64_t capacity;      // slots per KV head in the cache
   const uint8_t* mask;   // [T, T] 1 = may attend among the new tokens; null = causal
   int start, end;        // layer range
   float* logits;         // [T, V] for the logits job (null: scratch, when only the top-1 is wanted)
@@ -252,7 +253,9 @@ struct Scratch {
   std::vector<std::vector<uint8_t>> att;   // per thread: [T, H D] model dtype, the merged attention
   std::vector<std::vector<uint8_t>> xn;    // per thread: [T, C] model dtype
   std::vector<std::vector<float>> xf;      // per thread: [T, max K] float32
-  std::vector<std::vector<float>> scores;  // per thread: [chunk] attention scores
+  std::vector<std::vector<float>> scores;  // per thread: [T, chunk] attention scores, then probabilities
+  std::vector<std::vector<float>> qblock;  // per thread: [T, D] queries of one head (cache dtype)
+  std::vector<std::vector<float>> lin_rows;  // per thread: [T, D] one head's attention outputs
   std::vector<float> head_out;             // [T, head rows] logits when the caller wants only the top-1
   std::vector<TopPart> top;                // [threads, T]
 };
@@ -309,7 +312,9 @@ struct Model {
       s.mlp.assign(static_cast<size_t>(s.rows) * F * dsize(), 0);
       s.xn.assign(n, std::vector<uint8_t>(static_cast<size_t>(s.rows) * C * dsize()));
       s.xf.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * max_k()));
-      s.scores.assign(n, std::vector<float>(kKeyChunk));
+      s.scores.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * kKeyChunk));
+      s.qblock.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * D));
+      s.lin_rows.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * D));
     }
     const size_t parts = static_cast<size_t>(rows) * H * ((keys + kKeyChunk - 1) / kKeyChunk) * (D + 2);
     if (s.parts.size() < parts) s.parts.resize(parts);
@@ -478,15 +483,17 @@ void s2d_model_free(void* handle) { delete static_cast<s2d::Model*>(handle); }
 // values are written to the cache at slots slot .. slot+T-1 (cache_bf16: the cache's dtype).
 // Returns 0, or -1 (nothing done) when a position lies outside the RoPE table.
 int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, void* vc, int cache_bf16,
-                    int64_t layer_stride, int64_t head_stride, int64_t slot, const uint8_t* mask, int start,
-                    int end) {
+                    int64_t layer_stride, int64_t head_stride, int64_t capacity, int64_t slot, const uint8_t* mask,
+                    int start, int end) {
   std::lock_guard<std::mutex> lock(g_call);
   auto* m = static_cast<s2d::Model*>(handle);
   if (T < 1 || T > s2d::kMaxRows) return -2;
   for (int t = 0; t < T; ++t)
     if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
   m->ensure_scratch(T, slot + T);
-  m->job = {m, T, x, pos, kc, vc, layer_stride, head_stride, slot, mask, start, end, nullptr, nullptr, 0, nullptr};
+  if (slot + T > capacity) return -3;
+  m->job = {m, T, x, pos, kc, vc, layer_stride, head_stride, slot, capacity, mask, start, end, nullptr, nullptr, 0,
+            nullptr};
   if (m->profile) m->prof.start();
   m->pool->run(m->kernels.layers[m->bf16_weights][cache_bf16 != 0], &m->job);
   return 0;
@@ -508,7 +515,7 @@ int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t row
     if (out == nullptr && s.head_out.size() < static_cast<size_t>(T) * V) s.head_out.resize(static_cast<size_t>(T) * V);
     s.top.assign(static_cast<size_t>(m->pool->size()) * T, s2d::TopPart{-INFINITY, 0, 0.f});
   }
-  m->job = {m, T, const_cast<void*>(x), nullptr, nullptr, nullptr, 0, 0, 0, nullptr, 0, 0, out,
+  m->job = {m, T, const_cast<void*>(x), nullptr, nullptr, nullptr, 0, 0, 0, 0, nullptr, 0, 0, out,
             head_w ? head_w : m->head_w, V, top ? &s.top : nullptr};
   if (m->profile) m->prof.start();
   m->pool->run(m->kernels.logits[m->bf16_weights], &m->job);
