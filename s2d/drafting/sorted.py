@@ -20,7 +20,7 @@ from torch import Tensor
 from s2d.drafting.base import Draft, common_prefix
 from s2d.drafting.length import DraftLength
 from s2d.model.llama import Transformer
-from s2d.sampling import SamplingParams, probabilities, sample
+from s2d.sampling import SamplingParams, check_finite_logits, probabilities, sample
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,9 @@ class SortedDrafter:
             for j, threshold in enumerate(cfg.thresholds):
                 if j:
                     self._deepen(j, pos)
-                conf, q = confidence_and_q(self.model.logits(self.hidden[pos]), params)
+                logits = self.model.logits(self.hidden[pos])
+                check_finite_logits(logits, "draft")
+                conf, q = confidence_and_q(logits, params)
                 if conf >= threshold or j == len(cfg.exits) - 1:
                     break
             token = int(q.argmax()) if params.greedy else int(sample(q, generator))
