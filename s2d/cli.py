@@ -223,6 +223,8 @@ def read_prompts(path: Path, limit: int) -> list[str]:
         text = path.read_text()
     except OSError as err:
         raise SystemExit(f"s2d: cannot read {path}: {err.strerror}")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
     if path.suffix != ".jsonl":
         return [text]
     prompts = []
@@ -268,6 +270,8 @@ def read_prompt_file(path: Path) -> str:
         return path.read_text()
     except OSError as err:
         raise SystemExit(f"s2d: cannot read --prompt-file {path}: {err.strerror}")
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         command = f"s2d {args.command}"
         return args.func(args)
     except ValueError as err:  # CheckpointError, InputError, BenchError: the user's input, said in one line
-        print(f"{command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
     except OSError as err:  # a folder that cannot be written, a full disk: the system's own words suffice
         print(f"{command}: error: {err}", file=sys.stderr)

@@ -50,10 +50,12 @@ def check_device(device: str | torch.device, what: str = "device") -> torch.devi
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A local checkpoint directory, or a hub id fetched (or found in the local hub cache)."""
+    name = str(name_or_path)
+    if not name.strip():
+        raise CheckpointError("the checkpoint path is empty")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    name = str(name_or_path)
     if path.suffix == ".gguf":
         raise CheckpointError(f"checkpoint {name!r} is a GGUF file (llama.cpp's format), which s2d does not read; "
                               "use the original Hugging Face checkpoint directory (config.json + *.safetensors)")
@@ -241,12 +243,17 @@ def load_model(name_or_path: str | Path, dtype: str | torch.dtype | None = None,
     return build_model(cfg, hf_to_s2d(raw, cfg), dtype or cfg.torch_dtype, device)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(name_or_path: str | Path):
     """The checkpoint's tokenizer through transformers' AutoTokenizer."""
     from transformers import AutoTokenizer
 
     directory = resolve_checkpoint(name_or_path)
+    if not any((directory / name).exists() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{directory} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(directory)
-    except Exception as err:
-        raise CheckpointError(f"cannot load a tokenizer from {directory}: {err}") from err
+    except Exception as err:  # transformers' messages span lines: one line for the CLI
+        raise CheckpointError(f"cannot load a tokenizer from {directory}: {' '.join(str(err).split())}") from err
