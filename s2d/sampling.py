@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from s2d.model.config import CheckpointError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -71,8 +73,6 @@ def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
 def check_finite_logits(logits: Tensor, model: str) -> None:
     """Refuse NaN or inf logits: sampling from them would emit garbage (or crash) as if all were well."""
     if not bool(torch.isfinite(logits).all()):
-        from s2d.model.config import CheckpointError
-
         raise CheckpointError(f"the {model} model computed NaN or inf logits: its weights hold NaN/inf, or its "
                               "activations overflow in this dtype (try --dtype float32)")
 

@@ -25,7 +25,6 @@ from torch import Tensor
 
 from s2d.model.llama import CPU_BF16_UPCAST
 from s2d.model.loading import DTYPES, load_tokenizer
-from s2d.model.config import CheckpointError
 from s2d.outputs import check_not_input, check_output_dir, swap_in, temporary_sibling
 from s2d.train.checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
 from s2d.train.config import TrainConfig
@@ -238,9 +237,6 @@ def _build_draft(cfg: TrainConfig, tokenizer) -> SortedDraft:
         model = init_random(cfg.shape, cfg.depth, tokenizer, cfg.seed)
     if model.config.max_position_embeddings < cfg.data.seq_len:
         raise ValueError(f"seq_len {cfg.data.seq_len} exceeds the draft's context of {model.config.max_position_embeddings}")
-    if model.config.vocab_size != len(tokenizer):
-        raise CheckpointError(f"the draft's vocab_size {model.config.vocab_size} does not fit its tokenizer's "
-                              f"{len(tokenizer)} tokens")
     return SortedDraft(model.to(cfg.device), cfg.exits)
 
 
