@@ -14,6 +14,7 @@ import torch
 
 from s2d.drafting.base import Draft, Drafter
 from s2d.model.cache import KVCache
+from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams, check_finite_logits, probabilities, sample
 from s2d.verify import verify_greedy, verify_stochastic
@@ -188,9 +189,11 @@ class Engine:
         device = self.target.device
         block = torch.cat([torch.tensor([state.tokens[-1]], device=device), draft.tokens.to(device)])
         logits = self.target(block[None], torch.arange(base, base + block.numel(), device=device), state.cache)[0]
-        if not bool(torch.isfinite(logits).all()):
-            state.finished = True  # the cache now holds this pass: the sequence cannot go on
+        try:
             check_finite_logits(logits, "target")
+        except CheckpointError:
+            state.finished = True  # the cache now holds this pass: the sequence cannot go on
+            raise
         if state.params.greedy:
             verdict = verify_greedy(draft.tokens.to(device), logits.argmax(-1))
         elif len(draft):
