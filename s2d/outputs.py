@@ -84,8 +84,14 @@ def write_marker(folder: Path, command: str, **details) -> None:
     (folder / MARKER).write_text(json.dumps({"command": command, **details, "files": files}, indent=1) + "\n")
 
 
+def _real(out: Path) -> Path:
+    # A symbolic link (runs/ -> /scratch/runs) is the user's: the folder it points to is replaced, not it.
+    return out.resolve() if out.is_symlink() else out
+
+
 def temporary_sibling(out: Path) -> Path:
     """A fresh hidden folder beside ``out`` (same filesystem, so renaming it into place is atomic)."""
+    out = _real(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -97,6 +103,7 @@ def temporary_sibling(out: Path) -> Path:
 def swap_in(tmp: Path, out: Path) -> None:
     """Put the finished folder ``tmp`` in the place of ``out`` (absent, empty, or an earlier output
     the caller checked is entirely its own): the old one is renamed away first, then deleted."""
+    out = _real(out)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)

@@ -104,6 +104,16 @@ def test_export_exit_never_writes_over_the_users_files(capsys, sorted_draft, tmp
     assert (out / "README.md").read_text() == "my model card"
 
 
+def test_an_output_that_is_a_symbolic_link_stays_one(capsys, sorted_draft, tmp_path):
+    scratch = tmp_path / "scratch" / "exit"
+    scratch.mkdir(parents=True)
+    link = tmp_path / "exit"
+    link.symlink_to(scratch)  # runs/ -> /scratch/...: the link is the user's
+    for e in (1, 3):
+        assert run(capsys, "export-exit", "--draft", sorted_draft, "--exit", e, "--out", link)[0] == 0
+    assert link.is_symlink() and load_model(scratch).cfg.num_layers == 3
+
+
 def test_a_failed_export_leaves_nothing(sorted_draft, tmp_path, monkeypatch):
     from s2d.train import export
 
