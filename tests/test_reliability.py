@@ -356,6 +356,9 @@ def test_bench_checks_its_output_before_running(capsys, checkpoints, tmp_path, m
     assert code == 2 and "results are saved" in line and "no fonts" in line
     assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert (tmp_path / "out" / "records.jsonl").read_text()
+    # A temperature transformers' sampler would overflow on is refused before the run, not in the middle.
+    code, _, err = run(capsys, *args[:-1], "--methods", "ar,hf-ar", "--temperature", "1e-40", "--out", tmp_path / "t")
+    assert code == 2 and "overflows transformers' sampling" in one_line_error(err, "bench")
 
 
 @pytest.mark.parametrize("flags,message", [
