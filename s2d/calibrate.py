@@ -4,6 +4,7 @@ chosen by measured tokens/s on a few prompts, and stored beside the draft."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, fields, replace
@@ -30,7 +31,11 @@ def calibration_path(draft: str | Path) -> Path:
 
 
 def load_calibration(draft: str | Path, path: Path | None = None) -> dict[str, dict]:
-    """{target name: {num_draft_tokens, exit_thresholds, stop_threshold, tokens_per_s}}; {} if none."""
+    """{target name: {num_draft_tokens, exit_thresholds, stop_threshold, tokens_per_s}}; {} if none.
+
+    Every entry is checked here, so a hand-edited or damaged file is refused naming the file and
+    the field, not met later as a crash deep in the drafter.
+    """
     path = path or calibration_path(draft)
     if not path.exists():
         return {}
@@ -38,19 +43,47 @@ def load_calibration(draft: str | Path, path: Path | None = None) -> dict[str, d
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
+        for name, entry in data.items():
+            stored_options(entry, where=name)
         return data
-    except ValueError as err:
-        raise CheckpointError(f"malformed calibration file {path}: {err}") from err
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"malformed calibration file {path}: {err}") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read calibration file {path}: {err.strerror}") from None
 
 
-def stored_options(entry: dict, num_draft_tokens: int = 5) -> DraftOptions:
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def stored_options(entry: dict, num_draft_tokens: int = 5, where: str = "entry") -> DraftOptions:
     """One target's calibration entry as drafter options; what it lacks takes the defaults."""
-    known = {f.name for f in fields(DraftOptions)}
-    values = {k: v for k, v in entry.items() if k in known}
-    values.setdefault("num_draft_tokens", num_draft_tokens)
-    if "exit_thresholds" in values:
-        values["exit_thresholds"] = tuple(values["exit_thresholds"])
-    return DraftOptions(**values)
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where!r} must be a JSON object, got {entry!r}")
+    k = entry.get("num_draft_tokens", num_draft_tokens)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{where}.num_draft_tokens must be an integer >= 1, got {k!r}")
+    thresholds = entry.get("exit_thresholds", [])
+    if not isinstance(thresholds, list) or not all(_is_number(t) and 0 <= t <= 1 for t in thresholds):
+        raise ValueError(f"{where}.exit_thresholds must be a list of numbers in [0, 1], got {thresholds!r}")
+    stop = entry.get("stop_threshold", 0.0)
+    if not (_is_number(stop) and 0 <= stop <= 1):
+        raise ValueError(f"{where}.stop_threshold must be a number in [0, 1], got {stop!r}")
+    # the other drafter options (lookup knobs, ...) pass through DraftOptions' own validation
+    known = {f.name for f in fields(DraftOptions)} - {"num_draft_tokens", "exit_thresholds", "stop_threshold"}
+    extra = {key: v for key, v in entry.items() if key in known}
+    try:
+        return DraftOptions(num_draft_tokens=k, exit_thresholds=tuple(thresholds), stop_threshold=stop, **extra)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def check_calibration_run(max_new_tokens: int) -> None:
+    """Refuse runs too short to measure every draft length tried (a 1-token run never drafts)."""
+    need = max(DRAFT_LENGTHS) + 1
+    if max_new_tokens < need:
+        raise ValueError(f"max_new_tokens {max_new_tokens} is too short to calibrate: a run must draft "
+                         f"{max(DRAFT_LENGTHS)} tokens and verify them, so it needs at least {need}")
 
 
 def save_calibration(path: Path, target_name: str, entry: dict) -> None:
@@ -68,10 +101,15 @@ def measure(target: Transformer, draft: Transformer, options: DraftOptions, prom
             max_new_tokens: int) -> float:
     engine = Engine(target, build_drafter("s2d", draft, options), options.num_draft_tokens, eos_token_ids=())
     tokens = seconds = 0.0
+    proposed = 0
     for prompt in prompts:
         state = engine.generate(prompt, SamplingParams(), max_new_tokens)
         tokens += len(state.output)
         seconds += state.stats.elapsed_s
+        proposed += state.stats.proposed
+    if not proposed:  # nothing was drafted: the speed says nothing about these settings
+        raise ValueError("calibration runs proposed no draft tokens (prompts too close to the context limit?); "
+                         "use shorter prompts or a larger --max-new-tokens")
     return tokens / seconds
 
 
@@ -81,6 +119,7 @@ def calibrate(target: Transformer, draft: Transformer, prompts: list[list[int]],
     then the stop threshold; each stage keeps the fastest setting found so far."""
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
+    check_calibration_run(max_new_tokens)
     num_exits = len(sorted_exits(draft))
     measure(target, draft, DraftOptions(), prompts[:1], 8)  # warm-up
     best = DraftOptions()

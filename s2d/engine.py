@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,8 +14,9 @@ import torch
 
 from s2d.drafting.base import Draft, Drafter
 from s2d.model.cache import KVCache
+from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
-from s2d.sampling import SamplingParams, probabilities, sample
+from s2d.sampling import SamplingParams, check_finite_logits, probabilities, sample
 from s2d.verify import Verdict, verify_greedy, verify_stochastic
 
 if TYPE_CHECKING:
@@ -22,6 +25,34 @@ if TYPE_CHECKING:
 
 class InputError(ValueError):
     """A request the engine refuses (empty or too-long prompt, bad limits); nothing was changed."""
+
+
+class EngineBusyError(RuntimeError):
+    """A second sequence on an Engine whose cache another unfinished sequence is using."""
+
+
+def as_token_ids(prompt: object) -> list[int]:
+    """A prompt as a list of ints: a list/tuple of ints or a 1-D integer tensor; anything else is refused."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise TypeError(f"prompt tensor must hold integer token ids, not {prompt.dtype}")
+        if prompt.dim() != 1:
+            raise InputError(f"prompt tensor must be 1-D (one sequence of token ids), got shape {tuple(prompt.shape)}")
+        return prompt.tolist()
+    if isinstance(prompt, (str, bytes)):
+        raise TypeError("prompt must be token ids, not text: pass tokenizer(text).input_ids")
+    if not isinstance(prompt, (list, tuple)):
+        hint = " (pass its .input_ids)" if hasattr(prompt, "input_ids") else ""
+        raise TypeError(f"prompt must be a list of token ids or a 1-D tensor, not {type(prompt).__name__}{hint}")
+    ids = []
+    for token in prompt:
+        try:
+            if isinstance(token, bool):
+                raise TypeError
+            ids.append(operator.index(token))  # ints, numpy ints, 0-d integer tensors; not floats
+        except TypeError:
+            raise TypeError(f"prompt must hold integer token ids, found {token!r} ({type(token).__name__})") from None
+    return ids
 
 
 @dataclass
@@ -80,17 +111,44 @@ class Engine:
 
     def __init__(self, target: Transformer, drafter: Drafter | None = None, num_draft_tokens: int = 5,
                  eos_token_ids: tuple[int, ...] | None = None) -> None:
-        if num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
+        # Drafters that run a model expose it as ``.model``: its token ids must mean the target's.
+        draft_model = getattr(drafter, "model", None)
+        if isinstance(draft_model, Transformer) and draft_model.cfg.vocab_size != target.cfg.vocab_size:
+            raise ValueError(f"draft vocab_size {draft_model.cfg.vocab_size} != target vocab_size "
+                             f"{target.cfg.vocab_size}; speculative decoding needs the same vocabulary")
         self.target = target
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens
         self.eos = set(target.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.cache = target.new_cache()  # reused across requests: allocation is not free for big models
+        # One sequence at a time: the cache (and the drafter's state) hold one sequence. An open
+        # stream() holds this lock until it ends or is closed; ``owner`` is the state the cache holds.
+        self._streaming = threading.Lock()
+        self._owner: DecodeState | None = None
+
+    def start(self, prompt: list[int], params: SamplingParams, max_new_tokens: int) -> DecodeState:
+        """Validate the request and prefill the target with all prompt tokens but the last.
+
+        A later start() on this Engine takes its cache over: stepping an earlier state then raises.
+        """
+        if self._streaming.locked():
+            raise EngineBusyError(self._busy_message())
+        return self._start(prompt, params, max_new_tokens)
+
+    @staticmethod
+    def _busy_message() -> str:
+        return ("this Engine is already decoding a sequence (an unfinished stream()): finish it or close() it "
+                "first; one Engine decodes one sequence at a time (use one Engine per concurrent sequence)")
 
     @torch.inference_mode()
-    def start(self, prompt: list[int], params: SamplingParams, max_new_tokens: int) -> DecodeState:
-        """Validate the request and prefill the target with all prompt tokens but the last."""
+    def _start(self, prompt: list[int], params: SamplingParams, max_new_tokens: int) -> DecodeState:
+        prompt = as_token_ids(prompt)
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, not {type(max_new_tokens).__name__}")
         if not prompt:
             raise InputError("the prompt is empty")
         if max_new_tokens < 1:
@@ -109,12 +167,19 @@ class Engine:
             device = self.target.device
             ids = torch.tensor([prompt[:-1]], device=device)
             self.target(ids, torch.arange(len(prompt) - 1, device=device), self.cache, logits_at=None)
-        return DecodeState(list(prompt), len(prompt), max_new_tokens, params, self.cache,
-                           params.generator(self.target.device))
+        state = DecodeState(list(prompt), len(prompt), max_new_tokens, params, self.cache,
+                            params.generator(self.target.device))
+        self._owner = state
+        return state
 
     @torch.inference_mode()
     def step(self, state: DecodeState) -> list[int]:
         """One target pass: returns the tokens it emitted (accepted drafts + one from the target)."""
+        if state is not self._owner:
+            raise EngineBusyError("this sequence no longer owns the Engine's cache: another one was started on "
+                                  "the same Engine since; one Engine decodes one sequence at a time")
+        if state.finished:
+            raise InputError("this sequence is finished")
         remaining = state.max_new_tokens - len(state.output)
         base = state.cache.length  # == len(state.tokens) - 1
         k = min(self.num_draft_tokens, remaining - 1)
@@ -124,10 +189,18 @@ class Engine:
         device = self.target.device
         block = torch.cat([torch.tensor([state.tokens[-1]], device=device), draft.tokens.to(device)])
         positions = torch.arange(base, base + block.numel(), device=device)
+        try:  # non-finite logits raise CheckpointError (the greedy pass checks them itself)
+            if state.params.greedy:
+                target_tokens = self.target.greedy(block[None], positions, state.cache)
+            else:
+                logits = self.target(block[None], positions, state.cache)[0]
+                check_finite_logits(logits, "target")
+        except CheckpointError:
+            state.finished = True  # the cache now holds this pass: the sequence cannot go on
+            raise
         if state.params.greedy:
-            verdict = verify_greedy(draft.tokens.to(device), self.target.greedy(block[None], positions, state.cache))
+            verdict = verify_greedy(draft.tokens.to(device), target_tokens)
         else:
-            logits = self.target(block[None], positions, state.cache)[0]
             if len(draft):
                 verdict = verify_stochastic(draft.tokens.to(device), draft.probs,
                                             probabilities(logits, state.params), state.generator)
@@ -153,14 +226,19 @@ class Engine:
     def stream(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
                state_out: list[DecodeState] | None = None) -> Iterator[list[int]]:
         """Yield the tokens of each step; the final state (with stats) is appended to ``state_out``."""
-        t0 = time.perf_counter()
-        state = self.start(prompt, params, max_new_tokens)
-        if state_out is not None:
-            state_out.append(state)
-        while not state.finished:
-            emitted = self.step(state)
-            state.stats.elapsed_s = time.perf_counter() - t0
-            yield emitted
+        if not self._streaming.acquire(blocking=False):
+            raise EngineBusyError(self._busy_message())
+        try:
+            t0 = time.perf_counter()
+            state = self._start(prompt, params, max_new_tokens)
+            if state_out is not None:
+                state_out.append(state)
+            while not state.finished:
+                emitted = self.step(state)
+                state.stats.elapsed_s = time.perf_counter() - t0
+                yield emitted
+        finally:  # also when the caller stops iterating: close() (or garbage collection) runs this
+            self._streaming.release()
 
     def generate(self, prompt: list[int], params: SamplingParams = SamplingParams(),
                  max_new_tokens: int = 128) -> DecodeState:
@@ -178,7 +256,9 @@ class MultiTargetEngine:
     """
 
     def __init__(self, targets: dict[str, Transformer], draft: Transformer | None = None, method: str = "s2d",
-                 options: "DraftOptions | dict[str, DraftOptions] | None" = None) -> None:
+                 options: "DraftOptions | dict[str, DraftOptions] | None" = None,
+                 eos_token_ids: tuple[int, ...] | None = None) -> None:
+        """``eos_token_ids``: stop tokens of every target (default: each target's own; () never stops)."""
         from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens
 
         if not targets:
@@ -192,7 +272,7 @@ class MultiTargetEngine:
                                  f"{target.cfg.vocab_size}")
             opts = options.get(name, DraftOptions()) if isinstance(options, dict) else (options or DraftOptions())
             drafter = build_drafter(method, draft, opts)
-            self.engines[name] = Engine(target, drafter, engine_draft_tokens(method, opts))
+            self.engines[name] = Engine(target, drafter, engine_draft_tokens(method, opts), eos_token_ids)
             self.totals[name] = DecodeStats()
 
     def engine(self, name: str) -> Engine:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from s2d.model.config import CheckpointError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,8 +29,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -51,7 +54,10 @@ def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
     logits = logits.float()
     if params.greedy:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / params.temperature
+    # Shifted so the largest logit is 0 (softmax does not change): a tiny temperature then sends the
+    # others to -inf instead of overflowing them all to +inf (NaN). The divisor is kept a normal
+    # float32: a subnormal one would round to 0 and give 0/0 at the maximum.
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(params.temperature, torch.finfo(torch.float32).tiny)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -62,6 +68,20 @@ def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
     return logits.softmax(-1)
+
+
+NONFINITE = ("the {model} model computed NaN or inf logits: its weights hold NaN/inf, or its activations overflow "
+             "in this dtype (try --dtype float32)")
+
+
+def check_finite_logits(logits: Tensor, model: str) -> None:
+    """Refuse NaN or inf logits: sampling from them would emit garbage (or crash) as if all were well.
+
+    One sum, not ``isfinite(x).all()``: a NaN or inf anywhere makes the sum non-finite (logits are far
+    too small for a finite sum to overflow), and it costs ~10 us per pass instead of ~100-600.
+    """
+    if not bool(torch.isfinite(logits.sum())):
+        raise CheckpointError(NONFINITE.format(model=model))
 
 
 def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:

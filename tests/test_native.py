@@ -239,3 +239,16 @@ def test_own_thread_pool_gives_the_same_tokens(family):
         assert run.returncode == 0, run.stderr
         outs.append(run.stdout.strip().splitlines()[-1])
     assert outs[0] == outs[1]
+
+
+def test_nonfinite_logits_are_refused_on_the_native_path(family):
+    from s2d.model.config import CheckpointError
+
+    model = load_model(family["gqa"], dtype="float32")
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")  # after loading: only a pass can notice
+    with torch.inference_mode():
+        with pytest.raises(CheckpointError, match="NaN or inf"):
+            model.greedy(torch.tensor([[1, 2, 3]]), torch.arange(3), model.new_cache())
+        with pytest.raises(CheckpointError, match="NaN or inf"):
+            model.top1(torch.ones(model.cfg.hidden_size))

@@ -96,10 +96,20 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from s2d.bench.results import results_document, write_results
     from s2d.bench.runner import BenchConfig, run_bench
 
+    from s2d.model.loading import check_checkpoint, check_device
+    from s2d.outputs import check_not_input, check_output_dir
+
     missing = [flag for flag, value in (("--target", args.target), ("--methods", args.methods),
                                         ("--questions", args.questions), ("--out", args.out)) if not value]
     if missing:
         raise BenchError(f"missing {', '.join(missing)} (see s2d bench --help)")
+    # Refuse now what would otherwise fail after the whole benchmark ran (and lose its results).
+    check_device(args.device, "--device")
+    check_not_input(args.out, [("--questions", args.questions), ("--draft", args.draft),
+                               *(("--target", t) for t in args.target)])
+    check_output_dir(args.out, lambda o: (o / "results.json").is_file(), "an earlier bench output (no results.json)")
+    for path in (*args.target, *([args.draft] if args.draft else [])):
+        check_checkpoint(path)
     options = MethodOptions(args.dtype, args.device, args.num_draft_tokens, args.ignore_eos, args.assistant_exit,
                             args.num_assistant_tokens, args.assistant_confidence_threshold,
                             args.prompt_lookup_num_tokens)
@@ -110,7 +120,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     runs = aggregate(outcome.records, sorted(cfg.methods, key=lambda m: m != BASELINE))
     doc = results_document(cfg, outcome, runs)
     write_results(args.out, doc, outcome.records)
-    report = write_report(doc, runs, args.out)
+    try:
+        report = write_report(doc, runs, args.out)
+    except Exception as err:  # the measurements are saved: say so, and how to render the report again
+        raise BenchError(f"the results are saved in {args.out / 'results.json'}, but writing the report failed "
+                         f"({type(err).__name__}: {err}); retry with: s2d bench report {args.out}") from err
     for r in runs:
         if r.category == "all":
             print(f"{r.target:>12} {r.method:<14} {r.tokens_per_s:8.1f} tok/s  speedup {fmt(r.speedup, '.2f', 'x'):>6}"

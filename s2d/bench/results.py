@@ -91,12 +91,18 @@ def validate_results(doc: Any) -> None:
 
 
 def write_results(out: Path, doc: dict[str, Any], records: list[QuestionRecord]) -> None:
-    validate_results(doc)
+    """records.jsonl first (the raw outputs survive even a summary that fails validation), then
+    results.json; each written to a temporary name and renamed, so neither is ever half a file."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-    with open(out / "records.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json()) + "\n")
+    _write_atomic(out / "records.jsonl", "".join(json.dumps(r.to_json()) + "\n" for r in records))
+    validate_results(doc)
+    _write_atomic(out / "results.json", json.dumps(doc, indent=1) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_results(out: Path) -> dict[str, Any]:

@@ -54,6 +54,10 @@ class BenchConfig:
             raise BenchError("--num-draft-tokens must be >= 1")
         # Raises a clear BenchError for unknown methods and draft methods without --draft.
         parse_methods(",".join(self.methods), self.draft is not None)
+        if 0 < self.temperature < 1e-20 and any(m.startswith("hf-") for m in self.methods):
+            # transformers divides float32 logits by T: they overflow to inf and its sampler fails mid-run.
+            raise BenchError(f"--temperature {self.temperature:g} overflows transformers' sampling (the hf-* "
+                             "methods); use 0 for greedy or a temperature >= 1e-20")
 
     def sampling(self, question_index: int, turn: int) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed + 64 * question_index + turn)

@@ -7,7 +7,7 @@ import torch
 from s2d.drafting.base import Draft, common_prefix
 from s2d.drafting.length import DraftLength
 from s2d.model.llama import Transformer
-from s2d.sampling import SamplingParams, probabilities, sample
+from s2d.sampling import SamplingParams, check_finite_logits, probabilities, sample
 
 
 class ModelDrafter:
@@ -34,6 +34,7 @@ class ModelDrafter:
         positions = torch.arange(start, start + len(tokens), device=self.model.device)
         logits = self.model(ids, positions, self.cache, logits_at=slice(-1, None))
         self.cached.extend(tokens)
+        check_finite_logits(logits, "draft")
         return logits[0, -1]
 
     def propose(self, context: list[int], max_tokens: int, params: SamplingParams,

@@ -13,6 +13,7 @@ recomputed and deep layers are computed only when some token needs them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,9 @@ from torch import Tensor
 from s2d.drafting.base import Draft, common_prefix
 from s2d.drafting.gates import ExitGates, GateRunner
 from s2d.drafting.length import DraftLength
+from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
-from s2d.sampling import SamplingParams, probabilities, sample
+from s2d.sampling import NONFINITE, SamplingParams, check_finite_logits, probabilities, sample
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,12 @@ class SortedDrafter:
                     continue  # deeper, without having paid for this exit's head
                 if params.greedy:  # the argmax and its probability, without a [V] tensor
                     token, conf = self.model.top1(self.hidden[pos])
+                    if not math.isfinite(conf):
+                        raise CheckpointError(NONFINITE.format(model="draft"))
                 else:
-                    conf, q = confidence_and_q(self.model.logits(self.hidden[pos]), params)
+                    logits = self.model.logits(self.hidden[pos])
+                    check_finite_logits(logits, "draft")
+                    conf, q = confidence_and_q(logits, params)
                 if self.gates is not None or conf >= threshold or j == last:
                     break
             if not params.greedy:

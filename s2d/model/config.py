@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,11 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed or of an architecture s2d cannot run."""
+
+
+# Our field name -> the config.json key it comes from, for error messages that name what the user can see.
+CONFIG_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+               "num_kv_heads": "num_key_value_heads", "max_positions": "max_position_embeddings"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,11 @@ class ModelConfig:
     exits: tuple[int, ...] = ()  # sorted drafts: layer counts after which an exit reads out
 
     def __post_init__(self) -> None:
+        # A zero or negative size would only fail later, deep inside the runtime (an empty layer stack).
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_positions"):
+            if getattr(self, name) < 1:
+                raise CheckpointError(f"config.json: {CONFIG_KEYS.get(name, name)} must be >= 1, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -110,20 +120,66 @@ class ModelConfig:
                 dtype=dtype,
                 exits=tuple(int(e) for e in raw.get("s2d_exits", ())),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except KeyError as err:
+            raise CheckpointError(f"config.json lacks {err.args[0]!r}") from err
+        except (TypeError, ValueError, ZeroDivisionError) as err:
             if isinstance(err, CheckpointError):
                 raise
-            raise CheckpointError(f"malformed config.json: {err!r}") from err
+            raise CheckpointError(f"malformed config.json: {err}") from err
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
+        """Parse ``config.json``; stop tokens come from ``generation_config.json`` beside it when it names them."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError as err:
-            raise CheckpointError(f"no config.json at {path}") from err
-        except json.JSONDecodeError as err:
+            raise CheckpointError(f"no config.json at {path}{foreign_format_hint(path.parent)}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        except OSError as err:
+            raise CheckpointError(f"cannot read {path}: {err.strerror}") from err
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path} does not hold a JSON object")
-        return cls.from_dict(raw)
+        try:
+            cfg = cls.from_dict(raw)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path.parent}: {err}") from None
+        eos = generation_eos(path.parent / "generation_config.json")
+        return cfg if eos is None else replace(cfg, eos_token_ids=eos)
+
+
+def generation_eos(path: Path) -> tuple[int, ...] | None:
+    """The ``eos_token_id`` of a ``generation_config.json`` (None: no file, or it names none).
+
+    As in transformers' ``generate``, these stop tokens take precedence over config.json's: chat
+    models often list their end-of-turn token only here (an instruct model would otherwise run on
+    past the end of its answer).
+    """
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    if eos is None:
+        return None
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return tuple(ids)
+
+
+def foreign_format_hint(directory: Path) -> str:
+    """A hint for folders that hold a model in a format s2d does not read (GGUF, pickled PyTorch)."""
+    if not directory.is_dir():
+        return ""
+    names = sorted(p.name for p in directory.iterdir())
+    gguf = [n for n in names if n.endswith(".gguf")]
+    if gguf:
+        return (f" (it holds {gguf[0]}: GGUF is llama.cpp's format, which s2d does not read; use the original "
+                "Hugging Face checkpoint: config.json, tokenizer files and *.safetensors)")
+    if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
+        return " (s2d reads Hugging Face checkpoints: config.json, tokenizer files and *.safetensors)"
+    return ""

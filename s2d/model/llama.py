@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from s2d.model import native
 from s2d.model.cache import KVCache
 from s2d.model.config import ModelConfig
+from s2d.sampling import check_finite_logits
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -238,8 +239,10 @@ class Transformer(nn.Module):
         hidden = self.run_layers(self.embed_tokens(ids), positions, cache)
         if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and hidden.shape[1] <= native.MAX_ROWS
                 and (fast := self.native_runtime())):
-            return fast.argmax(hidden[0])
-        return self.logits(hidden[0]).argmax(-1)
+            return fast.argmax(hidden[0])  # refuses non-finite logits itself
+        logits = self.logits(hidden[0])
+        check_finite_logits(logits, "model")
+        return logits.argmax(-1)
 
     def top1(self, hidden: Tensor, head: Tensor | None = None) -> tuple[int, float]:
         """hidden [C] -> (argmax token, its softmax probability) through the final norm and LM head.

@@ -6,22 +6,59 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from s2d.model.config import CheckpointError, ModelConfig
+from s2d.model.config import CheckpointError, ModelConfig, foreign_format_hint
 from s2d.model.llama import Transformer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
+def available_devices() -> list[str]:
+    found = ["cpu"]
+    for kind in ("cuda", "xpu", "mps"):
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            count = backend.device_count() if hasattr(backend, "device_count") else 1
+            found += [kind] if count == 1 else [f"{kind}:{i}" for i in range(count)]
+    return found
+
+
+def check_device(device: str | torch.device, what: str = "device") -> torch.device:
+    """The device named, or a one-line error saying which devices this torch build can use here."""
+    if isinstance(device, torch.device) and device.type != "meta":
+        return device
+    name = str(device)
+    options = available_devices()
+    where = f"this torch ({torch.__version__}) can use: {', '.join(options)}"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{what} {name!r} is not a device; {where}") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type in ("cuda", "xpu", "mps") else None
+    if backend is None or not backend.is_available():
+        raise ValueError(f"{what} {name}: not available; {where}")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"{what} {name}: this machine has {count} {dev.type} device(s); {where}")
+    return dev
+
+
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A local checkpoint directory, or a hub id fetched (or found in the local hub cache)."""
+    name = str(name_or_path)
+    if not name.strip():
+        raise CheckpointError("the checkpoint path is empty")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    name = str(name_or_path)
+    if path.suffix == ".gguf":
+        raise CheckpointError(f"checkpoint {name!r} is a GGUF file (llama.cpp's format), which s2d does not read; "
+                              "use the original Hugging Face checkpoint directory (config.json + *.safetensors)")
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise CheckpointError(f"checkpoint {name!r} is not a directory (nor a hub id of the form 'org/name')")
     try:
@@ -32,22 +69,119 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint {name!r} is neither a local directory nor a reachable hub id: {err}") from err
 
 
+def _weight_files(directory: Path) -> list[str]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    if (directory / "model.safetensors").exists():
+        return ["model.safetensors"]
+    raise CheckpointError(f"{directory} holds no model.safetensors nor model.safetensors.index.json"
+                          f"{foreign_format_hint(directory)}")
+
+
 def read_safetensors(directory: Path) -> dict[str, Tensor]:
     """All tensors of ``model.safetensors`` or of the shards a ``model.safetensors.index.json`` names."""
-    index = directory / "model.safetensors.index.json"
     try:
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (directory / "model.safetensors").exists():
-            files = ["model.safetensors"]
-        else:
-            raise CheckpointError(f"{directory} holds no model.safetensors nor model.safetensors.index.json")
         state: dict[str, Tensor] = {}
-        for name in files:
+        for name in _weight_files(directory):
             state.update(load_file(directory / name))
         return state
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+    except (SafetensorError, OSError, KeyError, TypeError, AttributeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
         raise CheckpointError(f"corrupt or incomplete weights in {directory}: {err}") from err
+
+
+def read_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the safetensors headers alone (no weights are read)."""
+    try:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in _weight_files(directory):
+            # safe_open checks that the header describes the whole file: a truncated file fails here.
+            with safe_open(directory / name, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        return shapes
+    except (SafetensorError, OSError, KeyError, TypeError, AttributeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"corrupt or incomplete weights in {directory}: {err}") from err
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors (transformers' names) a checkpoint of ``cfg`` must hold, with their shapes."""
+    c, v, f = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (v, c), "model.norm.weight": (c,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, c)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (c,), p + "post_attention_layernorm.weight": (c,),
+                       p + "self_attn.q_proj.weight": (q, c), p + "self_attn.k_proj.weight": (kv, c),
+                       p + "self_attn.v_proj.weight": (kv, c), p + "self_attn.o_proj.weight": (c, q),
+                       p + "mlp.gate_proj.weight": (f, c), p + "mlp.up_proj.weight": (f, c),
+                       p + "mlp.down_proj.weight": (c, f)})
+        if cfg.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if cfg.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (c,)
+        if cfg.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (f,), p + "mlp.up_proj.bias": (f,), p + "mlp.down_proj.bias": (c,)})
+    return shapes
+
+
+def check_tensors(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: str | Path) -> None:
+    """Refuse a checkpoint that lacks a tensor ``cfg`` needs or holds one of another shape."""
+    for name, shape in expected_shapes(cfg).items():
+        if name not in shapes:
+            raise CheckpointError(f"{where}: checkpoint lacks tensor {name!r}")
+        if tuple(shapes[name]) != shape:
+            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(shapes[name])}, config.json implies {shape}")
+
+
+FINITE_SAMPLE = 1 << 16  # values looked at per tensor by a sampled check
+
+
+def check_finite(state: dict[str, Tensor], where: str | Path, sample: bool = True) -> None:
+    """Refuse weights holding NaN or inf (a diverged training run, a bad conversion).
+
+    ``sample``: look at ~64k evenly spaced values of each tensor, so a 7B model costs milliseconds,
+    not seconds. A run that diverged leaves NaN nearly everywhere, which a sample finds; an isolated
+    bad value spreads to every logit it touches, which the engine's check of each pass's logits finds.
+    """
+    for name, t in state.items():
+        if not t.is_floating_point():
+            continue
+        flat = t.reshape(-1)
+        if sample and flat.numel() > FINITE_SAMPLE:
+            flat = flat[:: flat.numel() // FINITE_SAMPLE]
+        if not bool(torch.isfinite(flat).all()):
+            raise CheckpointError(f"{where}: tensor {name} holds NaN or inf values")
+
+
+def check_checkpoint(name_or_path: str | Path, num_layers: int | None = None) -> tuple[Path, ModelConfig]:
+    """Validate a checkpoint without reading its weights: config.json, every tensor's presence and shape.
+
+    ``num_layers`` checks only the first layers (a draft cut from a deeper model). Returns the
+    directory and its config.
+    """
+    directory = resolve_checkpoint(name_or_path)
+    cfg = _config(directory, num_layers)
+    check_tensors(cfg, read_shapes(directory), directory)
+    return directory, cfg
+
+
+def _config(directory: Path, num_layers: int | None) -> ModelConfig:
+    cfg = ModelConfig.from_file(directory / "config.json")
+    if num_layers is not None:
+        if not 1 <= num_layers <= cfg.num_layers:
+            raise CheckpointError(f"cannot keep {num_layers} layers of a {cfg.num_layers}-layer model")
+        from dataclasses import replace
+
+        cfg = replace(cfg, num_layers=num_layers, exits=tuple(e for e in cfg.exits if e <= num_layers))
+    return cfg
 
 
 def hf_to_s2d(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -97,21 +231,21 @@ def load_model(name_or_path: str | Path, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", num_layers: int | None = None) -> Transformer:
     """Load a Llama/Mistral/Qwen2 checkpoint; ``num_layers`` keeps only the first layers."""
     directory = resolve_checkpoint(name_or_path)
-    cfg = ModelConfig.from_file(directory / "config.json")
-    if num_layers is not None:
-        if not 1 <= num_layers <= cfg.num_layers:
-            raise CheckpointError(f"cannot keep {num_layers} layers of a {cfg.num_layers}-layer model")
-        from dataclasses import replace
-
-        cfg = replace(cfg, num_layers=num_layers, exits=tuple(e for e in cfg.exits if e <= num_layers))
+    cfg = _config(directory, num_layers)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    state = hf_to_s2d(read_safetensors(directory), cfg)
-    model = build_model(cfg, state, dtype or cfg.torch_dtype, device)
-    model.checkpoint_dir = directory
+    device = check_device(device)
+    raw = read_safetensors(directory)
+    check_tensors(cfg, {k: tuple(v.shape) for k, v in raw.items()}, directory)
+    check_finite({k: raw[k] for k in expected_shapes(cfg)}, directory)
+    model = build_model(cfg, hf_to_s2d(raw, cfg), dtype or cfg.torch_dtype, device)
+    model.checkpoint_dir = directory  # files stored beside the weights (exit gates, calibration)
     return model
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_tokenizer(name_or_path: str | Path):
@@ -119,7 +253,9 @@ def load_tokenizer(name_or_path: str | Path):
     from transformers import AutoTokenizer
 
     directory = resolve_checkpoint(name_or_path)
+    if not any((directory / name).exists() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{directory} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(directory)
-    except Exception as err:
-        raise CheckpointError(f"cannot load a tokenizer from {directory}: {err}") from err
+    except Exception as err:  # transformers' messages span lines: one line for the CLI
+        raise CheckpointError(f"cannot load a tokenizer from {directory}: {' '.join(str(err).split())}") from err

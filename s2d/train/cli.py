@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def _paths(text: str) -> tuple[Path, ...]:
 
 
 def add_train_draft(sub: argparse._SubParsersAction) -> None:
+    from s2d.cli import finite_float, int_in
+
     p = sub.add_parser("train-draft", help="train a sorted multi-exit draft (SoFT, multi-target distillation)",
                        description="Train one sorted draft with several exits for a family of targets. "
                                    "Re-running the same command in the same --out resumes from its last checkpoint.")
@@ -41,12 +44,12 @@ def add_train_draft(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", type=Path, help="default: the --init checkpoint's, else the first target's")
     p.add_argument("--targets", type=_paths, default=(), help="comma-separated teacher checkpoints")
     p.add_argument("--objective", choices=["soft", "distill"], default="soft")
-    p.add_argument("--ce-weight", type=float, help="default 1 for soft, 0 for distill")
-    p.add_argument("--distill-weight", type=float, help="default 1 for distill")
+    p.add_argument("--ce-weight", type=finite_float, help="default 1 for soft, 0 for distill")
+    p.add_argument("--distill-weight", type=finite_float, help="default 1 for distill")
     p.add_argument("--divergence", choices=DIVERGENCES, default="fkl")
-    p.add_argument("--jsd-beta", type=float, default=0.5)
-    p.add_argument("--on-policy", type=float, default=0.0, help="lambda: fraction of draft-generated sequences")
-    p.add_argument("--on-policy-temperature", type=float, default=1.0)
+    p.add_argument("--jsd-beta", type=finite_float, default=0.5)
+    p.add_argument("--on-policy", type=finite_float, default=0.0, help="lambda: fraction of draft-generated sequences")
+    p.add_argument("--on-policy-temperature", type=finite_float, default=1.0)
     p.add_argument("--on-policy-tokens", type=int, help="tokens sampled per on-policy sequence (default seq_len/2)")
     p.add_argument("--glob", default="*.py", help="which files of a --data directory to read")
     p.add_argument("--exclude-dir", action="append", default=[], help="directory name to skip (repeatable)")
@@ -57,19 +60,19 @@ def add_train_draft(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step, over all processes")
     p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--lr", type=finite_float, default=3e-4)
+    p.add_argument("--min-lr-ratio", type=finite_float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=finite_float, default=0.0)
+    p.add_argument("--grad-clip", type=finite_float, default=1.0)
     p.add_argument("--no-autocast", action="store_true", help="float32 forward (default: bfloat16 autocast)")
     p.add_argument("--teacher-dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
     p.add_argument("--save-dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_in(0, 2**32), default=0)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--max-minutes", type=finite_float)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train_draft)
@@ -106,8 +109,10 @@ def run_train_draft(args: argparse.Namespace) -> int:
     from s2d.train.trainer import train_draft
 
     result = train_draft(config_from_args(args))
+    loss = result.loss if math.isfinite(result.loss) else None  # NaN is not JSON; a run that ran no step has none
     print(json.dumps({"out_dir": str(result.out_dir), "status": result.status, "step": result.step,
-                      "tokens": result.tokens, "elapsed_s": round(result.elapsed_s, 1), "loss": result.loss}))
+                      "tokens": result.tokens, "elapsed_s": round(result.elapsed_s, 1), "loss": loss},
+                     allow_nan=False))
     if result.status == "interrupted":
         print(f"s2d train-draft: stopped at step {result.step}; run the same command again to resume",
               file=sys.stderr)

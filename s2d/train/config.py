@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from s2d.model.loading import check_device
 from s2d.train.data import DataConfig
 from s2d.train.losses import DivergenceSpec
 
@@ -71,6 +73,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # A NaN or inf slips through every range check below (all comparisons with NaN are False).
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            # Per-step generators are seeded with seed * 1_000_003 + ..., which must stay below 2**63.
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        check_device(self.device)
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         object.__setattr__(self, "targets", tuple(Path(t) for t in self.targets))
         for name in ("init", "tokenizer"):
@@ -127,6 +138,8 @@ class TrainConfig:
                              f"{self.micro_batch_size}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("lr must be > 0, min_lr_ratio in [0, 1], warmup_steps and grad_clip >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
 

@@ -137,6 +137,8 @@ def pack(stream: Tensor, seq_len: int) -> Tensor:
 class PackedData:
     rows: Tensor  # [R, seq_len + 1] int32 token ids
     sources: list[str] = field(default_factory=list)  # the documents they came from, for audits
+    key: str = ""  # fingerprint of the inputs (see ``fingerprint``), the cache's key
+    from_cache: bool = False  # read from an up-to-date cache file (nothing to write back)
 
     @property
     def num_tokens(self) -> int:
@@ -156,23 +158,34 @@ def fingerprint(cfg: DataConfig, tokenizer) -> str:
     return h.hexdigest()
 
 
-def load_packed(cfg: DataConfig, tokenizer, cache_path: Path | None = None) -> PackedData:
-    """Read, tokenize and pack, reusing ``cache_path`` when it was made from the same inputs."""
+def load_packed(cfg: DataConfig, tokenizer, cache_path: Path | None = None, save: bool = True) -> PackedData:
+    """Read, tokenize and pack, reusing ``cache_path`` when it was made from the same inputs.
+
+    ``save``: write the cache when it was not up to date (else the caller may ``save_packed`` later).
+    """
     key = fingerprint(cfg, tokenizer) if cache_path is not None else ""
     if cache_path is not None and cache_path.exists():
-        cached = torch.load(cache_path, weights_only=True)
-        if cached.get("key") == key:
-            return PackedData(cached["rows"], list(cached["sources"]))
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+        except Exception:  # a damaged cache is only a cache: rebuild it
+            cached = {}
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return PackedData(cached["rows"], list(cached["sources"]), key, from_cache=True)
     docs = read_documents(cfg)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token to separate documents")
-    data = PackedData(pack(tokenize(docs, tokenizer, eos), cfg.seq_len), [d.source for d in docs])
-    if cache_path is not None:
-        tmp = cache_path.with_suffix(".tmp")
-        torch.save({"key": key, "rows": data.rows, "sources": data.sources}, tmp)
-        os.replace(tmp, cache_path)
+    data = PackedData(pack(tokenize(docs, tokenizer, eos), cfg.seq_len), [d.source for d in docs], key)
+    if cache_path is not None and save:
+        save_packed(data, cache_path)
     return data
+
+
+def save_packed(data: PackedData, cache_path: Path) -> None:
+    """Write the token cache atomically (a reader never sees half a file)."""
+    tmp = cache_path.with_suffix(".tmp")
+    torch.save({"key": data.key, "rows": data.rows, "sources": data.sources}, tmp)
+    os.replace(tmp, cache_path)
 
 
 def global_batch(step: int, num_rows: int, batch_size: int, seed: int) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from s2d.model.config import CheckpointError, ModelConfig
 from s2d.model.llama import Transformer
-from s2d.model.loading import build_model, hf_to_s2d
+from s2d.model.loading import build_model, check_checkpoint, check_finite, hf_to_s2d
 from s2d.train.config import DraftShape
 
 
@@ -71,12 +71,17 @@ def init_from_checkpoint(path: Path, depth: int) -> nn.Module:
     source_depth = ModelConfig.from_file(path / "config.json").num_layers  # validates the architecture too
     if depth > source_depth:
         raise CheckpointError(f"cannot take {depth} layers from {path}, which has {source_depth}")
+    # transformers would fill a missing tensor with fresh random values and say so only in a log line:
+    # check names, shapes and the file's integrity first, as every s2d checkpoint reader does.
+    check_checkpoint(path, num_layers=depth)
     config = AutoConfig.from_pretrained(path)
     config.num_hidden_layers = depth
     if hasattr(config, "s2d_exits"):  # a sorted draft as init: its exits need not fit the new depth
         del config.s2d_exits
     with quiet_transformers():
-        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+    check_finite(dict(model.named_parameters()), path, sample=False)  # training on NaN only spreads it
+    return model
 
 
 def init_random(shape: DraftShape, depth: int, tokenizer, seed: int) -> nn.Module:

@@ -11,24 +11,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from s2d.model.config import CheckpointError, ModelConfig
-from s2d.model.loading import read_safetensors
+from s2d.model.config import CheckpointError
+from s2d.model.loading import check_checkpoint, check_finite, expected_shapes, read_safetensors
+from s2d.outputs import check_not_input, check_output_dir, marked_by, swap_in, temporary_sibling, write_marker
 from s2d.train.draft import quiet_transformers
 
+COMMAND = "export-exit"
 EXITS_KEY = "s2d_exits"  # config.json key of a sorted draft's exits (read by s2d.model.config)
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
               "tokenizer.model", "generation_config.json", "chat_template.jinja")
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace directory ``out`` by ``tmp``: the old one is renamed away first, then deleted."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def save_draft(model: nn.Module, exits: tuple[int, ...], tokenizer, out: Path, dtype: torch.dtype) -> None:
@@ -73,13 +64,14 @@ def export_exit(draft: str | Path, exit_layers: int, out: str | Path) -> Path:
     """Write the first ``exit_layers`` layers of ``draft`` with its shared final norm and head to ``out``.
 
     The result is a plain checkpoint of the draft's architecture: usable as ``assistant_model`` in
-    transformers, as a draft model in vLLM, or as ``--draft`` here.
+    transformers, as a draft model in vLLM, or as ``--draft`` here. ``out`` must be new, empty, or an
+    earlier export (which is replaced whole); the draft is validated before anything is written.
     """
     draft, out = Path(draft), Path(out)
-    cfg = ModelConfig.from_file(draft / "config.json")
+    check_not_input(out, [("--draft", draft)])
+    check_output_dir(out, marked_by(COMMAND), "an earlier export-exit output")
+    draft, cfg = check_checkpoint(draft)
     check_exit(cfg, exit_layers)
-    if out.resolve() == draft.resolve():
-        raise CheckpointError("--out must differ from --draft")
     raw = json.loads((draft / "config.json").read_text())
     raw["num_hidden_layers"] = exit_layers
     raw.pop(EXITS_KEY, None)
@@ -87,21 +79,24 @@ def export_exit(draft: str | Path, exit_layers: int, out: str | Path) -> Path:
         if isinstance(raw.get(key), list):
             raw[key] = raw[key][:exit_layers]
     state = read_safetensors(draft)
+    # Drafts are small: every value is checked, so a diverged draft is never passed on as a checkpoint.
+    check_finite({k: state[k] for k in expected_shapes(cfg)}, draft, sample=False)
 
     def keep(name: str) -> bool:
         parts = name.split(".")
         return not (len(parts) > 2 and parts[:2] == ["model", "layers"] and int(parts[2]) >= exit_layers)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in state.items() if keep(k)}, tmp / "model.safetensors",
-              metadata={"format": "pt"})
-    for name in SIDE_FILES:
-        if (draft / name).exists():
-            shutil.copy2(draft / name, tmp / name)
-    (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    _swap_in(tmp, out)
+    tmp = temporary_sibling(out)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items() if keep(k)}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        for name in SIDE_FILES:
+            if (draft / name).exists():
+                shutil.copy2(draft / name, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        write_marker(tmp, COMMAND, draft=str(draft), exit=exit_layers)
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

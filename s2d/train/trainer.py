@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -24,9 +25,10 @@ from torch import Tensor
 
 from s2d.model.llama import CPU_BF16_UPCAST
 from s2d.model.loading import DTYPES, load_tokenizer
+from s2d.outputs import check_not_input, check_output_dir, swap_in, temporary_sibling
 from s2d.train.checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
 from s2d.train.config import TrainConfig
-from s2d.train.data import PackedData, global_batch, load_packed
+from s2d.train.data import PackedData, global_batch, load_packed, save_packed
 from s2d.train.draft import SortedDraft, init_from_checkpoint, init_random, sample_continuations, to_runtime
 from s2d.train.export import save_draft
 from s2d.train.losses import TeacherMixture, cross_entropy, distill_loss
@@ -162,36 +164,70 @@ def _load_tokenizer(cfg: TrainConfig):
     return tokenizer
 
 
-def _prepare_run(cfg: TrainConfig, dist: Dist) -> Path | None:
-    """Create or check the output directory; returns the checkpoint to resume from, if any."""
-    out, ckpts = cfg.out_dir, cfg.out_dir / "checkpoints"
-    run_file = out / "train_config.json"
-    resume = latest_checkpoint(ckpts)
-    if run_file.exists():
-        cfg.check_resumable(json.loads(run_file.read_text()))
-    elif resume is not None:
-        raise ValueError(f"{out} holds checkpoints but no train_config.json; choose another output directory")
-    dist.barrier()  # every rank has read the old config before rank 0 rewrites it
-    if dist.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_partial(ckpts)
-        _write_json(run_file, cfg.to_json())
+RUN_FILE = "train_config.json"  # a folder holding it is a train-draft run (ours to resume or restart)
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the gradients stopped being finite; nothing after the last good checkpoint was kept."""
+
+
+def _check_run_dir(cfg: TrainConfig) -> Path | None:
+    """Check the output folder without writing anything; returns the checkpoint to resume from, if any.
+
+    The folder must be new, empty, or a train-draft run. A run with checkpoints resumes only under
+    the same config; a run without any (it failed before its first checkpoint) is simply restarted,
+    so a corrected command is never refused because of the failed one.
+    """
+    out = cfg.out_dir
+    inputs = [("--init", cfg.init), ("--tokenizer", cfg.tokenizer), *(("--targets", t) for t in cfg.targets),
+              *(("--data", p) for p in cfg.data.paths)]
+    check_not_input(out, inputs)
+    if not check_output_dir(out, lambda o: (o / RUN_FILE).is_file(), f"a train-draft run (it has no {RUN_FILE})"):
+        return None
+    resume = latest_checkpoint(out / "checkpoints")
+    if resume is not None:
+        try:
+            saved = json.loads((out / RUN_FILE).read_text())
+        except ValueError as err:
+            raise ValueError(f"{out / RUN_FILE} is not valid JSON ({err}); choose another output folder") from None
+        cfg.check_resumable(saved if isinstance(saved, dict) else {})
     return resume
 
 
-def _load_data(cfg: TrainConfig, tokenizer, dist: Dist) -> PackedData:
-    cache = cfg.out_dir / "tokens.pt"
-    if dist.rank == 0:
-        data = load_packed(cfg.data, tokenizer, cache)
-        _write_json(cfg.out_dir / "data_files.json", {"num_documents": len(data.sources), "num_tokens": data.num_tokens,
-                                                      "num_sequences": data.rows.shape[0], "documents": data.sources})
-    dist.barrier()
-    if dist.rank != 0:
-        data = load_packed(cfg.data, tokenizer, cache)  # rank 0 wrote the cache: this is a read
+def _start_run(cfg: TrainConfig, data: PackedData) -> None:
+    """Write the run's record (config, data list, token cache): only once everything was validated.
+
+    A new run is written in a temporary folder renamed into place, so a crash leaves no half run.
+    """
+    out = cfg.out_dir
+    fresh = not out.exists() or not any(out.iterdir())
+    folder = temporary_sibling(out) if fresh else out
+    try:
+        clean_partial(folder / "checkpoints")
+        if not data.from_cache:
+            save_packed(data, folder / "tokens.pt")
+        _write_json(folder / "data_files.json", {"num_documents": len(data.sources), "num_tokens": data.num_tokens,
+                                                 "num_sequences": data.rows.shape[0], "documents": data.sources})
+        _write_json(folder / RUN_FILE, cfg.to_json())
+        if fresh:
+            swap_in(folder, out)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _load_data(cfg: TrainConfig, tokenizer) -> PackedData:
+    """Rank 0's read of the data (the token cache is reused, not yet written)."""
+    data = load_packed(cfg.data, tokenizer, cfg.out_dir / "tokens.pt", save=False)
+    _check_rows(cfg, data)
+    return data
+
+
+def _check_rows(cfg: TrainConfig, data: PackedData) -> None:
     if data.rows.shape[0] < cfg.batch_size:
         raise ValueError(f"the training data packs into {data.rows.shape[0]} sequences of {cfg.data.seq_len} tokens, "
                          f"fewer than one batch of {cfg.batch_size}")
-    return data
 
 
 def _build_draft(cfg: TrainConfig, tokenizer) -> SortedDraft:
@@ -202,6 +238,10 @@ def _build_draft(cfg: TrainConfig, tokenizer) -> SortedDraft:
     if model.config.max_position_embeddings < cfg.data.seq_len:
         raise ValueError(f"seq_len {cfg.data.seq_len} exceeds the draft's context of {model.config.max_position_embeddings}")
     return SortedDraft(model.to(cfg.device), cfg.exits)
+
+
+def _finite_weights(draft: SortedDraft) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in draft.parameters())
 
 
 def build_optimizer(draft: SortedDraft, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -264,23 +304,44 @@ def _accumulate_gradients(cfg: TrainConfig, model: torch.nn.Module, teachers: Te
     return sums
 
 
+def _diverged(cfg: TrainConfig, log: "JsonlLog | None", bar, step: int, what: str) -> None:
+    """Stop the run: non-finite numbers are never trained on, saved or exported."""
+    if bar is not None:
+        bar.close()
+    if log is not None:
+        log.write({"event": "diverged", "step": step, "detail": what})
+    last = latest_checkpoint(cfg.out_dir / "checkpoints")
+    kept = f"the last good checkpoint, {last.name}, is kept" if last else "no checkpoint was saved before it"
+    raise TrainingDiverged(f"training diverged at step {step} ({what}): stopped, {kept}; lower --lr, check "
+                           "--init's weights and the data, or train in float32 (--no-autocast); to start over "
+                           f"with other settings, delete {cfg.out_dir / 'checkpoints'} or choose another --out")
+
+
 def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
     torch.manual_seed(cfg.seed)
+    # Everything is validated before anything is written: a refused command leaves no trace in out_dir.
+    if cfg.batch_size % (cfg.micro_batch_size * dist.world):
+        raise ValueError(f"batch_size {cfg.batch_size} must split into micro-batches of {cfg.micro_batch_size} "
+                         f"over {dist.world} processes")
     tokenizer = _load_tokenizer(cfg)
-    resume = _prepare_run(cfg, dist)
-    data = _load_data(cfg, tokenizer, dist)
+    resume = _check_run_dir(cfg)
+    dist.barrier()  # every rank has read the old run before rank 0 rewrites it
     draft = _build_draft(cfg, tokenizer)
+    teachers = None
+    if cfg.distill_weight > 0:
+        teachers = Teachers(cfg.targets, cfg.teacher_dtype, cfg.device, draft.model.config.vocab_size, cfg.data.seq_len)
+    if dist.rank == 0:
+        data = _load_data(cfg, tokenizer)
+        _start_run(cfg, data)
+    dist.barrier()
+    if dist.rank != 0:
+        data = load_packed(cfg.data, tokenizer, cfg.out_dir / "tokens.pt", save=False)  # rank 0 wrote the cache
+        _check_rows(cfg, data)
     optimizer = build_optimizer(draft, cfg)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     if resume is not None:
         state = load_checkpoint(resume, draft, optimizer)
     start = int(state["step"])
-    teachers = None
-    if cfg.distill_weight > 0:
-        teachers = Teachers(cfg.targets, cfg.teacher_dtype, cfg.device, draft.model.config.vocab_size, cfg.data.seq_len)
-    if cfg.batch_size % (cfg.micro_batch_size * dist.world):
-        raise ValueError(f"batch_size {cfg.batch_size} must split into micro-batches of {cfg.micro_batch_size} "
-                         f"over {dist.world} processes")
     draft.train()  # from_pretrained leaves models in eval mode
     model: torch.nn.Module = draft
     if dist.world > 1:
@@ -298,7 +359,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
         warnings.warn("bfloat16 autocast on a CPU without native bfloat16 (no AVX512-BF16/AMX) is very slow; "
                       "train in float32 with --no-autocast (autocast=False)", stacklevel=2)
     status: Status = "completed"
-    loss_value = float("nan")
+    loss_value = float(state.get("loss", math.nan))  # a finished run resumed has no step left to run
     bar = None
     if main and cfg.progress:
         from tqdm import tqdm
@@ -322,6 +383,11 @@ def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
             step_ids, step_mask = _local_rows(cfg, data, batch_rows, mine, flags, policy_exit, draft, step)
             sums = _accumulate_gradients(cfg, model, teachers, step_ids, step_mask, n_ce, n_kd, dist.world, autocast)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.grad_clip or float("inf")))
+            dist.all_reduce(sums)
+            loss_value = float(sums[-1])
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                # Stop before the update: the weights are still those of the last finite step.
+                _diverged(cfg, log, bar, step + 1, f"loss {loss_value}, gradient norm {grad_norm}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -330,8 +396,6 @@ def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
             elapsed += dt
             flag = torch.tensor([float(stop.requested), float(cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes)])
             dist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-            dist.all_reduce(sums)
-            loss_value = float(sums[-1])
             state = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "loss": loss_value}
             if main:
                 tok_s = cfg.batch_size * seq_len / dt
@@ -348,6 +412,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
                                                             for i, e in enumerate(cfg.exits)}
                     log.write(record)
             stopping = bool(flag[0]) or bool(flag[1])
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                if not _finite_weights(draft):  # a huge learning rate can overflow weights with a finite loss
+                    _diverged(cfg, log, bar, step, "the weights after the update hold NaN or inf")
             if main and (step % cfg.save_every == 0 or step == cfg.steps or stopping):
                 save_checkpoint(cfg.out_dir / "checkpoints", step, draft, optimizer, state, cfg.keep_checkpoints)
             if stopping:

@@ -29,6 +29,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from s2d.model.config import CheckpointError
+from s2d.sampling import NONFINITE
+
 if TYPE_CHECKING:
     from s2d.model.cache import KVCache
     from s2d.model.llama import Transformer
@@ -266,5 +269,7 @@ class NativeRuntime:
         if head is not None and (head.dtype != rows.dtype or head.shape[-1] != self.hidden_size
                                  or not head.is_contiguous()):
             raise ValueError("a head must be a contiguous [V, hidden] tensor in the model's dtype")
-        self.lib.s2d_head(self.handle, rows.data_ptr(), rows.shape[0], _ptr(head),
-                          0 if head is None else head.shape[0], out, tokens, probs)
+        status = self.lib.s2d_head(self.handle, rows.data_ptr(), rows.shape[0], _ptr(head),
+                                   0 if head is None else head.shape[0], out, tokens, probs)
+        if status == -4:
+            raise CheckpointError(NONFINITE.format(model="model"))

@@ -237,7 +237,8 @@ struct Job {
 struct TopPart {
   float max;
   int64_t arg;
-  float sum;  // sum of exp(logit - max) over the thread's columns
+  float sum;    // sum of exp(logit - max) over the thread's columns
+  bool finite;  // no NaN or inf among them (their plain sum is finite)
 };
 
 constexpr int kMaxRows = 64;         // tokens per pass (native.MAX_ROWS)
@@ -502,6 +503,7 @@ int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, v
 // Final norm and LM head over T rows: x [T, C] (model dtype) -> out [T, V] float32 logits (out may be
 // null), and where tokens/probs are non-null each row's argmax (the first, as torch's) and its
 // softmax probability. head_w/rows: another head (a vocabulary subset, [rows, C]); null/0: the model's.
+// Returns 0, or -4 when a row asked for its top-1 holds NaN or inf logits.
 int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t rows, float* out, int64_t* tokens,
              float* probs) {
   std::lock_guard<std::mutex> lock(g_call);
@@ -513,13 +515,15 @@ int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t row
   const bool top = tokens != nullptr || probs != nullptr;
   if (top) {
     if (out == nullptr && s.head_out.size() < static_cast<size_t>(T) * V) s.head_out.resize(static_cast<size_t>(T) * V);
-    s.top.assign(static_cast<size_t>(m->pool->size()) * T, s2d::TopPart{-INFINITY, 0, 0.f});
+    s.top.assign(static_cast<size_t>(m->pool->size()) * T, s2d::TopPart{-INFINITY, 0, 0.f, true});
   }
   m->job = {m, T, const_cast<void*>(x), nullptr, nullptr, nullptr, 0, 0, 0, 0, nullptr, 0, 0, out,
             head_w ? head_w : m->head_w, V, top ? &s.top : nullptr};
   if (m->profile) m->prof.start();
   m->pool->run(m->kernels.logits[m->bf16_weights], &m->job);
   if (top) {
+    for (const s2d::TopPart& p : s.top)
+      if (!p.finite) return -4;
     // Merge the threads' shares in column order: ties go to the lowest index.
     for (int t = 0; t < T; ++t) {
       float best = -INFINITY;
