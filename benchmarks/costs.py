@@ -3,8 +3,8 @@
     python benchmarks/costs.py --zoo ../shared/zoo --draft benchmarks/zoo-draft [--context 400] [--out F]
     python benchmarks/costs.py --models runs/llama-1b-shape --draft benchmarks/zoo-draft --sizes 1,6,16
 
-For each target: the time of one decoding pass over 1 new token and over k new tokens at a fixed
-context length, through the native runtime and through the torch reference path (``--reference``);
+For each target: the time of one greedy verification pass over 1 new token and over k new tokens
+at a fixed context length (sizes timed round-robin, so machine drift does not bend their ratios), through the native runtime and through the torch reference path (``--reference``);
 where a one-token pass goes (products by stage, attention, head, and everything outside the native
 call: Python, embedding, argmax); for the draft: one token through the layers of each exit plus the
 head, and the head alone. Ratios to the target's 1-token pass are the c of Leviathan et al.:
@@ -27,16 +27,23 @@ from s2d.model import native
 from s2d.model.loading import load_model
 
 
-def timed(fn, reps: int) -> float:
-    """Median seconds of ``reps`` calls, after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def timed_together(fns: dict, reps: int) -> dict:
+    """Median seconds of each function, called round-robin (one call of each per round), so that a
+    machine whose speed drifts during the run shifts all of them alike and their ratios stay true."""
+    times: dict = {k: [] for k in fns}
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        fn()
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def timed(fn, reps: int) -> float:
+    return timed_together({0: fn}, reps)[0]
 
 
 def prefilled(model, context: int, extra: int):
@@ -47,17 +54,20 @@ def prefilled(model, context: int, extra: int):
 
 
 @torch.inference_mode()
-def block_cost(model, context: int, new: int, reps: int) -> float:
-    """Seconds of one verification pass: ``new`` tokens in, their logits and argmax out."""
-    cache, ids = prefilled(model, context, new)
-    positions = torch.arange(context, context + new)
-    block = ids[:, context:]
+def block_costs(model, context: int, sizes: list[int], reps: int) -> dict[int, float]:
+    """Seconds of one greedy verification pass as the engine runs it (``new`` tokens in, their argmax out)."""
+    # One cache for all sizes (each pass truncates it back to the context): separate caches would
+    # multiply the working set and push the weights out of the CPU's caches.
+    cache, ids = prefilled(model, context, max(sizes))
+    steps = {}
+    for new in sizes:
+        def step(block=ids[:, context:context + new], positions=torch.arange(context, context + new)):
+            cache.truncate(context)
+            model.greedy(block, positions, cache)
 
-    def step():
-        cache.truncate(context)
-        model(block, positions, cache).argmax(-1)
-
-    return timed(step, reps)
+        steps[new] = step
+    with torch.inference_mode():
+        return timed_together(steps, reps)
 
 
 @torch.inference_mode()
@@ -69,7 +79,7 @@ def step_breakdown(model, context: int, reps: int) -> dict[str, float]:
 
     def step():
         cache.truncate(context)
-        model(ids[:, context:], pos, cache).argmax(-1)
+        model.greedy(ids[:, context:], pos, cache)
 
     step()
     runtime.profile(True)
@@ -151,12 +161,12 @@ def main() -> None:
 
     for name, path in targets.items():
         target = load_model(path, dtype=args.dtype)
-        row: dict = {"native": {k: 1000 * block_cost(target, args.context, k, args.reps) for k in sizes}}
+        row: dict = {"native": {k: 1000 * v for k, v in block_costs(target, args.context, sizes, args.reps).items()}}
         if target.native_runtime() is not None:
             row["breakdown"] = step_breakdown(target, args.context, args.reps * 3)
         if args.reference:
             target.use_native = False
-            row["reference"] = {k: 1000 * block_cost(target, args.context, k, args.reps) for k in sizes}
+            row["reference"] = {k: 1000 * v for k, v in block_costs(target, args.context, sizes, args.reps).items()}
             target.use_native = True
         report["targets"][name] = row
         print(f"{name}: " + ", ".join(f"{k}: {v:.2f}" for k, v in row["native"].items()), flush=True)
