@@ -166,7 +166,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if use not in targets:
         raise ValueError(f"--use {use!r} names no target; targets: {', '.join(targets)}")
     draft_path = args.draft if (args.method is None or needs_draft_model(args.method)) else None
-    tokenizer, models, draft = load_family(targets, draft_path, args.dtype, args.device)
+    # Chat templates need transformers' tokenizer; plain text is encoded without importing transformers.
+    tokenizer, models, draft = load_family(targets, draft_path, args.dtype, args.device,
+                                           fast_tokenizer=not chat)
     method = default_method(args.method, draft)
     options = {name: draft_options(args, method, draft_path, name) for name in targets}
     engine = MultiTargetEngine(models, draft, method, options, eos_token_ids=() if args.ignore_eos else None)

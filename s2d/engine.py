@@ -120,6 +120,8 @@ class Engine:
                              f"{target.cfg.vocab_size}; speculative decoding needs the same vocabulary")
         self.target = target
         self.drafter = drafter
+        if drafter is not None and hasattr(drafter, "bind_target"):
+            drafter.bind_target(target)  # drafters that weigh their cost against this target's
         self.num_draft_tokens = num_draft_tokens
         self.eos = set(target.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.cache = target.new_cache()  # reused across requests: allocation is not free for big models

@@ -48,10 +48,23 @@ def parse_targets(specs: list[str]) -> dict[str, str]:
     return targets
 
 
-def load_family(targets: dict[str, str], draft: str | None, dtype: str, device: str):
-    """Load targets (and a draft) that must share one tokenizer. Returns (tokenizer, {name: model}, draft)."""
+def load_family(targets: dict[str, str], draft: str | None, dtype: str, device: str, fast_tokenizer: bool = False):
+    """Load targets (and a draft) that must share one tokenizer. Returns (tokenizer, {name: model}, draft).
+
+    ``fast_tokenizer``: encode/decode without importing transformers where that is exact
+    (s2d.model.tokenizer); for commands that need nothing else of the tokenizer.
+    """
     models = {}
     tokenizer = None
+
+    def load_tokenizer(path):
+        from s2d.model import loading
+        from s2d.model.tokenizer import fast_tokenizer as fast
+
+        if fast_tokenizer and (tok := fast(loading.resolve_checkpoint(path))) is not None:
+            return tok
+        return loading.load_tokenizer(path)
+
     for name, path in targets.items():
         models[name] = load_model(path, dtype=dtype, device=device)
         tok = load_tokenizer(path)

@@ -89,7 +89,8 @@ def test_sampling_through_the_hybrid_drafter_keeps_the_target_distribution():
         p2 = target(seqs, torch.arange(9), target.new_cache(batch=8))[:, -1].softmax(-1)
     exact = (p1[:, None] * p2).reshape(-1)
     hybrid = HybridDrafter(SortedDrafter(draft, SortedConfig((1, 2, 3), (0.6, 0.6, 0.0))),
-                           HybridConfig(min_lookup=1, lookup_tokens=4, ngram=NgramConfig(max_n=3, min_match=1)))
+                           HybridConfig(min_lookup=1, lookup_tokens=4, ngram=NgramConfig(max_n=3, min_match=1),
+                                        cost_aware=False))  # both kinds of draft on every step
     engine = Engine(target, hybrid, 4, eos_token_ids=())
     n = 4000
     counts = torch.zeros(64)
@@ -111,3 +112,27 @@ def test_sampling_through_the_hybrid_drafter_keeps_the_target_distribution():
     keep = exp > 0
     stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
     assert stat < chi2_critical(int(keep.sum()) - 1), stat
+
+
+def test_cost_aware_hybrid_stops_asking_a_draft_that_does_not_pay(models):
+    """Where lookup has nothing, the model drafts only while its accepted tokens outweigh its cost."""
+    target, draft = models
+    prompt = PROMPTS[1]
+    expected = Engine(target, eos_token_ids=()).generate(prompt, SamplingParams(), 60).output
+    model_steps = {}
+    for cost in (0.0, 50.0):  # a free draft (free to verify too), and one dearer than anything it could save
+        config = HybridConfig(retry=16, gamma=0.0 if cost == 0 else 0.06)
+        hybrid = HybridDrafter(SortedDrafter(draft, SortedConfig((1,), (0.0,))), config)
+        engine = Engine(target, hybrid, 8, eos_token_ids=())
+        assert hybrid.cost > 0  # bound by the engine: bytes of the draft's exit over the target's
+        hybrid.cost = cost
+        state = engine.generate(prompt, SamplingParams(), 60)
+        assert state.output == expected
+        model_steps[cost] = hybrid_model_steps(state)
+    assert model_steps[50.0] <= 5 * 8  # the first try, then one retry every 16 plain steps (<= 8 tokens each)
+    assert model_steps[0.0] > model_steps[50.0]
+
+
+def hybrid_model_steps(state) -> int:
+    """Model-drafted tokens (exit > 0 in the exit histogram)."""
+    return sum(c for e, c in state.stats.exit_counts.items() if e)

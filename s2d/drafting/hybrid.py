@@ -6,6 +6,14 @@ repetition tends to go on, so up to ``lookup_tokens`` are drafted); otherwise th
 sorted cascade, or one fixed exit) drafts as usual. The model drafter's cache catches up on the
 tokens it did not draft the next time it runs, in one pass.
 
+Where lookup has nothing, the model drafts only while that pays for this target: a draft of k
+tokens costs about k*c of a target pass to propose (c: a draft token's cost over a target pass,
+``cost.py``) and k*gamma more to verify (a pass over k+1 tokens costs ~1 + k*gamma one-token passes),
+so model steps continue while their running mean of accepted tokens exceeds that; otherwise the step
+is a plain one (no draft), and the model is tried again every ``retry`` such steps. A small target
+(zoo-s, where c ~ 0.5) so stops asking the draft; a large one (zoo-l, c ~ 0.1) keeps it. The rule
+counts tokens, not seconds, so seeded sampling stays reproducible.
+
 Lookup tokens are deterministic: their q is one-hot, which speculative sampling verifies exactly
 (accept with probability p(x)), so sampling stays lossless. They are reported as exit 0 in the
 statistics' exit histogram.
@@ -27,10 +35,15 @@ class HybridConfig:
     min_lookup: int = 2  # lookup tokens needed to skip the model for this step
     lookup_tokens: int = 8  # most lookup tokens drafted per step
     ngram: NgramConfig = NgramConfig()
+    gamma: float = 0.06  # a verification pass's extra cost per drafted token (in one-token passes)
+    retry: int = 16  # plain steps before the model is tried again
+    cost_aware: bool = True  # False: the model drafts whenever lookup has nothing
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lookup <= self.lookup_tokens:
             raise ValueError(f"need 1 <= min_lookup <= lookup_tokens, got {self.min_lookup}, {self.lookup_tokens}")
+        if not (self.gamma >= 0 and self.retry >= 1):
+            raise ValueError("gamma must be >= 0 and retry >= 1")
 
 
 class HybridDrafter:
@@ -38,23 +51,52 @@ class HybridDrafter:
         self.model = model
         self.config = config
         self.lookup = NgramDrafter(config.ngram)
-        self.last_from_lookup = False
+        self.last_kind = "none"  # what drafted the last step: "lookup", "model" or "none" (a plain step)
+        self.cost = 0.0  # a draft token over a target pass (bind_target); 0: the model always pays
+        self._accepted = self._proposed = None  # running means over model steps (None: none yet)
+        self._plain_steps = 0
+
+    def bind_target(self, target) -> None:
+        """Estimate what a model draft token costs for this target (the engine calls this)."""
+        from s2d.drafting.cost import draft_cost_ratio
+
+        draft = getattr(self.model, "model", None)
+        exits = getattr(getattr(self.model, "config", None), "exits", None)
+        if draft is not None:
+            self.cost = draft_cost_ratio(draft, exits[0] if exits else draft.cfg.num_layers, target)
 
     def reset(self) -> None:
         self.model.reset()
         self.lookup.reset()
+        self._plain_steps = 0  # the running means are about the pair of models, kept across requests
 
     def feedback(self, num_proposed: int, num_accepted: int) -> None:
-        # Lookup steps say nothing about the model's draft length.
-        if not self.last_from_lookup:
-            self.model.feedback(num_proposed, num_accepted)
+        if self.last_kind != "model":  # lookup steps say nothing about the model's draft length
+            return
+        self.model.feedback(num_proposed, num_accepted)
+        if self._accepted is None:
+            self._accepted, self._proposed = float(num_accepted), float(num_proposed)
+        else:
+            self._accepted = 0.8 * self._accepted + 0.2 * num_accepted
+            self._proposed = 0.8 * self._proposed + 0.2 * num_proposed
+
+    def model_pays(self) -> bool:
+        """Whether model drafts have been accepted often enough to be worth their cost here."""
+        if not self.config.cost_aware or self._accepted is None:
+            return True
+        return self._accepted >= self._proposed * (self.cost + self.config.gamma)
 
     def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
                 generator: torch.Generator | None) -> Draft:
         # max_tokens is the engine's cap (room left in the output); build_drafter sizes it to allow
         # lookup_tokens, while the model drafter keeps its own draft length.
         tokens, _ = self.lookup.lookup(context, min(max_tokens, self.config.lookup_tokens))
-        self.last_from_lookup = len(tokens) >= self.config.min_lookup
-        if self.last_from_lookup:
+        if len(tokens) >= self.config.min_lookup:
+            self.last_kind = "lookup"
             return Draft(torch.tensor(tokens, dtype=torch.long), exits=[LOOKUP_EXIT] * len(tokens))
-        return self.model.propose(context, max_tokens, params, generator)
+        if self.model_pays() or self._plain_steps >= self.config.retry:
+            self.last_kind, self._plain_steps = "model", 0
+            return self.model.propose(context, max_tokens, params, generator)
+        self.last_kind = "none"
+        self._plain_steps += 1
+        return Draft.empty()
