@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from s2d.drafting import DraftOptions, build_drafter, sorted_exits
+from s2d.drafting import DraftOptions, build_drafter, default_options, engine_draft_tokens, sorted_exits
 from s2d.engine import Engine
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
@@ -20,7 +20,6 @@ from s2d.sampling import SamplingParams
 
 CALIBRATION_FILE = "s2d_calibration.json"
 DRAFT_LENGTHS = (2, 3, 5, 7)
-EXIT_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
 STOP_THRESHOLDS = (0.0, 0.1, 0.3)
 
 
@@ -56,24 +55,27 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def stored_options(entry: dict, num_draft_tokens: int = 5, where: str = "entry") -> DraftOptions:
-    """One target's calibration entry as drafter options; what it lacks takes the defaults."""
+def stored_options(entry: dict, num_draft_tokens: int | None = None, where: str = "entry",
+                   base: DraftOptions | None = None) -> DraftOptions:
+    """One target's calibration entry as drafter options; what it lacks comes from ``base`` (default:
+    ``s2d``'s default knobs), and ``num_draft_tokens`` when given."""
     if not isinstance(entry, dict):
         raise ValueError(f"{where!r} must be a JSON object, got {entry!r}")
-    k = entry.get("num_draft_tokens", num_draft_tokens)
+    base = base or default_options("s2d")
+    k = entry.get("num_draft_tokens", num_draft_tokens or base.num_draft_tokens)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"{where}.num_draft_tokens must be an integer >= 1, got {k!r}")
-    thresholds = entry.get("exit_thresholds", [])
+    thresholds = entry.get("exit_thresholds", list(base.exit_thresholds))
     if not isinstance(thresholds, list) or not all(_is_number(t) and 0 <= t <= 1 for t in thresholds):
         raise ValueError(f"{where}.exit_thresholds must be a list of numbers in [0, 1], got {thresholds!r}")
-    stop = entry.get("stop_threshold", 0.0)
+    stop = entry.get("stop_threshold", base.stop_threshold)
     if not (_is_number(stop) and 0 <= stop <= 1):
         raise ValueError(f"{where}.stop_threshold must be a number in [0, 1], got {stop!r}")
     # the other drafter options (lookup knobs, ...) pass through DraftOptions' own validation
     known = {f.name for f in fields(DraftOptions)} - {"num_draft_tokens", "exit_thresholds", "stop_threshold"}
     extra = {key: v for key, v in entry.items() if key in known}
     try:
-        return DraftOptions(num_draft_tokens=k, exit_thresholds=tuple(thresholds), stop_threshold=stop, **extra)
+        return replace(base, num_draft_tokens=k, exit_thresholds=tuple(thresholds), stop_threshold=stop, **extra)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from None
 
@@ -99,7 +101,7 @@ def save_calibration(path: Path, target_name: str, entry: dict) -> None:
 
 def measure(target: Transformer, draft: Transformer, options: DraftOptions, prompts: list[list[int]],
             max_new_tokens: int) -> float:
-    engine = Engine(target, build_drafter("s2d", draft, options), options.num_draft_tokens, eos_token_ids=())
+    engine = Engine(target, build_drafter("s2d", draft, options), engine_draft_tokens("s2d", options), eos_token_ids=())
     tokens = seconds = 0.0
     proposed = 0
     for prompt in prompts:
@@ -115,18 +117,16 @@ def measure(target: Transformer, draft: Transformer, options: DraftOptions, prom
 
 def calibrate(target: Transformer, draft: Transformer, prompts: list[list[int]], max_new_tokens: int = 64,
               desc: str = "calibrate") -> dict:
-    """Coordinate search: draft length, then the exit threshold (shared by all exits but the last),
-    then the stop threshold; each stage keeps the fastest setting found so far."""
+    """Coordinate search for ``s2d`` on this target: the exit that drafts where lookup has nothing,
+    then the draft length, then the stop threshold; each stage keeps the fastest setting so far."""
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     check_calibration_run(max_new_tokens)
-    num_exits = len(sorted_exits(draft))
-    measure(target, draft, DraftOptions(), prompts[:1], 8)  # warm-up
-    best = DraftOptions()
+    measure(target, draft, default_options("s2d"), prompts[:1], 8)  # warm-up
+    best = default_options("s2d")
     best_speed = 0.0
-    stages = [[replace(best, num_draft_tokens=k) for k in DRAFT_LENGTHS],
-              [(lambda t: lambda o: replace(o, exit_thresholds=(t,) * (num_exits - 1) + (0.0,)))(t)
-               for t in EXIT_THRESHOLDS],
+    stages = [[(lambda e: lambda o: replace(o, exit=e))(e) for e in sorted_exits(draft)],
+              [(lambda k: lambda o: replace(o, num_draft_tokens=k))(k) for k in DRAFT_LENGTHS],
               [(lambda s: lambda o: replace(o, stop_threshold=s))(s) for s in STOP_THRESHOLDS]]
     total = sum(len(s) for s in stages)
     tried: list[dict] = []
@@ -142,5 +142,5 @@ def calibrate(target: Transformer, draft: Transformer, prompts: list[list[int]],
                 bar.update()
                 bar.set_postfix(best=f"{max(stage_speed, best_speed):.1f} tok/s")
             best, best_speed = stage_best, stage_speed
-    return {"num_draft_tokens": best.num_draft_tokens, "exit_thresholds": list(best.exit_thresholds),
+    return {"exit": best.exit, "num_draft_tokens": best.num_draft_tokens,
             "stop_threshold": best.stop_threshold, "tokens_per_s": best_speed, "tried": tried}

@@ -127,7 +127,10 @@ def draft_options(args: argparse.Namespace, method: str, draft_path: str | None,
 
     from s2d.calibrate import load_calibration, stored_options
 
-    stored = stored_options(load_calibration(draft_path).get(target_name, {}) if draft_path and method == "s2d" else {})
+    from s2d.drafting import default_options
+
+    entry = load_calibration(draft_path).get(target_name, {}) if draft_path and method == "s2d" else {}
+    stored = stored_options(entry, base=default_options(method))
     flags = {"num_draft_tokens": args.num_draft_tokens, "exit_thresholds": args.exit_thresholds or None,
              "stop_threshold": args.stop_threshold}
     return replace(stored, schedule=args.draft_schedule or "fixed", **{k: v for k, v in flags.items() if v is not None})
@@ -261,7 +264,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     for name, model in models.items():
         result = calibrate(model, draft, ids, args.max_new_tokens, desc=f"calibrate {name}")
         save_calibration(out, name, result)
-        print(f"{name}: draft length {result['num_draft_tokens']}, exit thresholds {result['exit_thresholds']}, "
+        print(f"{name}: exit {result['exit']}, draft length {result['num_draft_tokens']}, "
               f"stop {result['stop_threshold']} -> {result['tokens_per_s']:.1f} tokens/s")
     print(f"saved to {out}")
     return 0

@@ -261,7 +261,7 @@ class MultiTargetEngine:
                  options: "DraftOptions | dict[str, DraftOptions] | None" = None,
                  eos_token_ids: tuple[int, ...] | None = None) -> None:
         """``eos_token_ids``: stop tokens of every target (default: each target's own; () never stops)."""
-        from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens
+        from s2d.drafting import DraftOptions, build_drafter, default_options, engine_draft_tokens
 
         if not targets:
             raise ValueError("MultiTargetEngine needs at least one target")
@@ -272,7 +272,8 @@ class MultiTargetEngine:
             if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
                 raise ValueError(f"draft vocab_size {draft.cfg.vocab_size} != target {name!r} vocab_size "
                                  f"{target.cfg.vocab_size}")
-            opts = options.get(name, DraftOptions()) if isinstance(options, dict) else (options or DraftOptions())
+            base = default_options(method)
+            opts = options.get(name, base) if isinstance(options, dict) else (options or base)
             drafter = build_drafter(method, draft, opts)
             self.engines[name] = Engine(target, drafter, engine_draft_tokens(method, opts), eos_token_ids)
             self.totals[name] = DecodeStats()

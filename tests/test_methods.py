@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from s2d.drafting import (DEFAULT_S2D, DraftOptions, ExitGates, HybridDrafter, ModelDrafter, NgramDrafter,
+from s2d.drafting import (DraftOptions, ExitGates, HybridDrafter, ModelDrafter, NgramDrafter,
                           PromptLookupDrafter, SortedDrafter, build_drafter, engine_draft_tokens, parse_method,
                           resolve_default)
 from s2d.drafting.gates import GATES_FILE
@@ -56,7 +56,10 @@ def test_each_name_builds_its_drafter(family):
     assert isinstance(hybrid, HybridDrafter) and hybrid.model.gates is None
     with pytest.raises(ValueError, match="exit gates"):
         build_drafter("s2d-gate", draft)  # none trained yet
-    assert resolve_default(draft) == "lookup+s2d-softmax"  # the gate-free stand-in
+    assert resolve_default(draft) == "lookup+sd-exit-2"  # the middle of exits 1, 2, 3
+    assert resolve_default(draft, DraftOptions(exit=3)) == "lookup+sd-exit-3"  # a calibration's choice
+    with pytest.raises(ValueError, match="not one of the draft's exits"):
+        resolve_default(draft, DraftOptions(exit=7))
     plain = load_model(family["target"], dtype="float32")
     assert resolve_default(plain) == "lookup+sd"  # a one-exit draft: nothing to choose between
     with pytest.raises(ValueError, match="needs a draft"):
@@ -75,7 +78,6 @@ def test_gates_train_round_trip_and_decode_losslessly(family, tmp_path):
     draft = load_model(draft_dir, dtype="float32")
     gates = ExitGates.load(draft_dir, draft)
     assert gates is not None and set(gates.weights) == {1, 2}
-    assert resolve_default(draft) == DEFAULT_S2D
     target = load_model(family["target"], dtype="float32")
     prompt = [7, 3, 9, 7, 3, 1, 12, 40, 41, 42]
     plain = Engine(target, eos_token_ids=()).generate(prompt, SamplingParams(), 40).output
@@ -101,3 +103,21 @@ def test_malformed_gates_file_is_named(family, tmp_path):
     ExitGates({1: torch.zeros(48)}, {1: 0.0}).save(draft_dir)  # exit 2's gate missing
     with pytest.raises(CheckpointError, match="exit 2"):
         ExitGates.load(draft_dir, draft)
+
+
+def test_train_draft_objective_gates_writes_a_new_draft_with_gates(family, tmp_path, capsys):
+    from s2d.cli import main
+
+    out = tmp_path / "gated"
+    argv = ["train-draft", "--objective", "gates", "--init", str(family["draft"]), "--data", str(family["corpus"]),
+            "--gate-positions", "500", "--seq-len", "32"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert (out / GATES_FILE).exists() and (out / "config.json").exists()
+    draft = load_model(out, dtype="float32")
+    assert ExitGates.load(out, draft) is not None
+    assert not (family["draft"] / GATES_FILE).exists()  # the input is left as it was
+    capsys.readouterr()
+    assert main([*argv, "--out", str(family["draft"])]) == 2  # never into its own input
+    assert "--init" in capsys.readouterr().err
+    assert main(["train-draft", "--objective", "gates", "--data", str(family["corpus"]), "--out",
+                 str(tmp_path / "x"), "--random-init"]) == 2

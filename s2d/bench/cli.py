@@ -50,7 +50,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(seed=0)  # sampled benchmark runs should be reproducible
     p.add_argument("--warmup", type=int, default=1, help="untimed questions per target and method (default 1)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per turn; the median counts (default 1)")
-    p.add_argument("--num-draft-tokens", type=int, default=5, help="draft tokens per step of our methods")
+    p.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="draft tokens per step of our methods (default: each method's own: 5, s2d 3)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     peers = p.add_argument_group("peers (transformers, llama.cpp)")
     peers.add_argument("--assistant-exit", type=int, help="hf-assisted: exit (layer count) of a sorted draft to "

@@ -49,18 +49,22 @@ def draft_model(ctx: MethodContext, num_layers: int | None = None) -> Transforme
 
 
 def engine_method(ctx: MethodContext, drafter: Drafter | None, num_draft_tokens: int | None = None) -> EngineMethod:
-    """Our engine on the target; ``num_draft_tokens`` defaults to the run's ``--num-draft-tokens``."""
-    return EngineMethod(target_model(ctx), drafter, num_draft_tokens or ctx.options.num_draft_tokens,
+    """Our engine on the target; ``num_draft_tokens`` defaults to the run's ``--num-draft-tokens`` (or 5)."""
+    return EngineMethod(target_model(ctx), drafter, num_draft_tokens or ctx.options.num_draft_tokens or 5,
                         ctx.options.ignore_eos)
 
 
 def ours(ctx: MethodContext, name: str) -> EngineMethod:
     """One of our decoding methods, built through the one registry (s2d.drafting.methods), as users run it."""
-    from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens, parse_method
+    from dataclasses import replace
+
+    from s2d.drafting import build_drafter, default_options, engine_draft_tokens, parse_method
 
     # Default knobs and a fixed draft length: a stored calibration is not applied (see s2d-cal), so
     # the number measures the method, not a tuning run.
-    options = DraftOptions(num_draft_tokens=ctx.options.num_draft_tokens)
+    options = default_options(name)
+    if ctx.options.num_draft_tokens is not None:
+        options = replace(options, num_draft_tokens=ctx.options.num_draft_tokens)
     draft = draft_model(ctx) if parse_method(name).needs_draft else None
     return engine_method(ctx, build_drafter(name, draft, options), engine_draft_tokens(name, options))
 

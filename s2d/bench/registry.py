@@ -41,7 +41,7 @@ class MethodOptions:
 
     dtype: str = "bfloat16"
     device: str = "cpu"
-    num_draft_tokens: int = 5  # our drafters' tokens per step
+    num_draft_tokens: int | None = None  # our drafters' tokens per step; None: each method's default
     ignore_eos: bool = False  # generate exactly max_new_tokens (EOS does not stop)
     assistant_exit: int | None = None  # hf-assisted: exit of a sorted draft to export; None = deepest
     num_assistant_tokens: int | None = None  # hf-assisted: None = transformers' default

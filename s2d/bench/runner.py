@@ -50,7 +50,7 @@ class BenchConfig:
             raise BenchError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.warmup < 0 or self.repeats < 1:
             raise BenchError("--warmup must be >= 0 and --repeats >= 1")
-        if self.options.num_draft_tokens < 1:
+        if self.options.num_draft_tokens is not None and self.options.num_draft_tokens < 1:
             raise BenchError("--num-draft-tokens must be >= 1")
         # Raises a clear BenchError for unknown methods and draft methods without --draft.
         parse_methods(",".join(self.methods), self.draft is not None)

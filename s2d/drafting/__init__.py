@@ -8,7 +8,7 @@ from s2d.drafting.hybrid import HybridConfig, HybridDrafter
 from s2d.drafting.length import DraftLength
 from s2d.drafting.lookup import PromptLookupDrafter
 from s2d.drafting.methods import (DEFAULT_S2D, METHOD_HELP, METHODS, DraftOptions, Method, build_drafter, check_method,
-                                  engine_draft_tokens, needs_draft_model, parse_method, resolve_default,
+                                  default_options, engine_draft_tokens, needs_draft_model, parse_method, resolve_default,
                                   sorted_exits)
 from s2d.drafting.model import ModelDrafter
 from s2d.drafting.ngram import NgramConfig, NgramDrafter
@@ -16,5 +16,5 @@ from s2d.drafting.sorted import SortedConfig, SortedDrafter
 
 __all__ = ["DEFAULT_S2D", "Draft", "Drafter", "DraftLength", "DraftOptions", "ExitGates", "HybridConfig",
            "HybridDrafter", "METHOD_HELP", "METHODS", "Method", "ModelDrafter", "NgramConfig", "NgramDrafter", "PromptLookupDrafter",
-           "SortedConfig", "SortedDrafter", "build_drafter", "check_method", "engine_draft_tokens",
+           "SortedConfig", "SortedDrafter", "build_drafter", "check_method", "default_options", "engine_draft_tokens",
            "needs_draft_model", "parse_method", "resolve_default", "sorted_exits"]

@@ -1,9 +1,11 @@
 """What a draft token costs relative to a target pass, estimated from the bytes each reads.
 
 On CPUs (and GPUs at batch 1) a decoding pass reads every weight it uses once, so its time is close
-to its bytes over the memory bandwidth: a deterministic estimate needs no timing. Measured on the
-zoo (benchmarks/costs.py, AMX Xeon): exit 1 of the zoo draft over a zoo-l/-m/-s one-token pass is
-0.10/0.21/0.55; these bytes give 0.09/0.16/0.49.
+to its bytes over the memory bandwidth, plus a fixed cost per call (Python, dispatch), expressed
+here in bytes at ~40 GB/s: ~80 us per draft token, ~200 us per target pass. A deterministic
+estimate: no timing. Measured on the zoo (benchmarks/costs.py, AMX Xeon), exit 1 (exit 2) of the zoo
+draft over a zoo-l/-m/-s one-token pass: 0.10/0.21/0.55 (0.13/0.27/0.71); estimated: 0.11/0.19/0.46
+(0.14/0.24/0.59).
 """
 
 from __future__ import annotations
@@ -20,5 +22,9 @@ def weight_bytes(model: Transformer, layers: int | None = None) -> int:
     return size * (n * per_layer + head)
 
 
+DRAFT_TOKEN_OVERHEAD = 3_200_000  # bytes: ~80 us at ~40 GB/s
+PASS_OVERHEAD = 8_000_000  # bytes: ~200 us
+
+
 def draft_cost_ratio(draft: Transformer, exit_layers: int, target: Transformer) -> float:
-    return weight_bytes(draft, exit_layers) / weight_bytes(target)
+    return (weight_bytes(draft, exit_layers) + DRAFT_TOKEN_OVERHEAD) / (weight_bytes(target) + PASS_OVERHEAD)

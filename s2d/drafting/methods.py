@@ -13,8 +13,11 @@ A method is a drafter (or none) plus the number of tokens the engine lets it dra
 - ``lookup+M``: hybrid: lookup tokens where the text repeats, model method M otherwise
   (``lookup+sd-exit-1``, ``lookup+s2d-gate``, ...).
 - ``s2d``: the default configuration, whichever measured best across the zoo's targets on the
-  calibration prompts (``DEFAULT_S2D``; see benchmarks/RESULTS.md); ``s2d calibrate`` refines its
-  knobs per target.
+  calibration prompts (benchmarks/choose_default.py; RESULTS.md): lookup where the text repeats,
+  otherwise one exit of the sorted draft while it pays for the target (cost-aware), 3 tokens per
+  step; the exit is the draft's middle one unless a calibration (``s2d calibrate``, per target)
+  chose another. On the zoo the per-token exit choice (``s2d-softmax``, ``s2d-gate``) measured
+  slower than a fixed exit, so the default does not use it; both stay available by name.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ LOOKUP_PREFIX = "lookup+"
 _EXIT = re.compile(r"sd-exit-(\d+)$")
 METHOD_HELP = {
     "ar": "plain autoregressive decoding (the speedup baseline)",
-    "s2d": "the default S2D configuration (measured best; see benchmarks/RESULTS.md)",
+    "s2d": "the default: lookup, else one exit of the sorted draft while it pays (measured best; RESULTS.md)",
     "sd": "speculative decoding with the whole --draft model",
     "sd-exit-E": "exit E of a sorted --draft alone (its first E layers and the head)",
     "s2d-softmax": "the paper's cascade: the first exit whose softmax confidence reaches its threshold answers",
@@ -47,10 +50,8 @@ METHOD_HELP = {
     "lookup+M": "lookup tokens where the text repeats, model method M otherwise (e.g. lookup+sd-exit-1)",
 }
 METHODS = tuple(METHOD_HELP)
-# What `s2d` means: measured best on the calibration prompts (benchmarks/RESULTS.md, issue 16).
-# Without exit gates beside the draft, the gate-free cascade stands in for s2d-gate.
-DEFAULT_S2D = "lookup+s2d-gate"
-DEFAULT_S2D_NO_GATES = "lookup+s2d-softmax"
+# What `s2d` means: measured best on the calibration prompts (benchmarks/choose_default.json).
+DEFAULT_S2D = "lookup+sd-exit-E"  # E: DraftOptions.exit, or the draft's middle exit
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class DraftOptions:
     min_lookup: int = 2  # lookup+M: copied tokens needed to skip the model for a step
     lookup_max_n: int = 4  # lookup: longest suffix matched
     lookup_min_match: int = 2  # lookup: shortest match that may back a drafted token
+    verify_growth: float = 0.06  # lookup+M: a verification pass's extra cost per drafted token (cost-aware switch)
+    exit: int = 0  # s2d: the sorted draft's exit that drafts where lookup has nothing; 0 = its middle exit
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:
@@ -76,6 +79,8 @@ class DraftOptions:
         if not 1 <= self.min_lookup <= self.lookup_tokens:
             raise ValueError(f"need 1 <= min_lookup <= lookup_tokens, got {self.min_lookup}, {self.lookup_tokens}")
         NgramConfig(self.lookup_max_n, 1, self.lookup_min_match)  # validates the lookup orders
+        if self.exit < 0:
+            raise ValueError(f"exit must be a layer count >= 1 (0: the draft's middle exit), got {self.exit}")
 
     @property
     def ngram(self) -> NgramConfig:
@@ -83,7 +88,7 @@ class DraftOptions:
 
     @property
     def hybrid(self) -> HybridConfig:
-        return HybridConfig(self.min_lookup, self.lookup_tokens, self.ngram)
+        return HybridConfig(self.min_lookup, self.lookup_tokens, self.ngram, gamma=self.verify_growth)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,15 @@ class Method:
     @property
     def needs_draft(self) -> bool:
         return self.model is not None
+
+
+# What `s2d` means besides its drafters: the knobs measured with it (benchmarks/choose_default.json).
+DEFAULT_S2D_OPTIONS = {"num_draft_tokens": 3, "min_lookup": 1, "verify_growth": 0.12}
+
+
+def default_options(method: str) -> DraftOptions:
+    """A method's drafting knobs before any flag or calibration: ``s2d``'s measured ones, else the defaults."""
+    return DraftOptions(**DEFAULT_S2D_OPTIONS) if method == "s2d" else DraftOptions()
 
 
 def parse_method(name: str) -> Method:
@@ -133,13 +147,17 @@ def load_gates(draft: Transformer) -> ExitGates | None:
     return ExitGates.load(Path(directory), draft) if directory is not None and len(sorted_exits(draft)) > 1 else None
 
 
-def resolve_default(draft: Transformer | None) -> str:
-    """What ``s2d`` runs with this draft: the measured default, or its gate-free stand-in."""
+def resolve_default(draft: Transformer | None, options: DraftOptions | None = None) -> str:
+    """What ``s2d`` runs with this draft: lookup, then exit ``options.exit`` (or the middle exit)."""
     if draft is None:
         raise ValueError("method 's2d' needs a draft model (--draft)")
-    if len(sorted_exits(draft)) == 1:
+    exits = sorted_exits(draft)
+    if len(exits) == 1:
         return LOOKUP_PREFIX + "sd"  # a plain draft: nothing to choose between (callers say so)
-    return DEFAULT_S2D if load_gates(draft) is not None else DEFAULT_S2D_NO_GATES
+    chosen = options.exit if options is not None and options.exit else exits[len(exits) // 2]
+    if chosen not in exits:
+        raise ValueError(f"exit {chosen} is not one of the draft's exits {list(exits)}")
+    return f"{LOOKUP_PREFIX}sd-exit-{chosen}"
 
 
 def engine_draft_tokens(method: str, options: DraftOptions) -> int:
@@ -178,7 +196,7 @@ def build_drafter(method: str, draft: Transformer | None, options: DraftOptions 
     """A fresh drafter for one target. Drafters built from the same ``draft`` share its weights."""
     m = parse_method(method)
     if m.name == "s2d":
-        return build_drafter(resolve_default(draft), draft, options)
+        return build_drafter(resolve_default(draft, options), draft, options)
     if m.model is None:
         if m.name == "ar":
             return None

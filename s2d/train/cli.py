@@ -31,7 +31,7 @@ def add_train_draft(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (draft, log, checkpoints)")
     p.add_argument("--data", type=Path, nargs="+", required=True,
                    help="text files, JSONL files ('text' or Spec-Bench 'turns'), or directories of source files")
-    p.add_argument("--exits", type=_ints, required=True, help="layer counts with an exit, e.g. 1,2,3")
+    p.add_argument("--exits", type=_ints, help="layer counts with an exit, e.g. 1,2,3 (soft and distill)")
     p.add_argument("--num-layers", type=int, help="K, the draft's depth (default: the deepest exit)")
     init = p.add_mutually_exclusive_group(required=True)
     init.add_argument("--init", type=Path, help="checkpoint whose first K layers (+ embeddings, norm, head) seed the draft")
@@ -43,7 +43,10 @@ def add_train_draft(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-positions", type=int, default=2048)
     p.add_argument("--tokenizer", type=Path, help="default: the --init checkpoint's, else the first target's")
     p.add_argument("--targets", type=_paths, default=(), help="comma-separated teacher checkpoints")
-    p.add_argument("--objective", choices=["soft", "distill"], default="soft")
+    p.add_argument("--objective", choices=["soft", "distill", "gates"], default="soft",
+                   help="soft: SoFT; distill: toward --targets; gates: train the exit gates of the sorted draft "
+                        "--init (the s2d-gate method) on --data, writing the draft with its gates to --out")
+    p.add_argument("--gate-positions", type=int, default=100_000, help="gates: training positions (default 100k)")
     p.add_argument("--ce-weight", type=finite_float, help="default 1 for soft, 0 for distill")
     p.add_argument("--distill-weight", type=finite_float, help="default 1 for distill")
     p.add_argument("--divergence", choices=DIVERGENCES, default="fkl")
@@ -78,16 +81,23 @@ def add_train_draft(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train_draft)
 
 
-def config_from_args(args: argparse.Namespace):
-    from s2d.train.config import DraftShape, TrainConfig
+def data_from_args(args: argparse.Namespace):
     from s2d.train.data import DataConfig, exclusion_list
-    from s2d.train.losses import DivergenceSpec
 
     excluded: tuple[str, ...] = ()
     for path in args.exclude_from:
         excluded += exclusion_list(path)
-    data = DataConfig(paths=tuple(args.data), glob=args.glob, exclude_dirs=tuple(args.exclude_dir),
+    return DataConfig(paths=tuple(args.data), glob=args.glob, exclude_dirs=tuple(args.exclude_dir),
                       exclude_files=excluded, max_file_bytes=args.max_file_bytes, seq_len=args.seq_len)
+
+
+def config_from_args(args: argparse.Namespace):
+    from s2d.train.config import DraftShape, TrainConfig
+    from s2d.train.losses import DivergenceSpec
+
+    if not args.exits:
+        raise ValueError(f"--objective {args.objective} needs --exits (layer counts with an exit, e.g. 1,2,3)")
+    data = data_from_args(args)
     shape = None
     if args.random_init:
         ffn = args.intermediate_size or -(-8 * args.hidden_size // 3 // 64) * 64
@@ -106,6 +116,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train_draft(args: argparse.Namespace) -> int:
+    if args.objective == "gates":
+        return run_train_gates(args)
     from s2d.train.trainer import train_draft
 
     result = train_draft(config_from_args(args))
@@ -117,6 +129,17 @@ def run_train_draft(args: argparse.Namespace) -> int:
         print(f"s2d train-draft: stopped at step {result.step}; run the same command again to resume",
               file=sys.stderr)
         return 130
+    return 0
+
+
+def run_train_gates(args: argparse.Namespace) -> int:
+    from s2d.train.gates import train_gates_into
+
+    if args.init is None:
+        raise ValueError("--objective gates needs --init: the sorted draft whose exits get gates")
+    report = train_gates_into(args.init, args.out, data_from_args(args), positions=args.gate_positions,
+                              batch_size=args.micro_batch_size, seed=args.seed)
+    print(json.dumps({"out_dir": str(args.out), "status": "completed", "gates": report["per_exit"]}))
     return 0
 
 
