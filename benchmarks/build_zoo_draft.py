@@ -13,7 +13,8 @@ Python 3.11 standard library, site-packages excluded, files <= 400 kB) minus the
 three targets (averaged), plus a smaller CE term; half of the sequences end in 256 tokens the draft
 sampled itself (on-policy, DistillSpec). Both stages are seeded; each has a time guard so the whole
 build stays within 45 minutes even on a busy machine (a guard that fires ends that stage early, with
-the draft exported and the event logged).
+the draft exported and the event logged). Stage 3, the exit gates of ``s2d-gate`` (under a minute):
+written beside the draft (``s2d_exit_gates.safetensors``).
 """
 
 from __future__ import annotations
@@ -126,6 +127,14 @@ def main() -> int:
             shutil.copy2(args.work / "distill" / name, args.out / name)
     for name in ("soft", "distill"):
         shutil.copy2(args.work / name / "train_log.jsonl", args.out / f"train_log_{name}.jsonl")
+    # Stage 3: the exit gates of s2d-gate (logistic probes on the draft's activations, minutes), trained
+    # on the same corpus (seq_len 512) and written beside the draft.
+    from s2d.train.gates import GateTraining, train_gates
+
+    gate_data = DataConfig(paths=data.paths, glob=data.glob, exclude_dirs=data.exclude_dirs,
+                           exclude_files=data.exclude_files, max_file_bytes=data.max_file_bytes, seq_len=512)
+    info["gates"] = train_gates(GateTraining(args.out, gate_data, positions=200_000, batch_size=8, dtype="bfloat16"),
+                                progress=not args.no_progress)["per_exit"]
     (args.out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"wrote {args.out} ({info['wall_minutes']} min wall clock)", file=sys.stderr)
     return 0
