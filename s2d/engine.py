@@ -55,6 +55,19 @@ def as_token_ids(prompt: object) -> list[int]:
     return ids
 
 
+def add_by_position(into: list[int], add: list[int]) -> None:
+    """into[i] += add[i], growing ``into`` as needed: per-draft-position counts, merged one way everywhere."""
+    into.extend([0] * (len(add) - len(into)))
+    for i, v in enumerate(add):
+        into[i] += v
+
+
+def add_histogram(into: dict, add: dict) -> None:
+    """into[k] += add[k] for every key: exit histograms, merged one way everywhere."""
+    for k, v in add.items():
+        into[k] = into.get(k, 0) + v
+
+
 @dataclass
 class DecodeStats:
     target_passes: int = 0  # verification passes (prefill excluded)
@@ -63,8 +76,10 @@ class DecodeStats:
     accepted: int = 0  # draft tokens accepted
     accepted_at: list[int] = field(default_factory=list)  # [i]: times draft position i was accepted
     proposed_at: list[int] = field(default_factory=list)  # [i]: times draft position i was proposed
-    exit_counts: dict[int, int] = field(default_factory=dict)  # exit layer -> draft tokens it produced
+    exit_counts: dict[int, int] = field(default_factory=dict)  # exit layer -> draft tokens it produced (0: lookup)
     elapsed_s: float = 0.0
+    draft_s: float = 0.0  # time spent proposing drafts
+    verify_s: float = 0.0  # time spent in target passes (prefill excluded)
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -80,12 +95,17 @@ class DecodeStats:
         self.target_passes += 1
         self.proposed += k
         self.accepted += num_accepted
-        for store, count in ((self.proposed_at, k), (self.accepted_at, num_accepted)):
-            store.extend([0] * (count - len(store)))
-            for i in range(count):
-                store[i] += 1
-        for e in draft.exits:
-            self.exit_counts[e] = self.exit_counts.get(e, 0) + 1
+        add_by_position(self.proposed_at, [1] * k)
+        add_by_position(self.accepted_at, [1] * num_accepted)
+        add_histogram(self.exit_counts, {e: draft.exits.count(e) for e in set(draft.exits)})
+
+    def merge(self, other: "DecodeStats") -> None:
+        """Add another run's statistics to these (totals across requests)."""
+        for attr in ("target_passes", "new_tokens", "proposed", "accepted", "elapsed_s", "draft_s", "verify_s"):
+            setattr(self, attr, getattr(self, attr) + getattr(other, attr))
+        add_by_position(self.proposed_at, other.proposed_at)
+        add_by_position(self.accepted_at, other.accepted_at)
+        add_histogram(self.exit_counts, other.exit_counts)
 
 
 @dataclass
@@ -186,8 +206,10 @@ class Engine:
         base = state.cache.length  # == len(state.tokens) - 1
         k = min(self.num_draft_tokens, remaining - 1)
         draft = Draft.empty(self.target.device)
+        t0 = time.perf_counter()
         if self.drafter is not None and k > 0:
             draft = self.drafter.propose(state.tokens, k, state.params, state.generator)
+        t1 = time.perf_counter()
         device = self.target.device
         block = torch.cat([torch.tensor([state.tokens[-1]], device=device), draft.tokens.to(device)])
         positions = torch.arange(base, base + block.numel(), device=device)
@@ -200,6 +222,8 @@ class Engine:
         except CheckpointError:
             state.finished = True  # the cache now holds this pass: the sequence cannot go on
             raise
+        state.stats.draft_s += t1 - t0
+        state.stats.verify_s += time.perf_counter() - t1
         if state.params.greedy:
             verdict = verify_greedy(draft.tokens.to(device), target_tokens)
         else:
@@ -296,12 +320,4 @@ class MultiTargetEngine:
         return state
 
     def _accumulate(self, name: str, stats: DecodeStats) -> None:
-        total = self.totals[name]
-        for attr in ("target_passes", "new_tokens", "proposed", "accepted", "elapsed_s"):
-            setattr(total, attr, getattr(total, attr) + getattr(stats, attr))
-        for store, add in ((total.accepted_at, stats.accepted_at), (total.proposed_at, stats.proposed_at)):
-            store.extend([0] * (len(add) - len(store)))
-            for i, v in enumerate(add):
-                store[i] += v
-        for e, c in stats.exit_counts.items():
-            total.exit_counts[e] = total.exit_counts.get(e, 0) + c
+        self.totals[name].merge(stats)

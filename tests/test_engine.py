@@ -100,3 +100,17 @@ def test_long_prompt_near_the_context_limit(models):
     state = Engine(models["target"], ModelDrafter(models["draft"]), 5, eos_token_ids=()).generate(
         prompt, SamplingParams(), 8)
     assert state.output == expected
+
+
+def test_stats_time_drafting_and_verifying_and_merge(models):
+    from s2d.engine import DecodeStats
+
+    state = Engine(models["target"], ModelDrafter(models["draft"]), 3, eos_token_ids=()).generate(
+        PROMPTS[1], SamplingParams(), 20)
+    s = state.stats
+    assert s.draft_s > 0 and s.verify_s > 0 and s.draft_s + s.verify_s <= s.elapsed_s
+    total = DecodeStats()
+    total.merge(s)
+    total.merge(s)
+    assert total.new_tokens == 2 * s.new_tokens and total.draft_s == pytest.approx(2 * s.draft_s)
+    assert total.proposed_at == [2 * v for v in s.proposed_at] and total.exit_counts == {}

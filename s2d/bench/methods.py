@@ -23,7 +23,7 @@ class EngineMethod:
         state = self.engine.generate(prompt, params, max_new_tokens)
         s = state.stats
         return Generation(list(state.output), s.elapsed_s, s.target_passes, list(s.proposed_at),
-                          list(s.accepted_at), dict(s.exit_counts))
+                          list(s.accepted_at), dict(s.exit_counts), s.draft_s, s.verify_s)
 
 
 def target_model(ctx: MethodContext) -> Transformer:

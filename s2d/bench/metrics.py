@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from s2d.bench.records import QuestionRecord
+from s2d.engine import add_by_position, add_histogram
 
 ALL = "all"  # the category of the summary over every question
 BASELINE = "ar"
@@ -34,6 +35,8 @@ class RunSummary:
     draft_acceptance_rate: float | None  # accepted / proposed draft tokens; None if nothing was proposed
     acceptance_by_position: list[float] = field(default_factory=list)  # [i]: P(accept | position i proposed)
     exit_histogram: dict[str, int] = field(default_factory=dict)  # exit layer -> draft tokens; sorted drafts only
+    # of the decoding time after the prefill, the part spent drafting (the rest verifying); ours only
+    draft_share: float | None = None
     greedy_identical: float | None = None  # fraction of questions token-identical to the baseline
     truncated_turns: int = 0  # turns whose prompt was cut to fit the context
 
@@ -43,13 +46,16 @@ def summarize(target: str, method: str, category: str, records: Sequence[Questio
     new_tokens = sum(len(t.tokens) for t in turns)
     passes = [t.target_passes for t in turns]
     mat = new_tokens / sum(passes) if passes and None not in passes and sum(passes) else None  # type: ignore[arg-type]
-    width = max((len(t.proposed_at) for t in turns), default=0)
-    proposed = [sum(t.proposed_at[i] for t in turns if i < len(t.proposed_at)) for i in range(width)]
-    accepted = [sum(t.accepted_at[i] for t in turns if i < len(t.accepted_at)) for i in range(width)]
+    proposed: list[int] = []
+    accepted: list[int] = []
     exits: dict[int, int] = {}
     for t in turns:
-        for e, n in t.exit_counts.items():
-            exits[e] = exits.get(e, 0) + n
+        add_by_position(proposed, t.proposed_at)
+        add_by_position(accepted, t.accepted_at)
+        add_histogram(exits, t.exit_counts)
+    accepted.extend([0] * (len(proposed) - len(accepted)))  # positions proposed but never accepted
+    timed = [t for t in turns if t.draft_s is not None and t.verify_s is not None]
+    draft_s, verify_s = sum(t.draft_s for t in timed), sum(t.verify_s for t in timed)
     same = [r.greedy_identical for r in records if r.greedy_identical is not None]
     return RunSummary(
         target=target, method=method, category=category, num_questions=len(records), num_turns=len(turns),
@@ -61,6 +67,7 @@ def summarize(target: str, method: str, category: str, records: Sequence[Questio
         exit_histogram={str(e): exits[e] for e in sorted(exits)},
         greedy_identical=sum(same) / len(same) if same else None,
         truncated_turns=sum(t.truncated for t in turns),
+        draft_share=draft_s / (draft_s + verify_s) if timed and draft_s + verify_s else None,
     )
 
 

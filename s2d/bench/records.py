@@ -16,6 +16,8 @@ class TurnRecord:
     accepted_at: list[int] = field(default_factory=list)
     exit_counts: dict[int, int] = field(default_factory=dict)
     truncated: bool = False  # the prompt lost its head to fit the context
+    draft_s: float | None = None  # of elapsed_s: proposing drafts (our engine only)
+    verify_s: float | None = None  # of elapsed_s: target passes after the prefill (our engine only)
 
 
 @dataclass

@@ -29,6 +29,8 @@ class Generation:
     proposed_at: list[int] = field(default_factory=list)  # [i]: draft tokens proposed at position i
     accepted_at: list[int] = field(default_factory=list)  # [i]: of those, accepted
     exit_counts: dict[int, int] = field(default_factory=dict)  # exit layer -> draft tokens it produced
+    draft_s: float | None = None  # of elapsed_s: proposing drafts (None: the method cannot tell)
+    verify_s: float | None = None  # of elapsed_s: target passes after the prefill
 
 
 class Method(Protocol):

@@ -82,10 +82,17 @@ def render_markdown(doc: dict[str, Any], runs: Sequence[RunSummary], plots: Sequ
                        *["–"] * (width - len(r.acceptance_by_position))] for r in drafted])
     exited = [r for r in overall if r.exit_histogram]
     if exited:
-        out += ["", "## Exits", "", "Draft tokens produced by each exit (layer count) of the draft.", ""]
+        out += ["", "## Exits", "", "Draft tokens produced by each exit (layer count) of the draft; exit 0: "
+                "tokens copied by lookup.", ""]
         out += table(["target", "method", "tokens by exit"], [
             [r.target, r.method, ", ".join(f"{e}: {n} ({n / sum(r.exit_histogram.values()):.0%})"
                                            for e, n in r.exit_histogram.items())] for r in exited])
+    timed = [r for r in overall if getattr(r, "draft_share", None) is not None and r.method != "ar"]
+    if timed:
+        out += ["", "## Draft vs verify", "", "Of the decoding time after the prefill, the share spent proposing "
+                "drafts; the rest is target passes.", ""]
+        out += table(["target", "method", "drafting", "verifying"],
+                     [[r.target, r.method, fmt(r.draft_share, ".0%"), fmt(1 - r.draft_share, ".0%")] for r in timed])
     truncated = [r for r in overall if r.truncated_turns]
     if truncated:
         out += ["", "Prompts cut to their last tokens to fit the context: "

@@ -104,7 +104,7 @@ def run_conversation(method: Method, builder: PromptBuilder, question: Question,
         first = runs[0]  # the conversation continues with the first answer (all equal when greedy)
         turns.append(TurnRecord(len(prompt), first.tokens, statistics.median(g.elapsed_s for g in runs),
                                 first.target_passes, first.proposed_at, first.accepted_at, first.exit_counts,
-                                truncated))
+                                truncated, first.draft_s, first.verify_s))
     return turns
 
 

@@ -55,9 +55,14 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
+def exit_cross_entropies(exit_logits: list[Tensor], labels: Tensor) -> Tensor:
+    """Each exit's per-token cross-entropy: [E x [N, V]], [N] -> [E, N] (the trainer logs each exit)."""
+    return torch.stack([cross_entropy(z, labels) for z in exit_logits])
+
+
 def soft_loss(exit_logits: list[Tensor], labels: Tensor) -> Tensor:
     """SoFT: per token, the mean over exits (equal weights) of the cross-entropy. [E x [N, V]], [N] -> [N]."""
-    return torch.stack([cross_entropy(z, labels) for z in exit_logits]).mean(0)
+    return exit_cross_entropies(exit_logits, labels).mean(0)
 
 
 class TeacherMixture:
@@ -87,6 +92,11 @@ class TeacherMixture:
         return torch.stack([divergence(p, q_logits, self.spec) for p in self.logits]).mean(0)
 
 
+def exit_divergences(exit_logits: list[Tensor], teachers: TeacherMixture) -> Tensor:
+    """Each exit's per-token divergence averaged over targets: [E x [N, V]] -> [E, N]."""
+    return torch.stack([teachers.loss(z) for z in exit_logits])
+
+
 def distill_loss(exit_logits: list[Tensor], teachers: TeacherMixture) -> Tensor:
     """Per token, the divergence averaged over exits and targets. [E x [N, V]] -> [N]."""
-    return torch.stack([teachers.loss(z) for z in exit_logits]).mean(0)
+    return exit_divergences(exit_logits, teachers).mean(0)

@@ -31,7 +31,7 @@ from s2d.train.config import TrainConfig
 from s2d.train.data import PackedData, global_batch, load_packed, save_packed
 from s2d.train.draft import SortedDraft, init_from_checkpoint, init_random, sample_continuations, to_runtime
 from s2d.train.export import save_draft
-from s2d.train.losses import TeacherMixture, cross_entropy, distill_loss
+from s2d.train.losses import TeacherMixture, exit_cross_entropies, exit_divergences
 from s2d.train.teachers import Teachers, check_tokenizers
 
 Status = Literal["completed", "time_limit", "interrupted"]
@@ -292,11 +292,11 @@ def _accumulate_gradients(cfg: TrainConfig, model: torch.nn.Module, teachers: Te
             with autocast:
                 exit_logits = [z.reshape(-1, z.shape[-1]) for z in model(inputs)]  # E x [b*T, V]
             with torch.set_grad_enabled(cfg.ce_weight > 0):  # CE is always logged, differentiated if weighted
-                ce = torch.stack([cross_entropy(z, labels) for z in exit_logits])  # [E, b*T]
+                ce = exit_cross_entropies(exit_logits, labels)  # [E, b*T]; soft_loss = ce.mean(0)
                 loss = cfg.ce_weight * (ce.mean(0) * mask).sum() / n_ce
             sums[:n_exits] += (ce.detach() * mask).sum(-1).cpu()
             if teacher is not None:
-                kd = torch.stack([teacher.loss(z) for z in exit_logits])  # [E, b*T]
+                kd = exit_divergences(exit_logits, teacher)  # [E, b*T]; distill_loss = kd.mean(0)
                 loss = loss + cfg.distill_weight * kd.mean(0).sum() / n_kd
                 sums[n_exits:2 * n_exits] += kd.detach().sum(-1).cpu()
             (loss * world).backward()
