@@ -14,7 +14,8 @@ three targets (averaged), plus a smaller CE term; half of the sequences end in 2
 sampled itself (on-policy, DistillSpec). Both stages are seeded; each has a time guard so the whole
 build stays within 45 minutes even on a busy machine (a guard that fires ends that stage early, with
 the draft exported and the event logged). Stage 3, the exit gates of ``s2d-gate`` (under a minute):
-written beside the draft (``s2d_exit_gates.safetensors``).
+written beside the draft (``s2d_exit_gates.safetensors``). Stage 4, the tokens ranked by frequency
+in the training text (``s2d_draft_vocab.json``, the ``draft_vocab`` option).
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ def assert_no_heldout(run: Path, heldout: set[str]) -> int:
     leaked = [d for d in used if d in heldout or int(hashlib.sha1(d.encode()).hexdigest(), 16) % 20 == 0]
     assert not leaked, f"held-out files were trained on: {leaked[:5]}"
     return len(used)
+
+
+def rank_vocab(draft: Path, data) -> dict:
+    """Stage 4: the draft's tokens ranked by frequency in its training text (the draft_vocab option)."""
+    from s2d.drafting.vocab import rank_tokens, save_vocab
+    from s2d.model.loading import load_tokenizer
+    from s2d.train.data import load_packed
+
+    stream = load_packed(data, load_tokenizer(draft)).rows[:, 1:].reshape(-1)
+    vocab_size = json.loads((draft / "config.json").read_text())["vocab_size"]
+    ranked = rank_tokens(stream, vocab_size)
+    counts = stream.bincount(minlength=vocab_size)
+    coverage = {str(n): round(float(counts[ranked[:n]].sum()) / stream.numel(), 4) for n in (1024, 2048, 4096)}
+    save_vocab(draft, ranked, {"tokens_counted": stream.numel(), "coverage": coverage})
+    return {"tokens_counted": stream.numel(), "coverage": coverage}
 
 
 def main() -> int:
@@ -135,6 +151,7 @@ def main() -> int:
                            exclude_files=data.exclude_files, max_file_bytes=data.max_file_bytes, seq_len=512)
     info["gates"] = train_gates(GateTraining(args.out, gate_data, positions=200_000, batch_size=8, dtype="bfloat16"),
                                 progress=not args.no_progress)["per_exit"]
+    info["vocab"] = rank_vocab(args.out, data)
     (args.out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"wrote {args.out} ({info['wall_minutes']} min wall clock)", file=sys.stderr)
     return 0

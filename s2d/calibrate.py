@@ -122,8 +122,8 @@ def calibrate(target: Transformer, draft: Transformer, prompts: list[list[int]],
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     check_calibration_run(max_new_tokens)
-    measure(target, draft, default_options("s2d"), prompts[:1], 8)  # warm-up
-    best = default_options("s2d")
+    measure(target, draft, default_options("s2d", draft), prompts[:1], 8)  # warm-up
+    best = default_options("s2d", draft)
     best_speed = 0.0
     stages = [[(lambda e: lambda o: replace(o, exit=e))(e) for e in sorted_exits(draft)],
               [(lambda k: lambda o: replace(o, num_draft_tokens=k))(k) for k in DRAFT_LENGTHS],

@@ -121,7 +121,7 @@ def empty_answer_hint(tokenizer, chat: bool) -> str:
     return hint + "; --ignore-eos generates past it"
 
 
-def draft_options(args: argparse.Namespace, method: str, draft_path: str | None, target_name: str):
+def draft_options(args: argparse.Namespace, method: str, draft_path: str | None, target_name: str, draft=None):
     """Per-target drafting knobs: explicit flags win over a stored calibration, which wins over defaults."""
     from dataclasses import replace
 
@@ -130,7 +130,7 @@ def draft_options(args: argparse.Namespace, method: str, draft_path: str | None,
     from s2d.drafting import default_options
 
     entry = load_calibration(draft_path).get(target_name, {}) if draft_path and method == "s2d" else {}
-    stored = stored_options(entry, base=default_options(method))
+    stored = stored_options(entry, base=default_options(method, draft))
     flags = {"num_draft_tokens": args.num_draft_tokens, "exit_thresholds": args.exit_thresholds or None,
              "stop_threshold": args.stop_threshold}
     return replace(stored, schedule=args.draft_schedule or "fixed", **{k: v for k, v in flags.items() if v is not None})
@@ -173,7 +173,7 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer, models, draft = load_family(targets, draft_path, args.dtype, args.device,
                                            fast_tokenizer=not chat)
     method = default_method(args.method, draft)
-    options = {name: draft_options(args, method, draft_path, name) for name in targets}
+    options = {name: draft_options(args, method, draft_path, name, draft) for name in targets}
     engine = MultiTargetEngine(models, draft, method, options, eos_token_ids=() if args.ignore_eos else None)
     ids = prompt_ids(tokenizer, prompt, chat, args.system, targets[use])
     states: list = []

@@ -296,7 +296,7 @@ class MultiTargetEngine:
             if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
                 raise ValueError(f"draft vocab_size {draft.cfg.vocab_size} != target {name!r} vocab_size "
                                  f"{target.cfg.vocab_size}")
-            base = default_options(method)
+            base = default_options(method, draft)
             opts = options.get(name, base) if isinstance(options, dict) else (options or base)
             drafter = build_drafter(method, draft, opts)
             self.engines[name] = Engine(target, drafter, engine_draft_tokens(method, opts), eos_token_ids)

@@ -121,3 +121,37 @@ def test_train_draft_objective_gates_writes_a_new_draft_with_gates(family, tmp_p
     assert "--init" in capsys.readouterr().err
     assert main(["train-draft", "--objective", "gates", "--data", str(family["corpus"]), "--out",
                  str(tmp_path / "x"), "--random-init"]) == 2
+
+
+def test_draft_vocabulary_subset_is_lossless_and_cheaper(family, tmp_path, capsys):
+    from s2d.cli import main
+    from s2d.drafting.vocab import VOCAB_FILE, load_vocab
+
+    out = tmp_path / "ranked"
+    assert main(["train-draft", "--objective", "vocab", "--init", str(family["draft"]), "--data",
+                 str(family["corpus"]), "--seq-len", "32", "--out", str(out)]) == 0
+    assert "coverage" in capsys.readouterr().out
+    draft = load_model(out, dtype="float32")
+    ranked = load_vocab(out, draft.cfg.vocab_size)
+    assert sorted(ranked) == list(range(draft.cfg.vocab_size))  # a ranking of the whole vocabulary
+    from s2d.model.loading import load_tokenizer
+
+    seen = set(load_tokenizer(out)(family["corpus"].read_text()).input_ids)
+    assert set(ranked[:len(seen)]) == seen  # the tokens of the corpus lead the ranking
+    target = load_model(family["target"], dtype="float32")
+    prompt = [7, 3, 9, 7, 3, 1, 12, 40, 41, 42]
+    plain = Engine(target, eos_token_ids=()).generate(prompt, SamplingParams(), 30).output
+    for n in (16, 100):
+        options = DraftOptions(num_draft_tokens=3, draft_vocab=n)
+        drafter = build_drafter("sd-exit-2", draft, options)
+        assert drafter.head.shape[0] == n
+        state = Engine(target, drafter, 3, eos_token_ids=()).generate(prompt, SamplingParams(), 30)
+        assert state.output == plain
+        sampled = Engine(target, build_drafter("s2d-softmax", draft, options), 3, eos_token_ids=()).generate(
+            prompt, SamplingParams(temperature=1.0, seed=3), 30)
+        assert len(sampled.output) == 30
+    with pytest.raises(ValueError, match="s2d_draft_vocab.json"):
+        build_drafter("sd-exit-1", load_model(family["draft"], dtype="float32"), DraftOptions(draft_vocab=10))
+    (out / VOCAB_FILE).write_text('{"tokens": [1, 1]}')
+    with pytest.raises(Exception, match="distinct"):
+        build_drafter("sd-exit-1", load_model(out, dtype="float32"), DraftOptions(draft_vocab=2))

@@ -62,10 +62,10 @@ def ours(ctx: MethodContext, name: str) -> EngineMethod:
 
     # Default knobs and a fixed draft length: a stored calibration is not applied (see s2d-cal), so
     # the number measures the method, not a tuning run.
-    options = default_options(name)
+    draft = draft_model(ctx) if parse_method(name).needs_draft else None
+    options = default_options(name, draft)
     if ctx.options.num_draft_tokens is not None:
         options = replace(options, num_draft_tokens=ctx.options.num_draft_tokens)
-    draft = draft_model(ctx) if parse_method(name).needs_draft else None
     return engine_method(ctx, build_drafter(name, draft, options), engine_draft_tokens(name, options))
 
 
@@ -73,8 +73,10 @@ def ours(ctx: MethodContext, name: str) -> EngineMethod:
           help="s2d with the per-target calibration stored beside the draft (`s2d calibrate`); defaults without one")
 def s2d_calibrated(ctx: MethodContext) -> EngineMethod:
     from s2d.calibrate import load_calibration, stored_options
-    from s2d.drafting import build_drafter, engine_draft_tokens
+    from s2d.drafting import build_drafter, default_options, engine_draft_tokens
 
     assert ctx.draft is not None
-    options = stored_options(load_calibration(ctx.draft).get(ctx.target.name, {}), ctx.options.num_draft_tokens)
-    return engine_method(ctx, build_drafter("s2d", draft_model(ctx), options), engine_draft_tokens("s2d", options))
+    draft = draft_model(ctx)
+    options = stored_options(load_calibration(ctx.draft).get(ctx.target.name, {}), ctx.options.num_draft_tokens,
+                             base=default_options("s2d", draft))
+    return engine_method(ctx, build_drafter("s2d", draft, options), engine_draft_tokens("s2d", options))

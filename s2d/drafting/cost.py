@@ -13,12 +13,14 @@ from __future__ import annotations
 from s2d.model.llama import Transformer
 
 
-def weight_bytes(model: Transformer, layers: int | None = None) -> int:
-    """Bytes read by a one-token pass through the first ``layers`` layers and the head."""
+def weight_bytes(model: Transformer, layers: int | None = None, head_rows: int | None = None) -> int:
+    """Bytes read by a one-token pass through the first ``layers`` layers and the head (``head_rows``
+    of it: a vocabulary subset)."""
     n = model.cfg.num_layers if layers is None else layers
     size = model.embed.weight.element_size()
     per_layer = sum(p.numel() for p in model.layers[0].parameters()) if n else 0
-    head = model.lm_head.weight.numel() + model.norm.numel()
+    rows = model.cfg.vocab_size if head_rows is None else head_rows
+    head = rows * model.cfg.hidden_size + model.norm.numel()
     return size * (n * per_layer + head)
 
 
@@ -26,5 +28,6 @@ DRAFT_TOKEN_OVERHEAD = 3_200_000  # bytes: ~80 us at ~40 GB/s
 PASS_OVERHEAD = 8_000_000  # bytes: ~200 us
 
 
-def draft_cost_ratio(draft: Transformer, exit_layers: int, target: Transformer) -> float:
-    return (weight_bytes(draft, exit_layers) + DRAFT_TOKEN_OVERHEAD) / (weight_bytes(target) + PASS_OVERHEAD)
+def draft_cost_ratio(draft: Transformer, exit_layers: int, target: Transformer, head_rows: int | None = None) -> float:
+    return ((weight_bytes(draft, exit_layers, head_rows) + DRAFT_TOKEN_OVERHEAD)
+            / (weight_bytes(target) + PASS_OVERHEAD))

@@ -63,7 +63,9 @@ class HybridDrafter:
         draft = getattr(self.model, "model", None)
         exits = getattr(getattr(self.model, "config", None), "exits", None)
         if draft is not None:
-            self.cost = draft_cost_ratio(draft, exits[0] if exits else draft.cfg.num_layers, target)
+            head = getattr(self.model, "head", None)
+            self.cost = draft_cost_ratio(draft, exits[0] if exits else draft.cfg.num_layers, target,
+                                         None if head is None else head.shape[0])
 
     def reset(self) -> None:
         self.model.reset()

@@ -15,8 +15,9 @@ A method is a drafter (or none) plus the number of tokens the engine lets it dra
 - ``s2d``: the default configuration, whichever measured best across the zoo's targets on the
   calibration prompts (benchmarks/choose_default.py; RESULTS.md): lookup where the text repeats,
   otherwise one exit of the sorted draft while it pays for the target (cost-aware), 3 tokens per
-  step; the exit is the draft's middle one unless a calibration (``s2d calibrate``, per target)
-  chose another. On the zoo the per-token exit choice (``s2d-softmax``, ``s2d-gate``) measured
+  step, its head over the draft's 2048 most frequent tokens where the draft ships a ranking
+  (``vocab.py``); the exit is the draft's middle one unless a calibration (``s2d calibrate``, per
+  target) chose another. On the zoo the per-token exit choice (``s2d-softmax``, ``s2d-gate``) measured
   slower than a fixed exit, so the default does not use it; both stay available by name.
 """
 
@@ -34,6 +35,7 @@ from s2d.drafting.lookup import PromptLookupDrafter
 from s2d.drafting.model import ModelDrafter
 from s2d.drafting.ngram import NgramConfig, NgramDrafter
 from s2d.drafting.sorted import SortedConfig, SortedDrafter
+from s2d.drafting.vocab import load_vocab
 from s2d.model.llama import Transformer
 
 LOOKUP_PREFIX = "lookup+"
@@ -68,6 +70,7 @@ class DraftOptions:
     lookup_min_match: int = 2  # lookup: shortest match that may back a drafted token
     verify_growth: float = 0.06  # lookup+M: a verification pass's extra cost per drafted token (cost-aware switch)
     exit: int = 0  # s2d: the sorted draft's exit that drafts where lookup has nothing; 0 = its middle exit
+    draft_vocab: int = 0  # sorted drafters: score only the N most frequent tokens (vocab.py); 0 = all
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:
@@ -79,6 +82,8 @@ class DraftOptions:
         if not 1 <= self.min_lookup <= self.lookup_tokens:
             raise ValueError(f"need 1 <= min_lookup <= lookup_tokens, got {self.min_lookup}, {self.lookup_tokens}")
         NgramConfig(self.lookup_max_n, 1, self.lookup_min_match)  # validates the lookup orders
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
         if self.exit < 0:
             raise ValueError(f"exit must be a layer count >= 1 (0: the draft's middle exit), got {self.exit}")
 
@@ -104,13 +109,18 @@ class Method:
         return self.model is not None
 
 
-# What `s2d` means besides its drafters: the knobs measured with it (benchmarks/choose_default.json).
+# What `s2d` means besides its drafters: the knobs measured with it (benchmarks/choose_default.json);
+# the draft's head over its 2048 most frequent tokens where the draft ships a ranking (vocab.py).
 DEFAULT_S2D_OPTIONS = {"num_draft_tokens": 3, "min_lookup": 1, "verify_growth": 0.12}
+DEFAULT_S2D_VOCAB = 2048
 
 
-def default_options(method: str) -> DraftOptions:
+def default_options(method: str, draft: Transformer | None = None) -> DraftOptions:
     """A method's drafting knobs before any flag or calibration: ``s2d``'s measured ones, else the defaults."""
-    return DraftOptions(**DEFAULT_S2D_OPTIONS) if method == "s2d" else DraftOptions()
+    if method != "s2d":
+        return DraftOptions()
+    ranked = draft is not None and load_vocab(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
+    return DraftOptions(**DEFAULT_S2D_OPTIONS, draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
 
 
 def parse_method(name: str) -> Method:
@@ -171,25 +181,38 @@ def engine_draft_tokens(method: str, options: DraftOptions) -> int:
     return cap
 
 
+def draft_vocab(draft: Transformer, options: DraftOptions) -> list[int] | None:
+    """The first ``options.draft_vocab`` tokens of the ranking stored beside the draft, or None (all)."""
+    if not options.draft_vocab:
+        return None
+    ranked = load_vocab(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
+    if ranked is None:
+        raise ValueError("draft_vocab needs s2d_draft_vocab.json beside the draft; write it with "
+                         "`s2d train-draft --objective vocab`")
+    return ranked[:options.draft_vocab]
+
+
 def _model_drafter(model: str, draft: Transformer, options: DraftOptions) -> Drafter:
     length = DraftLength(options.num_draft_tokens, options.schedule, maximum=max(16, options.num_draft_tokens))
     if model == "sd":
         return ModelDrafter(draft, length)
+    vocab = draft_vocab(draft, options)
     if match := _EXIT.match(model):
         exit_layers = int(match.group(1))
         if not 1 <= exit_layers <= draft.cfg.num_layers:
             n = draft.cfg.num_layers
             raise ValueError(f"{model}: the draft has {n} layer{'s' if n != 1 else ''} (exits 1..{n})")
-        return SortedDrafter(draft, SortedConfig((exit_layers,), (0.0,), options.stop_threshold), length)
+        return SortedDrafter(draft, SortedConfig((exit_layers,), (0.0,), options.stop_threshold), length,
+                             vocab=vocab)
     exits = sorted_exits(draft)
     config = SortedConfig(exits, options.exit_thresholds, options.stop_threshold)
     if model == "s2d-softmax":
-        return SortedDrafter(draft, config, length)
+        return SortedDrafter(draft, config, length, vocab=vocab)
     gates = load_gates(draft)
     if gates is None:
         raise ValueError("method s2d-gate needs exit gates beside the draft (s2d_exit_gates.safetensors); "
                          "train them with `s2d train-draft --objective gates`")
-    return SortedDrafter(draft, config, length, gates)
+    return SortedDrafter(draft, config, length, gates, vocab=vocab)
 
 
 def build_drafter(method: str, draft: Transformer | None, options: DraftOptions = DraftOptions()) -> Drafter | None:

@@ -22,6 +22,7 @@ from torch import Tensor
 from s2d.drafting.base import Draft, common_prefix
 from s2d.drafting.gates import ExitGates, GateRunner
 from s2d.drafting.length import DraftLength
+from s2d.drafting.vocab import subset_head
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
 from s2d.sampling import NONFINITE, SamplingParams, check_finite_logits, probabilities, sample
@@ -57,7 +58,7 @@ def confidence_and_q(logits: Tensor, params: SamplingParams) -> tuple[float, Ten
 
 class SortedDrafter:
     def __init__(self, model: Transformer, config: SortedConfig, length: DraftLength | None = None,
-                 gates: ExitGates | None = None) -> None:
+                 gates: ExitGates | None = None, vocab: list[int] | None = None) -> None:
         if config.exits[-1] > model.cfg.num_layers:
             raise ValueError(f"exit {config.exits[-1]} is beyond the draft's {model.cfg.num_layers} layers")
         self.model = model
@@ -67,6 +68,8 @@ class SortedDrafter:
             raise ValueError(f"the exit gates have no gate for exit(s) {missing}")
         # thresholds then apply to the gates' probabilities instead of the exits' softmax confidence
         self.gates = GateRunner(gates, model) if gates is not None else None
+        # a head over a vocabulary subset (vocab.py): cheaper draft tokens, never a token outside it
+        self.head, self.head_ids = subset_head(model, vocab) if vocab else (None, None)
         self.cache = model.new_cache(num_layers=config.exits[-1])
         # hidden[s]: position s's hidden state after the deepest layer it has been through.
         self.hidden = torch.zeros(self.cache.capacity, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
@@ -128,12 +131,17 @@ class SortedDrafter:
                 if self.gates is not None and j < last and self.gates(cfg.exits[j], self.hidden[pos]) < threshold:
                     continue  # deeper, without having paid for this exit's head
                 if params.greedy:  # the argmax and its probability, without a [V] tensor
-                    token, conf = self.model.top1(self.hidden[pos])
+                    token, conf = self.model.top1(self.hidden[pos], self.head)
                     if not math.isfinite(conf):
                         raise CheckpointError(NONFINITE.format(model="draft"))
+                    if self.head_ids is not None:
+                        token = int(self.head_ids[token])
                 else:
-                    logits = self.model.logits(self.hidden[pos])
+                    logits = self.model.logits(self.hidden[pos], self.head)
                     check_finite_logits(logits, "draft")
+                    if self.head_ids is not None:  # q over the subset, exactly 0 elsewhere
+                        full = logits.new_full((self.model.cfg.vocab_size,), -math.inf)
+                        logits = full.index_copy_(0, self.head_ids, logits.float())
                     conf, q = confidence_and_q(logits, params)
                 if self.gates is not None or conf >= threshold or j == last:
                     break

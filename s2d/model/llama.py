@@ -219,14 +219,16 @@ class Transformer(nn.Module):
         gate, up = linear(layer.gate_up, rms_norm(x, layer.mlp_norm, layer.eps)).chunk(2, -1)
         return x + linear(layer.down, F.silu(gate) * up)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """hidden [..., C] -> logits [..., V] through the final norm and LM head.
+    def logits(self, hidden: Tensor, head: Tensor | None = None) -> Tensor:
+        """hidden [..., C] -> logits [..., V] through the final norm and LM head (or ``head`` [V', C]).
 
         The native runtime returns float32 logits (its products accumulate in float32 anyway).
         """
         if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and hidden.dtype == self.dtype
                 and hidden.numel() // hidden.shape[-1] <= native.MAX_ROWS and (fast := self.native_runtime())):
-            return fast.logits(hidden)
+            return fast.logits(hidden, head)
+        if head is not None:
+            return F.linear(rms_norm(hidden, self.norm, self.cfg.rms_norm_eps), head)
         return linear(self.lm_head, rms_norm(hidden, self.norm, self.cfg.rms_norm_eps))
 
     def greedy(self, ids: Tensor, positions: Tensor, cache: KVCache) -> Tensor:

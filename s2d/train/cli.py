@@ -43,9 +43,10 @@ def add_train_draft(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-positions", type=int, default=2048)
     p.add_argument("--tokenizer", type=Path, help="default: the --init checkpoint's, else the first target's")
     p.add_argument("--targets", type=_paths, default=(), help="comma-separated teacher checkpoints")
-    p.add_argument("--objective", choices=["soft", "distill", "gates"], default="soft",
+    p.add_argument("--objective", choices=["soft", "distill", "gates", "vocab"], default="soft",
                    help="soft: SoFT; distill: toward --targets; gates: train the exit gates of the sorted draft "
-                        "--init (the s2d-gate method) on --data, writing the draft with its gates to --out")
+                        "--init (the s2d-gate method) on --data; vocab: rank its tokens by frequency in --data "
+                        "(the draft_vocab option); gates and vocab write the draft with the result to --out")
     p.add_argument("--gate-positions", type=int, default=100_000, help="gates: training positions (default 100k)")
     p.add_argument("--ce-weight", type=finite_float, help="default 1 for soft, 0 for distill")
     p.add_argument("--distill-weight", type=finite_float, help="default 1 for distill")
@@ -116,8 +117,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train_draft(args: argparse.Namespace) -> int:
-    if args.objective == "gates":
-        return run_train_gates(args)
+    if args.objective in ("gates", "vocab"):
+        return run_beside(args)
     from s2d.train.trainer import train_draft
 
     result = train_draft(config_from_args(args))
@@ -132,14 +133,19 @@ def run_train_draft(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_train_gates(args: argparse.Namespace) -> int:
+def run_beside(args: argparse.Namespace) -> int:
+    """--objective gates|vocab: the --init draft, copied to --out with what it computes beside it."""
+    from s2d.train.beside import rank_draft_vocab
     from s2d.train.gates import train_gates_into
 
     if args.init is None:
-        raise ValueError("--objective gates needs --init: the sorted draft whose exits get gates")
-    report = train_gates_into(args.init, args.out, data_from_args(args), positions=args.gate_positions,
-                              batch_size=args.micro_batch_size, seed=args.seed)
-    print(json.dumps({"out_dir": str(args.out), "status": "completed", "gates": report["per_exit"]}))
+        raise ValueError(f"--objective {args.objective} needs --init: the draft to work on")
+    if args.objective == "gates":
+        report = train_gates_into(args.init, args.out, data_from_args(args), positions=args.gate_positions,
+                                  batch_size=args.micro_batch_size, seed=args.seed)["per_exit"]
+    else:
+        report = rank_draft_vocab(args.init, args.out, data_from_args(args))
+    print(json.dumps({"out_dir": str(args.out), "status": "completed", args.objective: report}))
     return 0
 
 

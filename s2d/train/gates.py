@@ -73,37 +73,14 @@ def train_gates(cfg: GateTraining, progress: bool = True) -> dict:
     return meta
 
 
-COMMAND = "train-draft --objective gates"
-
-
 def train_gates_into(draft: str | Path, out: str | Path, data: DataConfig, positions: int = 100_000,
                      batch_size: int = 8, seed: int = 0) -> dict:
     """Copy the sorted draft ``draft`` to ``out`` (new, empty, or an earlier output of this command) with
     trained exit gates; atomic: a failure leaves ``out`` as it was."""
-    import shutil
+    from s2d.train.beside import write_draft_with
 
-    from s2d.model.loading import check_checkpoint
-    from s2d.outputs import check_not_input, check_output_dir, marked_by, swap_in, temporary_sibling, write_marker
-
-    draft, out = Path(draft), Path(out)
-    check_not_input(out, [("--init", draft), *(("--data", p) for p in data.paths)])
-    check_output_dir(out, marked_by(COMMAND), "an earlier gates output")
-    draft, cfg = check_checkpoint(draft)
-    if len(cfg.exits) < 2:
-        raise CheckpointError(f"{draft} is not a sorted draft with several exits (config 's2d_exits'); "
-                              "exit gates decide between exits")
-    tmp = temporary_sibling(out)
-    try:
-        for f in draft.iterdir():
-            if f.is_file() and not f.name.startswith("."):
-                shutil.copy2(f, tmp / f.name)
-        report = train_gates(GateTraining(tmp, data, positions=positions, batch_size=batch_size, seed=seed))
-        write_marker(tmp, COMMAND, draft=str(draft))
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
+    return write_draft_with(draft, out, data, "train-draft --objective gates", lambda tmp: train_gates(
+        GateTraining(tmp, data, positions=positions, batch_size=batch_size, seed=seed)))
 
 
 __all__ = ["GATES_FILE", "GateTraining", "ExitGates", "train_gates", "train_gates_into"]

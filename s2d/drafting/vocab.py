@@ -1,0 +1,62 @@
+"""A draft head over the most frequent tokens only (FR-Spec): a cheaper draft token, still lossless.
+
+A draft token pays the vocabulary head (on the zoo draft, 8192 x 384: more than its first layer).
+Scoring only the N tokens that are most frequent in the draft's training text makes the head N/V as
+dear, at the price of never proposing a rarer token; verification keeps the target's full head, so
+outputs are unchanged (greedy) or exactly distributed (sampling: q is zero outside the subset,
+which rejection sampling handles). On the zoo's training text the top 2048 tokens cover 88%, the
+top 4096 95%.
+
+Stored beside the draft as ``s2d_draft_vocab.json``: ``{"tokens": [ids, most frequent first], ...}``,
+written by ``s2d train-draft --objective vocab``; ``DraftOptions.draft_vocab`` picks how many to use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from s2d.model.config import CheckpointError
+
+VOCAB_FILE = "s2d_draft_vocab.json"
+
+
+def rank_tokens(stream: Tensor, vocab_size: int) -> list[int]:
+    """Token ids by frequency in ``stream`` [N], most frequent first (ties: lower id); unseen ones last."""
+    counts = Counter(stream.tolist())
+    seen = sorted(counts, key=lambda t: (-counts[t], t))
+    rest = [t for t in range(vocab_size) if t not in counts]
+    return [t for t in seen if 0 <= t < vocab_size] + rest
+
+
+def save_vocab(directory: Path, ranked: list[int], meta: dict) -> Path:
+    path = Path(directory) / VOCAB_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"tokens": ranked, **meta}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_vocab(directory: Path | None, vocab_size: int) -> list[int] | None:
+    """The ranked ids stored beside a draft, or None; a malformed file is a CheckpointError naming it."""
+    if directory is None or not (Path(directory) / VOCAB_FILE).exists():
+        return None
+    path = Path(directory) / VOCAB_FILE
+    try:
+        tokens = json.loads(path.read_text())["tokens"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot read the draft vocabulary {path}: {err}") from err
+    if (not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < vocab_size for t in tokens)
+            or len(set(tokens)) != len(tokens)):
+        raise CheckpointError(f"{path}: 'tokens' must be distinct token ids in [0, {vocab_size})")
+    return tokens
+
+
+def subset_head(model, ids: list[int]) -> tuple[Tensor, Tensor]:
+    """(head [N, C] with the rows of ``ids``, ids [N] long): the draft's LM head over a vocabulary subset."""
+    index = torch.tensor(ids, dtype=torch.long, device=model.device)
+    return model.lm_head.weight.detach().index_select(0, index).contiguous(), index
