@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from s2d.bench.results import cpu_name
 from s2d.drafting import sorted_exits
 from s2d.model import native
 from s2d.model.loading import load_model
@@ -114,16 +114,6 @@ def exit_cost(draft, context: int, layers: int, reps: int, head_only: bool = Fal
         draft.logits(out[0, -1]).argmax()
 
     return timed(step, reps)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

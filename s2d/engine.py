@@ -285,7 +285,7 @@ class MultiTargetEngine:
                  options: "DraftOptions | dict[str, DraftOptions] | None" = None,
                  eos_token_ids: tuple[int, ...] | None = None) -> None:
         """``eos_token_ids``: stop tokens of every target (default: each target's own; () never stops)."""
-        from s2d.drafting import DraftOptions, build_drafter, default_options, engine_draft_tokens
+        from s2d.drafting import build_drafter, default_options, engine_draft_tokens
 
         if not targets:
             raise ValueError("MultiTargetEngine needs at least one target")

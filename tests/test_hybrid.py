@@ -11,11 +11,10 @@ from s2d.drafting import SortedConfig, SortedDrafter
 from s2d.drafting.hybrid import HybridConfig, HybridDrafter
 from s2d.drafting.ngram import NgramConfig, NgramDrafter, NgramIndex
 from s2d.engine import Engine
-from s2d.model.config import ModelConfig
-from s2d.model.llama import Transformer
 from s2d.model.loading import load_model
 from s2d.model.tiny import write_random_checkpoint
 from s2d.sampling import SamplingParams
+from tinymodels import small_vocab_model
 
 
 def test_index_follows_the_latest_longest_match():
@@ -62,16 +61,6 @@ def test_greedy_hybrid_and_lookup_equal_plain_decoding(models, prompt):
         assert state.stats.target_passes < 40  # the repeated prompt is copied, several tokens per pass
 
 
-def small_vocab_model(layers: int, seed: int, exits: tuple[int, ...] = ()) -> Transformer:
-    cfg = ModelConfig("LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=64, num_layers=layers,
-                      num_heads=4, num_kv_heads=2, head_dim=8, max_positions=32, exits=exits)
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(4.0)
-    return model.eval().requires_grad_(False)
-
-
 def chi2_critical(df: int, z: float = 3.09) -> float:
     """Upper quantile of chi-squared with ``df`` degrees of freedom (Wilson-Hilferty; z=3.09: p=0.001)."""
     c = 2.0 / (9.0 * df)
@@ -80,8 +69,8 @@ def chi2_critical(df: int, z: float = 3.09) -> float:
 
 def test_sampling_through_the_hybrid_drafter_keeps_the_target_distribution():
     """Lookup tokens are drafted with a one-hot q: the output must still be distributed as the target's."""
-    target = small_vocab_model(2, seed=3)
-    draft = small_vocab_model(3, seed=4, exits=(1, 2, 3))
+    target = small_vocab_model(2, seed=3, head_scale=4.0)
+    draft = small_vocab_model(3, seed=4, exits=(1, 2, 3), head_scale=4.0)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]  # the tail (1, 2) was followed by 3: lookup proposes 3, 1, 2, ...
     with torch.no_grad():  # exact P(x1, x2 | prompt) of the target, by enumeration
         p1 = target(torch.tensor([prompt]), torch.arange(8), target.new_cache())[0, -1].softmax(-1)

@@ -8,11 +8,10 @@ import torch
 from s2d.drafting import DraftOptions, SortedConfig, SortedDrafter, build_drafter
 from s2d.drafting.model import ModelDrafter
 from s2d.engine import Engine, MultiTargetEngine
-from s2d.model.config import ModelConfig
-from s2d.model.llama import Transformer
 from s2d.model.loading import load_model
 from s2d.model.tiny import write_random_checkpoint
 from s2d.sampling import SamplingParams
+from tinymodels import small_vocab_model
 
 PROMPT = [7, 3, 9, 7, 3, 1, 12, 40, 41, 42]
 
@@ -128,16 +127,6 @@ def test_bad_configs_are_refused(sorted_draft):
         build_drafter("sd-exit", sorted_draft)
     with pytest.raises(ValueError, match="has 3 layers"):
         build_drafter("sd-exit-7", sorted_draft)
-
-
-def small_vocab_model(layers: int, seed: int, exits: tuple[int, ...] = ()) -> Transformer:
-    cfg = ModelConfig("LlamaForCausalLM", vocab_size=8, hidden_size=32, intermediate_size=64, num_layers=layers,
-                      num_heads=4, num_kv_heads=2, head_dim=8, max_positions=32, exits=exits)
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(6.0)  # peaked, not uniform, distributions
-    return model.eval().requires_grad_(False)
 
 
 def test_sampled_s2d_output_is_distributed_like_the_target():
