@@ -71,6 +71,24 @@ def block_costs(model, context: int, sizes: list[int], reps: int) -> dict[int, f
 
 
 @torch.inference_mode()
+def block_costs_back_to_back(model, context: int, sizes: list[int], reps: int, rounds: int = 3) -> dict[int, float]:
+    """Seconds of a greedy pass when passes of one size follow each other (as in plain decoding): each
+    size ``reps`` times in a row, ``rounds`` rounds alternating the sizes, the best round's median."""
+    cache, ids = prefilled(model, context, max(sizes))
+    best: dict[int, float] = {}
+    for _ in range(rounds):
+        for new in sizes:
+            block, positions = ids[:, context:context + new], torch.arange(context, context + new)
+
+            def step():
+                cache.truncate(context)
+                model.greedy(block, positions, cache)
+
+            best[new] = min(best.get(new, float("inf")), timed(step, reps))
+    return best
+
+
+@torch.inference_mode()
 def step_breakdown(model, context: int, reps: int) -> dict[str, float]:
     """Milliseconds per one-token pass by part (native runtime only)."""
     runtime = model.native_runtime()
@@ -127,6 +145,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--reference", action="store_true", help="also time the torch reference path")
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="also time each size alone, passes of one size in a row (the fair ratio to a one-token pass)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.models:
@@ -154,6 +174,9 @@ def main() -> None:
         row: dict = {"native": {k: 1000 * v for k, v in block_costs(target, args.context, sizes, args.reps).items()}}
         if target.native_runtime() is not None:
             row["breakdown"] = step_breakdown(target, args.context, args.reps * 3)
+        if args.back_to_back:
+            row["back to back"] = {k: 1000 * v for k, v in
+                                   block_costs_back_to_back(target, args.context, sizes, args.reps * 5).items()}
         if args.reference:
             target.use_native = False
             row["reference"] = {k: 1000 * v for k, v in block_costs(target, args.context, sizes, args.reps).items()}
@@ -164,7 +187,7 @@ def main() -> None:
     print("\n| target | path | " + " | ".join(f"{k} tok" for k in sizes) + " | 6 tok / 1 tok |")
     print("|---|---|" + "---|" * (len(sizes) + 1))
     for name, row in report["targets"].items():
-        for path_name in ("native", "reference"):
+        for path_name in ("native", "back to back", "reference"):
             if path_name in row:
                 r = row[path_name]
                 ratio = f"{r[6] / r[1]:.2f}" if 6 in r and 1 in r else "-"

@@ -32,13 +32,14 @@ def family(tmp_path_factory):
     """Tiny checkpoints with what the runtime must handle: GQA, qkv bias, odd sizes, a sorted draft."""
     root = tmp_path_factory.mktemp("native")
     return {
-        "gqa": write_random_checkpoint(root / "gqa", num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=2,
+        # head size 32: the AMX attention path (head sizes that are multiples of 32) is exercised too
+        "gqa": write_random_checkpoint(root / "gqa", num_layers=3, hidden_size=128, num_heads=4, num_kv_heads=2,
                                        intermediate_size=200, seed=11),
         # K and N not multiples of any vector width; Qwen2 adds q/k/v biases
         "qwen": write_random_checkpoint(root / "qwen", "qwen2", num_layers=2, hidden_size=52, num_heads=2,
                                         num_kv_heads=1, intermediate_size=74, seed=12),
         # contexts past one attention chunk (256 keys)
-        "long": write_random_checkpoint(root / "long", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+        "long": write_random_checkpoint(root / "long", num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=2,
                                         intermediate_size=96, max_positions=1024, seed=13),
         "draft": write_random_checkpoint(root / "draft", num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2,
                                          intermediate_size=96, seed=5, s2d_exits=[1, 2, 3]),
@@ -252,3 +253,17 @@ def test_nonfinite_logits_are_refused_on_the_native_path(family):
             model.greedy(torch.tensor([[1, 2, 3]]), torch.arange(3), model.new_cache())
         with pytest.raises(CheckpointError, match="NaN or inf"):
             model.top1(torch.ones(model.cfg.hidden_size))
+
+
+def test_bf16_passes_stay_close_to_float32(isa, family):
+    """bf16 weights through every path of this CPU (AMX attention rounds probabilities to bf16)."""
+    m16 = load_model(family["gqa"], dtype="bfloat16")
+    m32 = reference(load_model(family["gqa"], dtype="float32"))
+    ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode():
+        c16, c32 = m16.new_cache(), m32.new_cache()
+        for m, c in ((m16, c16), (m32, c32)):
+            m(ids[:, :30], torch.arange(30), c, logits_at=None)
+        a = m16(ids[:, 30:], torch.arange(30, 40), c16).float()
+        b = m32(ids[:, 30:], torch.arange(30, 40), c32)
+    assert (a - b).abs().max() < 0.05 * b.abs().max()

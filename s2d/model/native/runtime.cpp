@@ -257,6 +257,8 @@ struct Scratch {
   std::vector<std::vector<float>> scores;  // per thread: [T, chunk] attention scores, then probabilities
   std::vector<std::vector<float>> qblock;  // per thread: [T, D] queries of one head (cache dtype)
   std::vector<std::vector<float>> lin_rows;  // per thread: [T, D] one head's attention outputs
+  std::vector<std::vector<float>> pv_b;      // per thread: [chunk / 2, D] pair-interleaved values (AMX)
+  std::vector<std::vector<float>> pv_a;      // per thread: [T, chunk] bf16 probabilities (AMX)
   std::vector<float> head_out;             // [T, head rows] logits when the caller wants only the top-1
   std::vector<TopPart> top;                // [threads, T]
 };
@@ -316,6 +318,8 @@ struct Model {
       s.scores.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * kKeyChunk));
       s.qblock.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * D));
       s.lin_rows.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * D));
+      s.pv_b.assign(n, std::vector<float>(static_cast<size_t>(kKeyChunk / 2) * D));
+      s.pv_a.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * kKeyChunk / 2));
     }
     const size_t parts = static_cast<size_t>(rows) * H * ((keys + kKeyChunk - 1) / kKeyChunk) * (D + 2);
     if (s.parts.size() < parts) s.parts.resize(parts);
