@@ -147,10 +147,17 @@ def default_method(method: str | None, draft) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     from s2d.drafting import check_method, needs_draft_model
     from s2d.engine import MultiTargetEngine
-    from s2d.loading import default_checkpoint, load_family, parse_targets
+    from s2d.loading import embedded_family, load_family, parse_targets
     from s2d.model.loading import check_device
     from s2d.sampling import SamplingParams
 
+    if not args.target:
+        family, embedded_draft = embedded_family()
+        args.target = [f"{name}={path}" for name, path in family.items()]
+        if args.draft is None:
+            args.draft = str(embedded_draft)
+        print(f"s2d: no --target: the embedded default, zoo-l (a 52M-parameter Python model) with its sorted "
+              f"draft, method {args.method or 's2d'} (pass --target DIR for your own model)", file=sys.stderr)
     if args.method:
         check_method(args.method)
         if needs_draft_model(args.method) and not args.draft:
@@ -159,11 +166,6 @@ def run_generate(args: argparse.Namespace) -> int:
     check_device(args.device, "--device")
     chat = args.chat or args.system is not None
     prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
-    if not args.target:
-        path = default_checkpoint()
-        print(f"s2d: no --target given: using a tiny randomly initialised model at {path} "
-              "(its output is gibberish; pass --target DIR for a real model)", file=sys.stderr)
-        args.target = [str(path)]
     targets = parse_targets(args.target)
     use = args.use or next(iter(targets))
     if use not in targets:
@@ -173,6 +175,9 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer, models, draft = load_family(targets, draft_path, args.dtype, args.device,
                                            fast_tokenizer=not chat)
     method = default_method(args.method, draft)
+    if method == "s2d" and draft is not None and len(draft.cfg.exits) < 2:
+        print("s2d: the draft has no exits (config 's2d_exits'): --method s2d runs as lookup + the whole draft "
+              "(vanilla speculative decoding); a sorted draft comes from `s2d train-draft`", file=sys.stderr)
     options = {name: draft_options(args, method, draft_path, name, draft) for name in targets}
     engine = MultiTargetEngine(models, draft, method, options, eos_token_ids=() if args.ignore_eos else None)
     ids = prompt_ids(tokenizer, prompt, chat, args.system, targets[use])
@@ -280,12 +285,14 @@ def read_prompt_file(path: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from s2d.demo import add_demo
     from s2d.export_gguf import add_export_gguf
     from s2d.train.cli import add_export_exit, add_train_draft
 
     parser = argparse.ArgumentParser(prog="s2d", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate(sub)
+    add_demo(sub)
     add_train_draft(sub)
     add_export_exit(sub)
     add_export_gguf(sub)

@@ -21,8 +21,20 @@ def check_same_vocab(target: Transformer, draft: Transformer) -> None:
         raise CheckpointError(f"draft vocab_size {draft.cfg.vocab_size} != target vocab_size {target.cfg.vocab_size}")
 
 
+EMBEDDED = Path(__file__).with_name("data") / "default"  # s2d/data/default/README.md
+
+
+def embedded_family() -> tuple[dict[str, Path], Path]:
+    """The family used when no --target is given: ({name: target dir}, the sorted draft's dir)."""
+    target, draft = EMBEDDED / "zoo-l", EMBEDDED / "draft"
+    if not (target / "model.safetensors").exists() or not (draft / "model.safetensors").exists():
+        raise CheckpointError(f"the embedded default models are missing from {EMBEDDED} (a partial install?); "
+                              "reinstall s2d or pass --target DIR")
+    return {"zoo-l": target}, draft
+
+
 def default_checkpoint(cache_dir: str | Path | None = None) -> Path:
-    """The model used when no --target is given: for now a tiny random Llama written on first use."""
+    """A tiny random Llama written on first use (tests and quick checks; the CLI uses embedded_family)."""
     from s2d.model.tiny import write_random_checkpoint
 
     root = Path(cache_dir or Path.home() / ".cache" / "s2d") / "tiny-random-llama"
@@ -32,7 +44,8 @@ def default_checkpoint(cache_dir: str | Path | None = None) -> Path:
     return root
 
 
-__all__ = ["check_same_tokenizer", "check_same_vocab", "default_checkpoint", "load_model", "load_tokenizer"]
+__all__ = ["check_same_tokenizer", "check_same_vocab", "default_checkpoint", "embedded_family", "load_model",
+           "load_tokenizer"]
 
 
 def parse_targets(specs: list[str]) -> dict[str, str]:
