@@ -287,6 +287,7 @@ def read_prompt_file(path: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from s2d.demo import add_demo
     from s2d.export_gguf import add_export_gguf
+    from s2d.serve.cli import add_serve
     from s2d.train.cli import add_export_exit, add_train_draft
 
     parser = argparse.ArgumentParser(prog="s2d", description=__doc__.splitlines()[0])
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_exit(sub)
     add_export_gguf(sub)
     add_calibrate(sub)
+    add_serve(sub)
     from s2d.bench.cli import add_bench
 
     add_bench(sub)

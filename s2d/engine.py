@@ -116,8 +116,10 @@ class DecodeState:
     prompt_len: int
     max_new_tokens: int
     params: SamplingParams
-    cache: KVCache
+    cache: KVCache  # this sequence's target cache (the Engine's own, or a slot of a pool)
     generator: torch.Generator
+    drafter: Drafter | None = None  # this sequence's drafter: its cache and adaptive state are per sequence
+    num_draft_tokens: int = 1  # the most tokens the drafter may propose per step
     stats: DecodeStats = field(default_factory=DecodeStats)
     finished: bool = False
 
@@ -144,11 +146,23 @@ class Engine:
             drafter.bind_target(target)  # drafters that weigh their cost against this target's
         self.num_draft_tokens = num_draft_tokens
         self.eos = set(target.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        self.cache = target.new_cache()  # reused across requests: allocation is not free for big models
+        self._cache: KVCache | None = None  # reused across requests: allocation is not free for big models
         # One sequence at a time: the cache (and the drafter's state) hold one sequence. An open
         # stream() holds this lock until it ends or is closed; ``owner`` is the state the cache holds.
         self._streaming = threading.Lock()
         self._owner: DecodeState | None = None
+
+    @property
+    def cache(self) -> KVCache:
+        """The cache of start()/stream()/generate(), allocated on first use (a server's slots bring their own)."""
+        if self._cache is None:
+            self._cache = self.target.new_cache()
+        return self._cache
+
+    @property
+    def context(self) -> int:
+        """The most tokens (prompt + output) one sequence may hold."""
+        return self.target.cfg.max_positions
 
     def start(self, prompt: list[int], params: SamplingParams, max_new_tokens: int) -> DecodeState:
         """Validate the request and prefill the target with all prompt tokens but the last.
@@ -164,8 +178,20 @@ class Engine:
         return ("this Engine is already decoding a sequence (an unfinished stream()): finish it or close() it "
                 "first; one Engine decodes one sequence at a time (use one Engine per concurrent sequence)")
 
-    @torch.inference_mode()
     def _start(self, prompt: list[int], params: SamplingParams, max_new_tokens: int) -> DecodeState:
+        state = self.begin(prompt, params, max_new_tokens, self.cache, self.drafter, self.num_draft_tokens)
+        self._owner = state
+        return state
+
+    @torch.inference_mode()
+    def begin(self, prompt: list[int], params: SamplingParams, max_new_tokens: int, cache: KVCache,
+              drafter: Drafter | None, num_draft_tokens: int) -> DecodeState:
+        """A sequence on a cache and drafter the caller owns (a scheduler's slot): validate, prefill.
+
+        The target's weights are shared; everything the sequence changes lives in ``cache``, ``drafter``
+        and the returned state, so a scheduler may step several such sequences in turn. A drafter
+        built for another target must first be ``bind_target``-ed to this one (``new_drafter`` does).
+        """
         prompt = as_token_ids(prompt)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
@@ -178,37 +204,35 @@ class Engine:
         vocab = self.target.cfg.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise InputError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
-        limit = self.cache.capacity
+        limit = cache.capacity
         if len(prompt) + max_new_tokens > limit:
             raise InputError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"the model's context of {limit} tokens")
-        self.cache.truncate(0)
-        if self.drafter is not None:
-            self.drafter.reset()
+        cache.truncate(0)
+        if drafter is not None:
+            drafter.reset()
         if len(prompt) > 1:
             device = self.target.device
             ids = torch.tensor([prompt[:-1]], device=device)
-            self.target(ids, torch.arange(len(prompt) - 1, device=device), self.cache, logits_at=None)
-        state = DecodeState(list(prompt), len(prompt), max_new_tokens, params, self.cache,
-                            params.generator(self.target.device))
-        self._owner = state
-        return state
+            self.target(ids, torch.arange(len(prompt) - 1, device=device), cache, logits_at=None)
+        return DecodeState(list(prompt), len(prompt), max_new_tokens, params, cache,
+                           params.generator(self.target.device), drafter, num_draft_tokens)
 
     @torch.inference_mode()
     def step(self, state: DecodeState) -> list[int]:
         """One target pass: returns the tokens it emitted (accepted drafts + one from the target)."""
-        if state is not self._owner:
+        if state.cache is self._cache and state is not self._owner:
             raise EngineBusyError("this sequence no longer owns the Engine's cache: another one was started on "
                                   "the same Engine since; one Engine decodes one sequence at a time")
         if state.finished:
             raise InputError("this sequence is finished")
         remaining = state.max_new_tokens - len(state.output)
         base = state.cache.length  # == len(state.tokens) - 1
-        k = min(self.num_draft_tokens, remaining - 1)
+        k = min(state.num_draft_tokens, remaining - 1)
         draft = Draft.empty(self.target.device)
         t0 = time.perf_counter()
-        if self.drafter is not None and k > 0:
-            draft = self.drafter.propose(state.tokens, k, state.params, state.generator)
+        if state.drafter is not None and k > 0:
+            draft = state.drafter.propose(state.tokens, k, state.params, state.generator)
         t1 = time.perf_counter()
         device = self.target.device
         block = torch.cat([torch.tensor([state.tokens[-1]], device=device), draft.tokens.to(device)])
@@ -236,8 +260,8 @@ class Engine:
         emitted = draft.tokens[:num_accepted].tolist() + [verdict.next_token]
         state.cache.truncate(base + 1 + num_accepted)
         state.stats.record(draft, num_accepted)
-        if self.drafter is not None:
-            self.drafter.feedback(len(draft), num_accepted)
+        if state.drafter is not None:
+            state.drafter.feedback(len(draft), num_accepted)
         for i, token in enumerate(emitted):
             if token in self.eos:
                 emitted = emitted[: i + 1]

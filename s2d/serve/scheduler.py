@@ -1,0 +1,250 @@
+"""Serving several sequences at once: per-target slot pools and one thread that steps them in turn.
+
+Each target has a pool of *slots*; a slot is one sequence's target KV cache and its drafters (their
+caches and adaptive state), built lazily up to ``max_slots``. A request holds a slot from admission
+to its end, so sequences never share mutable state; the model weights are shared by every slot.
+
+One scheduler thread runs all model work (prefill and decode steps) round-robin over the admitted
+sequences: on a CPU the cores already serve one pass at a time, and a single thread keeps torch's
+and the native runtime's thread teams from fighting. Requests wait in a bounded FIFO (a full queue is
+refused at once: the server answers 503), and a request cancelled by its client stops at its next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens
+from s2d.drafting.base import Drafter
+from s2d.engine import DecodeState, Engine
+from s2d.model.cache import KVCache
+from s2d.model.llama import Transformer
+from s2d.sampling import SamplingParams
+from s2d.serve.text import TextStream
+
+
+class QueueFullError(RuntimeError):
+    """The server holds as many waiting requests as it may: try again later."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sequence to decode, validated by the caller (the HTTP layer)."""
+
+    target: str
+    prompt: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    method: str
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Event:
+    """What the scheduler tells a request's owner: new text, the end, or a failure."""
+
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # with "done": "stop" (end-of-sequence or a stop string) or "length"
+    error: BaseException | None = None  # with "error"
+
+
+@dataclass
+class Job:
+    request: Request
+    on_event: Callable[[Event], None]  # called from the scheduler thread
+    text: TextStream
+    id: int = 0
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    state: DecodeState | None = None
+    cancelled: bool = False
+    slot: "Slot | None" = None
+
+    def cancel(self) -> None:
+        """Stop this request at its next step (a client that went away); safe from any thread."""
+        self.cancelled = True
+
+
+@dataclass
+class Slot:
+    cache: KVCache
+    drafters: dict[str, tuple[Drafter | None, int]] = field(default_factory=dict)  # method -> (drafter, k)
+    busy: bool = False
+
+
+class TargetPool:
+    """One target's engine and its slots."""
+
+    def __init__(self, engine: Engine, draft: Transformer | None, options: Callable[[str], DraftOptions],
+                 max_slots: int) -> None:
+        self.engine = engine
+        self.draft = draft
+        self.options = options  # method -> the drafting knobs this target uses with it
+        self.max_slots = max_slots
+        self.slots: list[Slot] = []
+
+    def acquire(self) -> Slot | None:
+        for slot in self.slots:
+            if not slot.busy:
+                slot.busy = True
+                return slot
+        if len(self.slots) < self.max_slots:
+            slot = Slot(self.engine.target.new_cache(), busy=True)
+            self.slots.append(slot)
+            return slot
+        return None
+
+    def drafter(self, slot: Slot, method: str) -> tuple[Drafter | None, int]:
+        """The slot's drafter for ``method``, built on first use (drafters share the draft's weights)."""
+        if method not in slot.drafters:
+            opts = self.options(method)
+            drafter = build_drafter(method, self.draft, opts)
+            if drafter is not None and hasattr(drafter, "bind_target"):
+                drafter.bind_target(self.engine.target)
+            slot.drafters[method] = (drafter, engine_draft_tokens(method, opts))
+        return slot.drafters[method]
+
+
+class Scheduler:
+    """Admits requests into free slots and steps the admitted ones round-robin, on its own thread."""
+
+    def __init__(self, pools: dict[str, TargetPool], max_waiting: int = 64) -> None:
+        self.pools = pools
+        self.max_waiting = max_waiting
+        self._waiting: deque[Job] = deque()
+        self._active: deque[Job] = deque()
+        self._lock = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self.cancelled = 0  # requests stopped because their client went away
+        self._admitted = 0
+        self._thread = threading.Thread(target=self._run, name="s2d-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop stepping; every unfinished request ends with an error event."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        """Sequences admitted and not ended (the one being stepped included)."""
+        return self._admitted
+
+    def submit(self, job: Job) -> Job:
+        if job.request.target not in self.pools:
+            raise KeyError(job.request.target)
+        with self._lock:
+            if self._stopping:
+                raise QueueFullError("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting; retry later")
+            job.id = next(self._ids)
+            self._waiting.append(job)
+            self._lock.notify()
+        return job
+
+    def _admit(self) -> list[Job]:
+        """Move waiting jobs whose target has a free slot to the active set, oldest first (under the lock)."""
+        admitted = []
+        for job in list(self._waiting):
+            if job.cancelled:
+                self._waiting.remove(job)
+                self._end(job, Event("done", finish_reason="cancelled"))
+                continue
+            slot = self.pools[job.request.target].acquire()
+            if slot is not None:
+                job.slot = slot
+                self._admitted += 1
+                self._waiting.remove(job)
+                admitted.append(job)
+        return admitted
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._active and not self._waiting:
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                admitted = self._admit()
+            for job in admitted:  # prefill outside the lock: submit() must not wait for model work
+                if self._begin(job):
+                    self._active.append(job)
+            if not self._active:  # every admitted job failed to begin
+                continue
+            job = self._active.popleft()
+            if self._step(job):
+                self._active.append(job)
+        with self._lock:
+            pending = list(self._active) + list(self._waiting)
+            self._active.clear()
+            self._waiting.clear()
+        for job in pending:
+            self._end(job, Event("error", error=QueueFullError("the server shut down before this request ended")))
+
+    def _begin(self, job: Job) -> bool:
+        r = job.request
+        pool = self.pools[r.target]
+        try:
+            drafter, k = pool.drafter(job.slot, r.method)
+            job.state = pool.engine.begin(r.prompt, r.params, r.max_new_tokens, job.slot.cache, drafter, k)
+        except Exception as err:  # a drafter that cannot be built, a prompt the engine refuses
+            self._end(job, Event("error", error=err))
+            return False
+        return True
+
+    def _step(self, job: Job) -> bool:
+        """One decode step of ``job``; False when it has ended."""
+        if job.cancelled:
+            self._end(job, Event("done", finish_reason="cancelled"))
+            return False
+        engine = self.pools[job.request.target].engine
+        state = job.state
+        try:
+            emitted = engine.step(state)
+            state.stats.elapsed_s = time.perf_counter() - job.submitted_at
+            delta, stopped = job.text.push(state.output)
+        except Exception as err:  # non-finite logits, a tokenizer failure: this request ends, others go on
+            self._end(job, Event("error", error=err))
+            return False
+        if job.first_token_at is None:
+            job.first_token_at = time.perf_counter()
+        if stopped:
+            state.finished = True
+        elif state.finished:
+            delta += job.text.flush()
+        if delta:
+            job.on_event(Event("text", delta))
+        if not state.finished:
+            return True
+        hit_eos = stopped or (bool(emitted) and emitted[-1] in engine.eos)
+        self._end(job, Event("done", finish_reason="stop" if hit_eos else "length"))
+        return False
+
+    def _end(self, job: Job, event: Event) -> None:
+        job.finished_at = time.perf_counter()
+        self.cancelled += event.finish_reason == "cancelled"
+        if job.slot is not None:
+            job.slot.busy = False  # the next begin() on it truncates the cache and resets its drafters
+            job.slot = None
+            self._admitted -= 1
+        try:
+            job.on_event(event)
+        except Exception:  # an owner that went away must not stop the scheduler
+            pass
