@@ -68,11 +68,12 @@ def live(family):
     server.stop()
 
 
-def reference(family, target: str, prompt: str, max_tokens: int, method: str = "s2d") -> str:
-    """What `s2d generate` prints for the prompt (greedy), through the engine directly."""
+def reference(family, target: str, prompt: str, max_tokens: int, method: str = "s2d",
+              params: SamplingParams = SamplingParams()) -> str:
+    """What `s2d generate` prints for the prompt (greedy by default), through the engine directly."""
     tokenizer, models, draft = family
     engine = MultiTargetEngine({target: models[target]}, draft, method)
-    state = engine.generate(target, tokenizer(prompt).input_ids, SamplingParams(), max_tokens)
+    state = engine.generate(target, tokenizer(prompt).input_ids, params, max_tokens)
     return tokenizer.decode(state.output, skip_special_tokens=True)
 
 
@@ -131,10 +132,13 @@ def test_stop_sequences(live, family):
     assert "".join(c.choices[0].text for c in streamed) == full[:full.find(stop)]
 
 
-def test_seeded_sampling_repeats(live):
+def test_seeded_sampling_repeats(live, family):
+    """A seeded request draws as `s2d generate --seed` does, whatever its slot served before."""
     client = live.client()
     kwargs = dict(model="a", prompt="for i in", max_tokens=16, temperature=1.0, seed=7)
-    assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
+    expected = reference(family, "a", "for i in", 16, params=SamplingParams(1.0, seed=7))
+    for _ in range(3):
+        assert client.completions.create(**kwargs).choices[0].text == expected
 
 
 def test_chat(family):
@@ -227,6 +231,25 @@ def test_concurrent_requests_equal_sequential(live, family):
         assert list(pool.map(ask, range(len(prompts)))) == expected
     assert all(not slot.busy for pool in live.server.pools.values() for slot in pool.slots)
     assert all(len(pool.slots) <= 2 for pool in live.server.pools.values())
+
+
+def test_full_queue_answers_503(family, monkeypatch):
+    tokenizer, models, draft = family
+    live = LiveServer(Server(tokenizer, {"a": models["a"]}, draft, ServerConfig(max_slots=1, max_waiting=1)))
+    engine = live.server.pools["a"].engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda state: (time.sleep(0.02), step(state))[1])
+    try:
+        def ask(_) -> int:
+            body = {"model": "a", "prompt": "w", "max_tokens": 20, "temperature": 0, "method": "ar"}
+            return httpx.post(live.url + "/v1/completions", json=body, timeout=60).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            codes = sorted(pool.map(ask, range(4)))
+        assert codes.count(200) >= 2 and 503 in codes  # one decoding + one waiting; the rest refused
+        assert live.client().completions.create(model="a", prompt="w", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        live.stop()
 
 
 def test_disconnect_stops_generation(live, monkeypatch):

@@ -101,9 +101,13 @@ class TargetPool:
             return slot
         return None
 
-    def drafter(self, slot: Slot, method: str) -> tuple[Drafter | None, int]:
-        """The slot's drafter for ``method``, built on first use (drafters share the draft's weights)."""
-        if method not in slot.drafters:
+    def drafter(self, slot: Slot, method: str, fresh: bool = False) -> tuple[Drafter | None, int]:
+        """The slot's drafter for ``method``, built on first use (drafters share the draft's weights).
+
+        Drafters learn across a slot's requests (the hybrid's running acceptance); ``fresh`` builds one
+        without that history, so a seeded sampling request draws exactly as it would alone.
+        """
+        if fresh or method not in slot.drafters:
             opts = self.options(method)
             drafter = build_drafter(method, self.draft, opts)
             if drafter is not None and hasattr(drafter, "bind_target"):
@@ -202,7 +206,8 @@ class Scheduler:
         r = job.request
         pool = self.pools[r.target]
         try:
-            drafter, k = pool.drafter(job.slot, r.method)
+            seeded = r.params.seed is not None and not r.params.greedy
+            drafter, k = pool.drafter(job.slot, r.method, fresh=seeded)
             job.state = pool.engine.begin(r.prompt, r.params, r.max_new_tokens, job.slot.cache, drafter, k)
         except Exception as err:  # a drafter that cannot be built, a prompt the engine refuses
             self._end(job, Event("error", error=err))
