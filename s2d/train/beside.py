@@ -8,8 +8,8 @@ same checks every writing command makes (``s2d/outputs.py``).
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from s2d.model.config import CheckpointError
