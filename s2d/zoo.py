@@ -78,7 +78,7 @@ class Preset:
     gate_positions: int
     validation_rows: int  # held-out sequences of seq_len tokens scored for zoo_info.json
     max_positions: int
-    max_file_bytes: int | None
+    max_file_bytes: int  # larger files are skipped (generated tables, not code)
     bf16: bool  # bfloat16 autocast where the CPU multiplies bf16 natively (else float32)
 
 
@@ -203,6 +203,10 @@ class Build:
         os.replace(tmp, self.out / BUILD_FILE)
 
     def finish(self, stage: str, **values: Any) -> None:
+        """Record a stage as done; the stages after it were built from what it replaced: they run again."""
+        names = list(self.record["stages"])
+        for later in names[names.index(stage) + 1:] if stage in names else ():
+            del self.record["stages"][later]
         self.update(stage, **values, done=True)
         self.ran.append(stage)
 
@@ -216,21 +220,22 @@ def say(message: str) -> None:
 
 def corpus_files(cfg: ZooBuild) -> list[str]:
     """The corpus's documents (relative paths, sorted), filtered as training data is."""
-    from s2d.train.data import DataConfig, _walk
+    from s2d.train.data import DataConfig, walk_files
 
     data = DataConfig(paths=(cfg.corpus,), exclude_dirs=EXCLUDE_DIRS, max_file_bytes=cfg.recipe.max_file_bytes)
-    files = sorted(p.relative_to(cfg.corpus).as_posix() for p in _walk(cfg.corpus, data))
+    files = sorted(p.relative_to(cfg.corpus).as_posix() for p in walk_files(cfg.corpus, data))
     if not files:
         raise ValueError(f"--corpus {cfg.corpus} holds no *.py files (outside {', '.join(EXCLUDE_DIRS)})")
     return files
 
 
-def training_data(cfg: ZooBuild, split: dict[str, Any], seq_len: int | None = None):
+def training_data(cfg: ZooBuild, split: dict[str, Any]):
+    """The corpus minus its held-out files, packed in rows of the preset's sequence length."""
     from s2d.train.data import DataConfig
 
     return DataConfig(paths=(cfg.corpus,), glob="*.py", exclude_dirs=EXCLUDE_DIRS,
                       exclude_files=tuple(split["validation_files"]), max_file_bytes=cfg.recipe.max_file_bytes,
-                      seq_len=seq_len or cfg.recipe.seq_len)
+                      seq_len=cfg.recipe.seq_len)
 
 
 def stage_split(build: Build) -> dict[str, Any]:

@@ -140,7 +140,7 @@ def test_bad_input_is_refused_before_anything_is_written(family, tmp_path, capsy
 
 
 def test_a_rerun_skips_finished_stages_and_resumes_a_cut_stage(family, monkeypatch):
-    """Runs last: it rebuilds the draft of the shared family."""
+    """Runs last: it rebuilds parts of the shared family."""
     out = family["out"]
     cfg = ZooBuild(out, preset="tiny", corpus=family["corpus"], minutes=5, progress=False)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "runs" not in p.parts}
@@ -161,3 +161,6 @@ def test_a_rerun_skips_finished_stages_and_resumes_a_cut_stage(family, monkeypat
     events = [json.loads(line).get("event") for line in (out / "runs" / "draft" / "train_log.jsonl").open()]
     assert "resume" in events
     assert load_model(out / "draft").cfg.exits == (1, 2)
+    # A stage that runs again invalidates the stages after it (the draft's targets changed).
+    shutil.rmtree(out / "zoo-l")
+    assert build_zoo(cfg) == ["zoo-l", "draft"]
