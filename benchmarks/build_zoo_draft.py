@@ -16,12 +16,14 @@ build stays within 45 minutes even on a busy machine (a guard that fires ends th
 the draft exported and the event logged). Stage 3, the exit gates of ``s2d-gate`` (under a minute):
 written beside the draft (``s2d_exit_gates.safetensors``). Stage 4, the tokens ranked by frequency
 in the training text (``s2d_draft_vocab.json``, the ``draft_vocab`` option).
+
+The held-out rule, the audit of each run's documents and stages 3-4 are the package's (``s2d.zoo``,
+``s2d.train.beside``), which ``s2d zoo build`` also uses to build a whole family from scratch.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -35,9 +37,10 @@ SHIPPED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_conf
 
 
 def heldout_by_rule(stdlib: Path) -> set[str]:
-    """The zoo's rule: a file is held out when int(sha1(relative path), 16) % 20 == 0."""
-    return {p.relative_to(stdlib).as_posix() for p in stdlib.rglob("*.py")
-            if int(hashlib.sha1(p.relative_to(stdlib).as_posix().encode()).hexdigest(), 16) % 20 == 0}
+    """The zoo's rule (``s2d.zoo.is_held_out``) applied to every ``*.py`` below ``stdlib``."""
+    from s2d.zoo import is_held_out
+
+    return {rel for rel in (p.relative_to(stdlib).as_posix() for p in stdlib.rglob("*.py")) if is_held_out(rel)}
 
 
 def check_inputs(zoo: Path, stdlib: Path) -> set[str]:
@@ -54,28 +57,6 @@ def check_inputs(zoo: Path, stdlib: Path) -> set[str]:
               f"is {sys.version.split()[0]}", file=sys.stderr)
     listed = set(json.loads((zoo / "split.json").read_text())["validation_files"])
     return listed | heldout_by_rule(stdlib)
-
-
-def assert_no_heldout(run: Path, heldout: set[str]) -> int:
-    used = json.loads((run / "data_files.json").read_text())["documents"]
-    leaked = [d for d in used if d in heldout or int(hashlib.sha1(d.encode()).hexdigest(), 16) % 20 == 0]
-    assert not leaked, f"held-out files were trained on: {leaked[:5]}"
-    return len(used)
-
-
-def rank_vocab(draft: Path, data) -> dict:
-    """Stage 4: the draft's tokens ranked by frequency in its training text (the draft_vocab option)."""
-    from s2d.drafting.vocab import rank_tokens, save_vocab
-    from s2d.model.loading import load_tokenizer
-    from s2d.train.data import load_packed
-
-    stream = load_packed(data, load_tokenizer(draft)).rows[:, 1:].reshape(-1)
-    vocab_size = json.loads((draft / "config.json").read_text())["vocab_size"]
-    ranked = rank_tokens(stream, vocab_size)
-    counts = stream.bincount(minlength=vocab_size)
-    coverage = {str(n): round(float(counts[ranked[:n]].sum()) / stream.numel(), 4) for n in (1024, 2048, 4096)}
-    save_vocab(draft, ranked, {"tokens_counted": stream.numel(), "coverage": coverage})
-    return {"tokens_counted": stream.numel(), "coverage": coverage}
 
 
 def main() -> int:
@@ -97,6 +78,7 @@ def main() -> int:
     heldout = check_inputs(zoo, args.stdlib)
 
     from s2d.train import DataConfig, DivergenceSpec, TrainConfig, train_draft
+    from s2d.zoo import check_no_heldout
 
     data = DataConfig(paths=(args.stdlib,), glob="*.py", exclude_dirs=("site-packages",),
                       exclude_files=tuple(sorted(heldout)), max_file_bytes=400_000, seq_len=1024)
@@ -118,15 +100,11 @@ def main() -> int:
     stages = (("soft", soft),) if args.soft_only else (("soft", soft), ("distill", distill))
     for name, make in stages:  # configs made in turn: stage 2 starts from stage 1
         cfg = make()
-        cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        tokens = cfg.out_dir / "tokens.pt"
-        if name == "distill" and not tokens.exists() and (args.work / "soft" / "tokens.pt").exists():
-            shutil.copy2(args.work / "soft" / "tokens.pt", tokens)  # same corpus and tokenizer: skip re-tokenizing
         result = train_draft(cfg)
         if result.status == "interrupted":
             sys.exit(f"build_zoo_draft: stage {name} was interrupted at step {result.step}; "
                      "run the same command again to resume")
-        docs = assert_no_heldout(cfg.out_dir, heldout)
+        docs = check_no_heldout(cfg.out_dir, heldout)
         info[name] = {"status": result.status, "steps": result.step, "tokens": result.tokens,
                       "minutes": round(result.elapsed_s / 60, 1), "documents": docs, "final_loss": result.loss,
                       "config": cfg.to_json()}
@@ -144,14 +122,11 @@ def main() -> int:
     for name in ("soft", "distill"):
         shutil.copy2(args.work / name / "train_log.jsonl", args.out / f"train_log_{name}.jsonl")
     # Stage 3: the exit gates of s2d-gate (logistic probes on the draft's activations, minutes), trained
-    # on the same corpus (seq_len 512) and written beside the draft.
-    from s2d.train.gates import GateTraining, train_gates
+    # on the same corpus (seq_len 512); stage 4: the vocabulary ranking. Both written beside the draft.
+    from s2d.train.beside import add_gates_and_vocab
 
-    gate_data = DataConfig(paths=data.paths, glob=data.glob, exclude_dirs=data.exclude_dirs,
-                           exclude_files=data.exclude_files, max_file_bytes=data.max_file_bytes, seq_len=512)
-    info["gates"] = train_gates(GateTraining(args.out, gate_data, positions=200_000, batch_size=8, dtype="bfloat16"),
-                                progress=not args.no_progress)["per_exit"]
-    info["vocab"] = rank_vocab(args.out, data)
+    info.update(add_gates_and_vocab(args.out, data, gate_positions=200_000, dtype="bfloat16",
+                                    progress=not args.no_progress))
     (args.out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"wrote {args.out} ({info['wall_minutes']} min wall clock)", file=sys.stderr)
     return 0

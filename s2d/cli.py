@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     from s2d.export_gguf import add_export_gguf
     from s2d.serve.cli import add_serve
     from s2d.train.cli import add_export_exit, add_train_draft
+    from s2d.zoo import add_zoo
 
     parser = argparse.ArgumentParser(prog="s2d", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_gguf(sub)
     add_calibrate(sub)
     add_serve(sub)
+    add_zoo(sub)
     from s2d.bench.cli import add_bench
 
     add_bench(sub)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from s2d.model.config import CheckpointError
@@ -41,21 +42,36 @@ def write_draft_with(draft: str | Path, out: str | Path, data: DataConfig, comma
     return result
 
 
-def rank_draft_vocab(draft: str | Path, out: str | Path, data: DataConfig) -> dict:
-    """Copy ``draft`` to ``out`` with its tokens ranked by frequency in ``data`` (s2d_draft_vocab.json)."""
+def rank_vocab(folder: Path, data: DataConfig) -> dict:
+    """In place: the tokens of the draft in ``folder`` ranked by frequency in ``data`` (s2d_draft_vocab.json)."""
     from s2d.drafting.vocab import rank_tokens, save_vocab
     from s2d.model.config import ModelConfig
     from s2d.model.loading import load_tokenizer
     from s2d.train.data import load_packed
 
-    def add(folder: Path) -> dict:
-        vocab_size = ModelConfig.from_file(folder / "config.json").vocab_size
-        stream = load_packed(data, load_tokenizer(folder)).rows[:, 1:].reshape(-1)
-        ranked = rank_tokens(stream, vocab_size)
-        counts = stream.bincount(minlength=vocab_size)
-        coverage = {str(n): round(float(counts[ranked[:n]].sum()) / stream.numel(), 4)
-                    for n in (1024, 2048, 4096) if n < vocab_size}
-        save_vocab(folder, ranked, {"tokens_counted": stream.numel(), "coverage": coverage})
-        return {"tokens_counted": stream.numel(), "coverage": coverage}
+    vocab_size = ModelConfig.from_file(folder / "config.json").vocab_size
+    stream = load_packed(data, load_tokenizer(folder)).rows[:, 1:].reshape(-1)
+    ranked = rank_tokens(stream, vocab_size)
+    counts = stream.bincount(minlength=vocab_size)
+    coverage = {str(n): round(float(counts[ranked[:n]].sum()) / stream.numel(), 4)
+                for n in (1024, 2048, 4096) if n < vocab_size}
+    save_vocab(folder, ranked, {"tokens_counted": stream.numel(), "coverage": coverage})
+    return {"tokens_counted": stream.numel(), "coverage": coverage}
 
-    return write_draft_with(draft, out, data, "train-draft --objective vocab", add, needs_exits=False)
+
+def rank_draft_vocab(draft: str | Path, out: str | Path, data: DataConfig) -> dict:
+    """Copy ``draft`` to ``out`` with its tokens ranked by frequency in ``data`` (s2d_draft_vocab.json)."""
+    return write_draft_with(draft, out, data, "train-draft --objective vocab", lambda folder: rank_vocab(folder, data),
+                            needs_exits=False)
+
+
+def add_gates_and_vocab(draft: Path, data: DataConfig, gate_positions: int, dtype: str = "bfloat16",
+                        progress: bool = True) -> dict:
+    """In place, what a finished sorted draft gets beside it: its exit gates (s2d-gate; fitted on rows of at
+    most 512 tokens of ``data``), then its tokens ranked by frequency in ``data`` (the draft_vocab option)."""
+    from s2d.train.gates import GateTraining, train_gates
+
+    gate_data = replace(data, seq_len=min(512, data.seq_len))
+    gates = train_gates(GateTraining(Path(draft), gate_data, positions=gate_positions, batch_size=8, dtype=dtype),
+                        progress=progress)
+    return {"gates": gates["per_exit"], "vocab": rank_vocab(Path(draft), data)}

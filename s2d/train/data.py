@@ -61,7 +61,8 @@ def exclusion_list(path: str | Path) -> tuple[str, ...]:
     return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
-def _walk(root: Path, cfg: DataConfig) -> Iterator[Path]:
+def walk_files(root: Path, cfg: DataConfig) -> Iterator[Path]:
+    """The files below ``root`` that ``cfg`` reads as documents, in a deterministic (sorted) order."""
     excluded = set(cfg.exclude_files)
     # os.walk in sorted order: the file order (hence the token stream) must not depend on the filesystem.
     for dirpath, dirnames, filenames in os.walk(root):
@@ -99,7 +100,7 @@ def read_documents(cfg: DataConfig) -> list[Document]:
     docs: list[Document] = []
     for root in cfg.paths:
         if root.is_dir():
-            for path in _walk(root, cfg):
+            for path in walk_files(root, cfg):
                 text = path.read_text(encoding="utf-8", errors="replace")
                 docs.append(Document(path.relative_to(root).as_posix(), text))
         elif root.suffix in JSONL_SUFFIXES:
@@ -151,7 +152,7 @@ def fingerprint(cfg: DataConfig, tokenizer) -> str:
     h.update(repr((cfg.glob, cfg.exclude_dirs, cfg.exclude_files, cfg.max_file_bytes, cfg.seq_len)).encode())
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     for root in cfg.paths:
-        files = _walk(root, cfg) if root.is_dir() else iter([root])
+        files = walk_files(root, cfg) if root.is_dir() else iter([root])
         for path in files:
             st = path.stat()
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
