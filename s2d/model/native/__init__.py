@@ -14,6 +14,7 @@ where torch uses one, else on the runtime's own threads (``S2D_NATIVE_POOL=own``
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -99,7 +100,13 @@ def library() -> ctypes.CDLL | None:
             raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
         path = library_path(compiler)
         if not path.exists():
-            build(compiler, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Processes starting together (a server and a bench, test workers) build it once: the
+            # first holds the lock and builds; the others wait, then find the library there.
+            with open(path.parent / ".build.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not path.exists():
+                    build(compiler, path)
         lib = ctypes.CDLL(str(path))
         for name, (args, res) in _SIGNATURES.items():
             fn = getattr(lib, name)
