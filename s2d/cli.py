@@ -64,6 +64,11 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
                    help="s2d: comma-separated confidence per exit (default 0.5,...,0.5,0 or calibrated)")
     p.add_argument("--stop-threshold", type=finite_float, default=None,
                    help="end a draft after a token whose confidence is below this (default 0 or calibrated)")
+    p.add_argument("--tree-top-k", type=int, default=None,
+                   help="s2d-tree / rsd: children per expanded node (default 2)")
+    p.add_argument("--tree-depth", type=int, default=None, help="s2d-tree / rsd: levels below the root (default 6)")
+    p.add_argument("--tree-nodes", type=int, default=None,
+                   help="s2d-tree / rsd: nodes verified per target pass, at most 63 (default 12)")
 
 
 def parse_floats(text: str) -> tuple[float, ...]:
@@ -132,7 +137,8 @@ def draft_options(args: argparse.Namespace, method: str, draft_path: str | None,
     entry = load_calibration(draft_path).get(target_name, {}) if draft_path and method == "s2d" else {}
     stored = stored_options(entry, base=default_options(method, draft))
     flags = {"num_draft_tokens": args.num_draft_tokens, "exit_thresholds": args.exit_thresholds or None,
-             "stop_threshold": args.stop_threshold}
+             "stop_threshold": args.stop_threshold, "tree_top_k": getattr(args, "tree_top_k", None),
+             "tree_depth": getattr(args, "tree_depth", None), "tree_nodes": getattr(args, "tree_nodes", None)}
     return replace(stored, schedule=args.draft_schedule or "fixed", **{k: v for k, v in flags.items() if v is not None})
 
 

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from s2d.drafting.base import Draft, Drafter
 from s2d.model.cache import KVCache
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams, check_finite_logits, probabilities, sample
-from s2d.verify import Verdict, verify_greedy, verify_stochastic
+from s2d.verify import TreeVerdict, Verdict, verify_greedy, verify_stochastic, verify_tree_greedy, \
+    verify_tree_stochastic
 
 if TYPE_CHECKING:
     from s2d.drafting import DraftOptions
@@ -226,6 +228,34 @@ class Engine:
                                   "the same Engine since; one Engine decodes one sequence at a time")
         if state.finished:
             raise InputError("this sequence is finished")
+        if state.drafter is not None and hasattr(state.drafter, "propose_tree"):
+            emitted = self._tree_step(state)
+        else:
+            emitted = self._chain_step(state)
+        for i, token in enumerate(emitted):
+            if token in self.eos:
+                emitted = emitted[: i + 1]
+                state.finished = True
+                break
+        state.tokens.extend(emitted)
+        state.stats.new_tokens += len(emitted)
+        if len(state.output) >= state.max_new_tokens:
+            state.finished = True
+        return emitted
+
+    def _pass(self, state: DecodeState, block: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+        """One target pass over ``block`` [T]: the argmax after each row [T] (greedy) or probabilities [T, V]."""
+        try:  # non-finite logits raise CheckpointError (the greedy pass checks them itself)
+            if state.params.greedy:
+                return self.target.greedy(block[None], positions, state.cache, block_mask=mask)
+            logits = self.target(block[None], positions, state.cache, block_mask=mask)[0]
+            check_finite_logits(logits, "target")
+            return probabilities(logits, state.params)
+        except CheckpointError:
+            state.finished = True  # the cache now holds this pass: the sequence cannot go on
+            raise
+
+    def _chain_step(self, state: DecodeState) -> list[int]:
         remaining = state.max_new_tokens - len(state.output)
         base = state.cache.length  # == len(state.tokens) - 1
         k = min(state.num_draft_tokens, remaining - 1)
@@ -237,41 +267,60 @@ class Engine:
         device = self.target.device
         block = torch.cat([torch.tensor([state.tokens[-1]], device=device), draft.tokens.to(device)])
         positions = torch.arange(base, base + block.numel(), device=device)
-        try:  # non-finite logits raise CheckpointError (the greedy pass checks them itself)
-            if state.params.greedy:
-                target_tokens = self.target.greedy(block[None], positions, state.cache)
-            else:
-                logits = self.target(block[None], positions, state.cache)[0]
-                check_finite_logits(logits, "target")
-        except CheckpointError:
-            state.finished = True  # the cache now holds this pass: the sequence cannot go on
-            raise
+        out = self._pass(state, block, positions, None)
         state.stats.draft_s += t1 - t0
         state.stats.verify_s += time.perf_counter() - t1
         if state.params.greedy:
-            verdict = verify_greedy(draft.tokens.to(device), target_tokens)
-        else:
-            if len(draft):
-                verdict = verify_stochastic(draft.tokens.to(device), draft.probs,
-                                            probabilities(logits, state.params), state.generator)
-            else:  # a plain sampling step
-                verdict = Verdict(0, int(sample(probabilities(logits[-1], state.params), state.generator)))
+            verdict = verify_greedy(draft.tokens.to(device), out)
+        elif len(draft):
+            verdict = verify_stochastic(draft.tokens.to(device), draft.probs, out, state.generator)
+        else:  # a plain sampling step
+            verdict = Verdict(0, int(sample(out[-1], state.generator)))
         num_accepted = verdict.num_accepted
-        emitted = draft.tokens[:num_accepted].tolist() + [verdict.next_token]
         state.cache.truncate(base + 1 + num_accepted)
         state.stats.record(draft, num_accepted)
         if state.drafter is not None:
             state.drafter.feedback(len(draft), num_accepted)
-        for i, token in enumerate(emitted):
-            if token in self.eos:
-                emitted = emitted[: i + 1]
-                state.finished = True
-                break
-        state.tokens.extend(emitted)
-        state.stats.new_tokens += len(emitted)
-        if len(state.output) >= state.max_new_tokens:
-            state.finished = True
-        return emitted
+        return draft.tokens[:num_accepted].tolist() + [verdict.next_token]
+
+    def _tree_step(self, state: DecodeState) -> list[int]:
+        """Draft a token tree, verify every branch in one pass (tree mask), keep the accepted path."""
+        remaining = state.max_new_tokens - len(state.output)
+        base = state.cache.length
+        t0 = time.perf_counter()
+        tree = state.drafter.propose_tree(state.tokens, state.params, state.generator, max_nodes=remaining - 1) \
+            if remaining > 1 else None
+        t1 = time.perf_counter()
+        device = self.target.device
+        tokens = tree.tokens.tolist() if tree is not None else []
+        parents = tree.parents if tree is not None else []
+        block = torch.tensor([state.tokens[-1]] + tokens, device=device)
+        depths = tree.depths if tree is not None else []
+        positions = torch.tensor([0] + depths, device=device) + base
+        mask = tree.block_mask().to(device) if tokens else None
+        out = self._pass(state, block, positions, mask)
+        state.stats.draft_s += t1 - t0
+        state.stats.verify_s += time.perf_counter() - t1
+        if state.params.greedy:
+            verdict = verify_tree_greedy(tokens, parents, out)
+        elif tokens and tree.probs is not None:
+            verdict = verify_tree_stochastic(tokens, parents, tree.probs, out, state.generator)
+        else:  # a greedy-drafted tree carries no q: sample plainly from the root's row
+            verdict = TreeVerdict([], int(sample(out[0], state.generator)))
+        # The accepted path's cache entries become the contiguous prefix after the root (one gather).
+        state.cache.compact(base, torch.tensor([base] + [base + 1 + i for i in verdict.path]))
+        stats = state.stats
+        stats.target_passes += 1
+        stats.proposed += len(tokens)
+        stats.accepted += len(verdict.path)
+        per_depth = [0] * max(depths, default=0)
+        for d in depths:
+            per_depth[d - 1] += 1
+        add_by_position(stats.proposed_at, per_depth)
+        add_by_position(stats.accepted_at, [1] * len(verdict.path))
+        if tokens:
+            add_histogram(stats.exit_counts, {e: tree.exits.count(e) for e in set(tree.exits)})
+        return [tokens[i] for i in verdict.path] + [verdict.next_token]
 
     def stream(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
                state_out: list[DecodeState] | None = None) -> Iterator[list[int]]:

@@ -35,6 +35,7 @@ from s2d.drafting.lookup import PromptLookupDrafter
 from s2d.drafting.model import ModelDrafter
 from s2d.drafting.ngram import NgramConfig, NgramDrafter
 from s2d.drafting.sorted import SortedConfig, SortedDrafter
+from s2d.drafting.tree import TreeDrafter, TreeShape
 from s2d.drafting.vocab import load_vocab
 from s2d.model.llama import Transformer
 
@@ -50,6 +51,10 @@ METHOD_HELP = {
     "pld": "prompt lookup: copy what followed the latest earlier n-gram (backward scan)",
     "lookup": "n-gram index drafting: the longest earlier match of the context's tail, several orders",
     "lookup+M": "lookup tokens where the text repeats, model method M otherwise (e.g. lookup+sd-exit-1)",
+    "s2d-tree": "a token tree from the s2d exit, verified in one pass: dynamic (EAGLE-2) when greedy, "
+                "sampled without replacement (RSD) when sampling",
+    "rsd": "recursive speculative decoding: a fixed-shape tree, children drawn without replacement, "
+           "recursive rejection sampling",
 }
 METHODS = tuple(METHOD_HELP)
 # What `s2d` means: measured best on the calibration prompts (benchmarks/choose_default.json).
@@ -71,6 +76,9 @@ class DraftOptions:
     verify_growth: float = 0.06  # lookup+M: a verification pass's extra cost per drafted token (cost-aware switch)
     exit: int = 0  # s2d: the sorted draft's exit that drafts where lookup has nothing; 0 = its middle exit
     draft_vocab: int = 0  # sorted drafters: score only the N most frequent tokens (vocab.py); 0 = all
+    tree_top_k: int = 2  # trees: children per expanded node (and nodes expanded per level, dynamic)
+    tree_depth: int = 6  # trees: levels below the root
+    tree_nodes: int = 12  # trees: nodes verified per pass (at most 63); RESULTS.md: bigger trees cost more than they win here
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:
@@ -84,8 +92,13 @@ class DraftOptions:
         NgramConfig(self.lookup_max_n, 1, self.lookup_min_match)  # validates the lookup orders
         if self.draft_vocab < 0:
             raise ValueError(f"draft_vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
+        TreeShape(self.tree_top_k, self.tree_depth, self.tree_nodes)  # validates the tree knobs
         if self.exit < 0:
             raise ValueError(f"exit must be a layer count >= 1 (0: the draft's middle exit), got {self.exit}")
+
+    @property
+    def tree(self) -> TreeShape:
+        return TreeShape(self.tree_top_k, self.tree_depth, self.tree_nodes)
 
     @property
     def ngram(self) -> NgramConfig:
@@ -117,6 +130,9 @@ DEFAULT_S2D_VOCAB = 2048
 
 def default_options(method: str, draft: Transformer | None = None) -> DraftOptions:
     """A method's drafting knobs before any flag or calibration: ``s2d``'s measured ones, else the defaults."""
+    if method == "s2d-tree":  # the s2d default's cheaper head (trees score many candidates per level)
+        ranked = draft is not None and load_vocab(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
+        return DraftOptions(draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
     if method != "s2d":
         return DraftOptions()
     ranked = draft is not None and load_vocab(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
@@ -131,6 +147,8 @@ def parse_method(name: str) -> Method:
         return Method(name, None, True)
     if name == "s2d":
         return Method(name, "s2d", True)
+    if name in ("s2d-tree", "rsd"):
+        return Method(name, name, False)
     lookup = name.startswith(LOOKUP_PREFIX)
     model = name[len(LOOKUP_PREFIX):] if lookup else name
     if model in ("sd", "s2d-softmax", "s2d-gate") or _EXIT.match(model):
@@ -193,6 +211,11 @@ def draft_vocab(draft: Transformer, options: DraftOptions) -> list[int] | None:
 
 
 def _model_drafter(model: str, draft: Transformer, options: DraftOptions) -> Drafter:
+    if model in ("s2d-tree", "rsd"):
+        exit_layers = int(resolve_default(draft, options).rsplit("-", 1)[1]) if len(sorted_exits(draft)) > 1 \
+            else draft.cfg.num_layers
+        return TreeDrafter(draft, exit_layers, options.tree, draft_vocab(draft, options),
+                           dynamic=model == "s2d-tree")
     length = DraftLength(options.num_draft_tokens, options.schedule, maximum=max(16, options.num_draft_tokens))
     if model == "sd":
         return ModelDrafter(draft, length)

@@ -231,14 +231,14 @@ class Transformer(nn.Module):
             return F.linear(rms_norm(hidden, self.norm, self.cfg.rms_norm_eps), head)
         return linear(self.lm_head, rms_norm(hidden, self.norm, self.cfg.rms_norm_eps))
 
-    def greedy(self, ids: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+    def greedy(self, ids: Tensor, positions: Tensor, cache: KVCache, block_mask: Tensor | None = None) -> Tensor:
         """ids [1, T] -> the argmax token after each position [T] (a greedy verification pass).
 
         Same tokens as ``forward(...).argmax(-1)``; the native runtime reduces each row in its head,
         so the decode loop never runs a torch op over [T, V] (whose OpenMP threads would compete with
         the runtime's own).
         """
-        hidden = self.run_layers(self.embed_tokens(ids), positions, cache)
+        hidden = self.run_layers(self.embed_tokens(ids), positions, cache, block_mask=block_mask)
         if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and hidden.shape[1] <= native.MAX_ROWS
                 and (fast := self.native_runtime())):
             return fast.argmax(hidden[0])  # refuses non-finite logits itself

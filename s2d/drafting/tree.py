@@ -1,0 +1,281 @@
+"""Token trees: a draft that proposes several continuations at once, verified in one target pass.
+
+A tree is its nodes in topological order (every parent before its children, siblings in the order
+they were drawn); the root is the last committed token, which the verification pass runs first.
+Two ways to grow one from a sorted draft (one exit, the s2d default's):
+
+- ``dynamic`` (EAGLE-2's rule, greedy): expand the ``top_k`` best frontier nodes by cumulative draft
+  log-probability, each into its ``top_k`` most likely children; after ``depth`` levels keep the
+  ``nodes`` best nodes overall. The kept set is closed under "parent" and "earlier sibling".
+- ``fixed`` (recursive speculative decoding; always under sampling): a fixed shape (``branching[d]``
+  children per node at depth d), each node's children drawn *without replacement* from the draft's
+  q (Gumbel-top-k), in draw order (under greedy: its top tokens). A shape fixed before any draw keeps recursive rejection sampling
+  exact (``verify_tree_stochastic``).
+
+The draft runs each level as one block: all expanded nodes so far on top of its cached context,
+with the tree's ancestor mask, then its cache is cut back to the context. Re-running earlier levels
+costs a few rows of a small model; it keeps the draft's cache a plain prefix (no tree in it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from s2d.drafting.base import common_prefix
+from s2d.drafting.vocab import subset_head
+from s2d.model.config import CheckpointError
+from s2d.model.llama import Transformer
+from s2d.sampling import NONFINITE, SamplingParams, probabilities
+
+
+@dataclass
+class DraftTree:
+    tokens: Tensor  # [N] long, node tokens in topological order
+    parents: list[int]  # [N] parent node index, -1 for a child of the root
+    probs: Tensor | None = None  # [N, V] the q each node was drawn from (its parent's); None = greedy
+    exits: list[int] = field(default_factory=list)  # [N] the exit that drafted each node
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    @property
+    def depths(self) -> list[int]:
+        depth: list[int] = []
+        for parent in self.parents:
+            depth.append(1 if parent < 0 else depth[parent] + 1)
+        return depth
+
+    def children(self, node: int) -> list[int]:
+        """Children of ``node`` (-1: the root), in draw order."""
+        return [i for i, parent in enumerate(self.parents) if parent == node]
+
+    def block_mask(self) -> Tensor:
+        """[N+1, N+1] bool for the verification block (root first): True where a row may attend."""
+        return ancestor_mask([-1] + [p + 1 for p in self.parents])
+
+
+def ancestor_mask(parents: list[int]) -> Tensor:
+    """parents [T] (-1: none; each before its children) -> [T, T] bool: ancestor-or-self."""
+    t = len(parents)
+    mask = torch.eye(t, dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            mask[i] |= mask[parent]
+    return mask
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    top_k: int = 2  # dynamic: children per expanded node and nodes expanded per level
+    depth: int = 6  # levels below the root
+    nodes: int = 12  # nodes kept in the end (the verification block is nodes + 1 rows)
+    branching: tuple[int, ...] = ()  # fixed: children per node at each depth (default from top_k, depth)
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "depth", "nodes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"tree {name} must be an integer >= 1, got {value!r}")
+        if self.nodes > 63:
+            raise ValueError(f"tree nodes must be <= 63 (one verification pass of at most 64 rows), got {self.nodes}")
+        if any(b < 1 for b in self.branching):
+            raise ValueError(f"tree branching must be >= 1 per level, got {self.branching}")
+
+    def fixed_branching(self) -> tuple[int, ...]:
+        """Children per node at each depth of a fixed tree: top_k, then halving, capped by ``nodes``."""
+        levels = self.branching or tuple(max(1, self.top_k >> d) for d in range(self.depth))
+        kept, width, total = [], 1, 0
+        for b in levels:
+            if total + width * b > self.nodes:
+                b = (self.nodes - total) // width
+                if b < 1:
+                    break
+            kept.append(b)
+            width *= b
+            total += width
+        return tuple(kept)
+
+
+class TreeDrafter:
+    """Grows a token tree with one exit of a sorted draft (dynamic or of a fixed shape)."""
+
+    def __init__(self, model: Transformer, exit_layers: int, shape: TreeShape = TreeShape(),
+                 vocab: list[int] | None = None, dynamic: bool = True) -> None:
+        """``dynamic``: EAGLE-2's tree under greedy decoding (sampling always draws a fixed shape)."""
+        if not 1 <= exit_layers <= model.cfg.num_layers:
+            raise ValueError(f"exit {exit_layers} is not a layer count of the draft (1..{model.cfg.num_layers})")
+        self.model, self.exit, self.shape, self.dynamic = model, exit_layers, shape, dynamic
+        self.head, self.head_ids = subset_head(model, vocab) if vocab else (None, None)
+        self.cache = model.new_cache(num_layers=exit_layers)
+        self.cached: list[int] = []
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+        self.cached = []
+
+    def feedback(self, num_proposed: int, num_accepted: int) -> None:
+        pass
+
+    def _sync(self, context: list[int]) -> None:
+        """The draft's cache holds exactly ``context`` (the root included)."""
+        keep = common_prefix(self.cached, context)
+        self.cache.truncate(keep)
+        del self.cached[keep:]
+        if keep < len(context):
+            new = context[keep:]
+            device = self.model.device
+            self.model.run_layers(self.model.embed_tokens(torch.tensor([new], device=device)),
+                                  torch.arange(keep, len(context), device=device), self.cache, 0, self.exit)
+            self.cached.extend(new)
+
+    def _level_logits(self, context: list[int], tokens: list[int], parents: list[int], rows: list[int]) -> Tensor:
+        """Run ``tokens`` (a tree block over the cached context); logits [len(rows), V'] at ``rows``.
+
+        V' is the draft's vocabulary subset where it has one (``self.head_ids`` maps back to token ids):
+        scoring a few thousand tokens instead of the whole vocabulary is most of a level's cost.
+        """
+        base = self.cache.length
+        device = self.model.device
+        depth = [0] * len(tokens)
+        for i, parent in enumerate(parents):
+            depth[i] = 0 if parent < 0 else depth[parent] + 1
+        hidden = self.model.run_layers(self.model.embed_tokens(torch.tensor([tokens], device=device)),
+                                       torch.tensor(depth, device=device) + base, self.cache, 0, self.exit,
+                                       block_mask=ancestor_mask(parents).to(device))
+        self.cache.truncate(base)
+        logits = self.model.logits(hidden[0, rows], self.head).float()
+        if not torch.isfinite(logits).all():
+            raise CheckpointError(NONFINITE.format(model="draft"))
+        return logits
+
+    def _token_ids(self, indices: list[int]) -> list[int]:
+        return indices if self.head_ids is None else self.head_ids[indices].tolist()
+
+    def _full(self, q: Tensor) -> Tensor:
+        """q over the subset [V'] -> over the vocabulary [V] (exactly 0 outside the subset)."""
+        if self.head_ids is None:
+            return q
+        return q.new_zeros(self.model.cfg.vocab_size).index_copy_(0, self.head_ids, q)
+
+    def propose_tree(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
+                     max_nodes: int | None = None) -> DraftTree:
+        """A tree to follow ``context``; ``max_nodes`` caps its size (room left in the output or cache)."""
+        nodes = min(self.shape.nodes, max_nodes if max_nodes is not None else self.shape.nodes,
+                    self.cache.capacity - len(context) - 1)
+        if nodes < 1:
+            return DraftTree(torch.empty(0, dtype=torch.long), [])
+        if self.dynamic and params.greedy:
+            return self._dynamic(context, nodes)
+        return self._fixed(context, params, generator, nodes)
+
+    # The block every level runs: the root (row 0) and the expanded nodes, parents as block rows.
+    def _dynamic(self, context: list[int], max_nodes: int) -> DraftTree:
+        k, shape = self.shape.top_k, self.shape
+        self._sync(context[:-1])
+        block_tokens, block_parents = [context[-1]], [-1]  # expanded nodes (row 0: the root)
+        node_of_row = [-1]  # tree node index of each block row (-1: the root)
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []  # cumulative log q
+        frontier_rows = [0]
+        for level in range(shape.depth):
+            # Scored in numpy: a torch op between two runtime calls wakes torch's thread team, which
+            # then competes with the runtime's (measured: ~1.5 ms for a log-sum-exp over 3 x 2048).
+            logits = self._level_logits(context, block_tokens, block_parents, frontier_rows).numpy()
+            top = top_indices(logits, k)
+            peak = logits.max(-1, keepdims=True)
+            log_z = peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True))
+            values = (np.take_along_axis(logits, top, -1) - log_z).tolist()
+            born = []
+            for r, row in enumerate(frontier_rows):
+                parent = node_of_row[row]
+                base = scores[parent] if parent >= 0 else 0.0
+                for value, token in zip(values[r], self._token_ids(top[r].tolist())):
+                    if not math.isfinite(value):
+                        continue
+                    parents.append(parent)
+                    tokens.append(token)
+                    scores.append(base + value)
+                    born.append(len(tokens) - 1)
+            if level + 1 == shape.depth or not born:
+                break
+            expand = sorted(born, key=lambda i: -scores[i])[:k]
+            frontier_rows = []
+            for node in sorted(expand):  # topological order within the block
+                block_parents.append(node_of_row.index(parents[node]) if parents[node] >= 0 else 0)
+                block_tokens.append(tokens[node])
+                node_of_row.append(node)
+                frontier_rows.append(len(block_tokens) - 1)
+        return self._keep_best(tokens, parents, scores, max_nodes)
+
+    def _keep_best(self, tokens: list[int], parents: list[int], scores: list[float], n: int) -> DraftTree:
+        """The ``n`` best nodes, closed under parent and earlier sibling (a node never outranks either)."""
+        rank = list(scores)
+        last_child: dict[int, int] = {}
+        for i, parent in enumerate(parents):
+            if parent >= 0:
+                rank[i] = min(rank[i], rank[parent])
+            if parent in last_child:
+                rank[i] = min(rank[i], rank[last_child[parent]])
+            last_child[parent] = i
+        keep = sorted(sorted(range(len(tokens)), key=lambda i: (-rank[i], i))[:n])
+        new_index = {old: new for new, old in enumerate(keep)}
+        return DraftTree(torch.tensor([tokens[i] for i in keep], dtype=torch.long),
+                         [new_index[parents[i]] if parents[i] >= 0 else -1 for i in keep],
+                         exits=[self.exit] * len(keep))
+
+    def _fixed(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
+                 max_nodes: int) -> DraftTree:
+        branching = TreeShape(self.shape.top_k, self.shape.depth, max_nodes, self.shape.branching).fixed_branching()
+        self._sync(context[:-1])
+        block_tokens, block_parents, node_of_row = [context[-1]], [-1], [-1]
+        tokens: list[int] = []
+        parents: list[int] = []
+        dists: list[Tensor] = []
+        frontier_rows = [0]
+        for level, b in enumerate(branching):
+            logits = self._level_logits(context, block_tokens, block_parents, frontier_rows)
+            born = []
+            for r, row in enumerate(frontier_rows):
+                if params.greedy:  # the top tokens, scored in numpy (see _dynamic)
+                    drawn = self._token_ids(top_indices(logits[r:r + 1].numpy(), b)[0].tolist())
+                else:
+                    q = self._full(probabilities(logits[r], params))
+                    drawn = draw_without_replacement(q, b, generator)
+                for token in drawn:
+                    parents.append(node_of_row[row])
+                    tokens.append(token)
+                    if not params.greedy:
+                        dists.append(q)
+                    born.append(len(tokens) - 1)
+            if level + 1 == len(branching):
+                break
+            frontier_rows = []
+            for node in born:
+                block_parents.append(node_of_row.index(parents[node]) if parents[node] >= 0 else 0)
+                block_tokens.append(tokens[node])
+                node_of_row.append(node)
+                frontier_rows.append(len(block_tokens) - 1)
+        probs = torch.stack(dists) if dists else None
+        return DraftTree(torch.tensor(tokens, dtype=torch.long), parents, probs, [self.exit] * len(tokens))
+
+
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """scores [R, V] -> the indices of each row's k largest, best first [R, k] (ties: lower index first)."""
+    k = min(k, scores.shape[-1])
+    part = np.argpartition(-scores, k - 1, axis=-1)[:, :k]
+    order = np.lexsort((part, -np.take_along_axis(scores, part, -1)), axis=-1)
+    return np.take_along_axis(part, order, -1)
+
+
+def draw_without_replacement(q: Tensor, k: int, generator: torch.Generator | None) -> list[int]:
+    """Up to ``k`` distinct tokens from q [V], in draw order (Gumbel-top-k: the k largest log q + Gumbel noise)."""
+    support = int((q > 0).sum())
+    u = torch.rand(q.shape, generator=generator, device=q.device, dtype=torch.float64).clamp_(min=1e-300)
+    keys = q.double().log() - (-u.log()).log()
+    return keys.topk(min(k, support)).indices.tolist()

@@ -1,0 +1,150 @@
+"""Token trees: the tree-masked pass, greedy tree decoding, and recursive rejection sampling's exactness."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from s2d.drafting import DraftOptions, build_drafter
+from s2d.drafting.tree import DraftTree, TreeDrafter, TreeShape, ancestor_mask, draw_without_replacement
+from s2d.engine import MultiTargetEngine
+from s2d.loading import load_model
+from s2d.sampling import SamplingParams
+from s2d.verify import verify_tree_greedy, verify_tree_stochastic
+
+
+def test_ancestor_mask_and_depths():
+    tree = DraftTree(torch.tensor([5, 6, 7, 8]), [-1, -1, 0, 2])
+    assert tree.depths == [1, 1, 2, 3]
+    mask = tree.block_mask()  # rows: root, then nodes 0..3
+    assert mask[4].tolist() == [True, True, False, True, True]  # node 3: root, node 0, node 2, itself
+    assert mask[2].tolist() == [True, False, True, False, False]  # node 1 sees only the root
+    assert ancestor_mask([-1]).tolist() == [[True]]
+
+
+def test_tree_pass_equals_each_path_alone(checkpoints):
+    """Every node's logits in one tree-masked pass equal its root-to-node path run on its own (float32)."""
+    target = load_model(checkpoints["target"], dtype="float32")
+    draft = load_model(checkpoints["draft"], dtype="float32")
+    context = torch.randint(0, 257, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    tree = TreeDrafter(draft, draft.cfg.num_layers, TreeShape(3, 3, 10)).propose_tree(context, SamplingParams(), None)
+    assert len(tree) == 10 and max(tree.depths) >= 2
+    cache = target.new_cache()
+    target(torch.tensor([context[:-1]]), torch.arange(11), cache, logits_at=None)
+    block = torch.tensor([[context[-1]] + tree.tokens.tolist()])
+    positions = torch.tensor([0] + tree.depths) + 11
+    got = target(block, positions, cache, block_mask=tree.block_mask())[0]
+    for node in range(len(tree)):
+        path, n = [], node
+        while n >= 0:
+            path.insert(0, int(tree.tokens[n]))
+            n = tree.parents[n]
+        alone = target(torch.tensor([context + path]), torch.arange(len(context) + len(path)), target.new_cache())
+        torch.testing.assert_close(got[node + 1], alone[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_tree_is_closed_and_best_first(checkpoints):
+    draft = load_model(checkpoints["draft"], dtype="float32")
+    tree = TreeDrafter(draft, 1, TreeShape(4, 4, 9)).propose_tree(list(range(40, 60)), SamplingParams(), None)
+    assert len(tree) == 9
+    assert all(p < i for i, p in enumerate(tree.parents))  # topological: parents first
+    for node in range(-1, len(tree)):  # siblings are distinct tokens
+        kids = [int(tree.tokens[c]) for c in tree.children(node)]
+        assert len(kids) == len(set(kids))
+
+
+@pytest.mark.parametrize("method", ["s2d-tree", "rsd"])
+def test_greedy_tree_decoding_equals_plain(checkpoints, method):
+    target = load_model(checkpoints["target"], dtype="float32")
+    draft = load_model(checkpoints["draft"], dtype="float32")
+    prompt = torch.randint(0, 257, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    plain = MultiTargetEngine({"t": target}, None, "ar").generate("t", prompt, SamplingParams(), 60)
+    for shape in [(2, 6, 12), (4, 3, 30), (1, 8, 8)]:
+        opts = DraftOptions(tree_top_k=shape[0], tree_depth=shape[1], tree_nodes=shape[2])
+        engine = MultiTargetEngine({"t": target}, draft, method, opts)
+        state = engine.generate("t", prompt, SamplingParams(), 60)
+        assert state.output == plain.output, shape
+        assert state.stats.target_passes < 60 and state.stats.proposed > 0
+
+
+def test_draw_without_replacement_is_ordered_sampling():
+    """Gumbel-top-k: the first draw follows q; the second follows q without the first, renormalised."""
+    q = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    firsts = torch.zeros(5)
+    pairs: dict[tuple[int, int], int] = {}
+    for _ in range(n):
+        a, b = draw_without_replacement(q, 2, g)
+        firsts[a] += 1
+        pairs[(a, b)] = pairs.get((a, b), 0) + 1
+    torch.testing.assert_close(firsts / n, q, atol=0.015, rtol=0)
+    expected = float(q[0] * q[1] / (1 - q[0]))
+    assert abs(pairs.get((0, 1), 0) / n - expected) < 0.015
+    assert draw_without_replacement(q, 9, g).__len__() == 4  # never a token q gives no mass
+
+
+def chi_squared(counts: dict, probs: dict, n: int) -> float:
+    return sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in probs.items() if p > 0)
+
+
+@pytest.mark.parametrize("children", [2, 3, 4])
+def test_recursive_rejection_sampling_is_exact(children):
+    """Two-token outputs of RRS over a depth-2 tree (children drawn without replacement) follow the target."""
+    v = 5
+    g = torch.Generator().manual_seed(children)
+    p_root = torch.softmax(torch.randn(v, generator=g) * 1.5, -1)
+    q_root = torch.softmax(torch.randn(v, generator=g) * 1.5, -1)
+    p_next = torch.softmax(torch.randn(v, v, generator=g) * 1.5, -1)  # p(x2 | x1) = p_next[x1]
+    q_next = torch.softmax(torch.randn(v, v, generator=g) * 1.5, -1)
+    n = 12000
+    counts: dict[tuple[int, int], int] = {}
+    for _ in range(n):
+        tokens, parents, dists = [], [], []
+        for x in draw_without_replacement(q_root, children, g):
+            tokens.append(x); parents.append(-1); dists.append(q_root)
+        for i in range(len(tokens)):
+            for y in draw_without_replacement(q_next[tokens[i]], 2, g):
+                tokens.append(y); parents.append(i); dists.append(q_next[tokens[i]])
+        target = torch.stack([p_root] + [p_next[t] for t in tokens])
+        verdict = verify_tree_stochastic(tokens, parents, torch.stack(dists), target, g)
+        out = [tokens[i] for i in verdict.path] + [verdict.next_token]
+        if len(out) == 1:  # the next step would draw the second token from the target itself
+            out.append(int(torch.multinomial(p_next[out[0]], 1, generator=g)))
+        key = (out[0], out[1])
+        counts[key] = counts.get(key, 0) + 1
+    probs = {(a, b): float(p_root[a] * p_next[a, b]) for a, b in itertools.product(range(v), range(v))}
+    # 24 degrees of freedom: the 0.999 quantile is 51.2
+    assert chi_squared(counts, probs, n) < 51.2
+
+
+def test_greedy_tree_verdict():
+    tokens, parents = [4, 5, 6, 7], [-1, -1, 1, 2]  # root -> 4 | root -> 5 -> 6 -> 7
+    argmax = torch.tensor([5, 0, 6, 9, 3])  # after root: 5; after node 1 (5): 6; after node 2 (6): 9
+    verdict = verify_tree_greedy(tokens, parents, argmax)
+    assert verdict.path == [1, 2] and verdict.next_token == 9
+
+
+def test_tree_options_refused():
+    with pytest.raises(ValueError, match="tree nodes"):
+        DraftOptions(tree_nodes=64)
+    with pytest.raises(ValueError, match="tree top_k"):
+        DraftOptions(tree_top_k=0)
+
+
+def test_tree_methods_need_a_draft():
+    with pytest.raises(ValueError, match="needs a draft"):
+        build_drafter("s2d-tree", None, DraftOptions())
+
+
+def test_sampled_tree_decoding_runs_and_repeats(checkpoints):
+    """rsd at temperature 1: seeded runs repeat, the cache stays consistent (no error), stats add up."""
+    target = load_model(checkpoints["target"], dtype="float32")
+    draft = load_model(checkpoints["draft"], dtype="float32")
+    engine = MultiTargetEngine({"t": target}, draft, "rsd", eos_token_ids=())
+    runs = [engine.generate("t", [1, 2, 3, 4], SamplingParams(1.0, seed=11), 40) for _ in range(2)]
+    assert runs[0].output == runs[1].output and len(runs[0].output) == 40
+    stats = runs[0].stats
+    assert stats.new_tokens == 40 and stats.accepted <= stats.proposed and stats.target_passes <= 40
