@@ -148,3 +148,10 @@ def test_sampled_tree_decoding_runs_and_repeats(checkpoints):
     assert runs[0].output == runs[1].output and len(runs[0].output) == 40
     stats = runs[0].stats
     assert stats.new_tokens == 40 and stats.accepted <= stats.proposed and stats.target_passes <= 40
+
+
+def test_preorder_keeps_the_tree():
+    tree = DraftTree(torch.tensor([10, 11, 12, 13, 14]), [-1, -1, 0, 0, 2], torch.eye(5), [1, 2, 3, 4, 5])
+    pre = tree.preorder()  # first children first: 10 12 14 13 11
+    assert pre.tokens.tolist() == [10, 12, 14, 13, 11] and pre.parents == [-1, 0, 1, 0, -1]
+    assert pre.exits == [1, 3, 5, 4, 2] and pre.probs[1].tolist() == tree.probs[2].tolist()

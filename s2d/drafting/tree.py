@@ -54,6 +54,27 @@ class DraftTree:
         """Children of ``node`` (-1: the root), in draw order."""
         return [i for i, parent in enumerate(self.parents) if parent == node]
 
+    def preorder(self) -> "DraftTree":
+        """The same tree in depth-first order, first children first.
+
+        Why: the path of first children (the draft's own greedy chain) then lies in consecutive
+        cache slots, so its rows see exactly the keys a chain would, in the same places, and round
+        exactly as a chain pass does in bfloat16 (other branches see gaps, whose zeros change the
+        pairing of bf16 products in the runtime's attention: a near-tie may then round differently).
+        """
+        kids = {}
+        for i, parent in enumerate(self.parents):
+            kids.setdefault(parent, []).append(i)
+        order: list[int] = []
+        stack = list(reversed(kids.get(-1, [])))
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(reversed(kids.get(node, [])))
+        new_index = {old: new for new, old in enumerate(order)}
+        return DraftTree(self.tokens[order], [new_index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in order],
+                         None if self.probs is None else self.probs[order], [self.exits[i] for i in order])
+
     def block_mask(self) -> Tensor:
         """[N+1, N+1] bool for the verification block (root first): True where a row may attend."""
         return ancestor_mask([-1] + [p + 1 for p in self.parents])
@@ -157,10 +178,10 @@ class TreeDrafter:
         return indices if self.head_ids is None else self.head_ids[indices].tolist()
 
     def _full(self, q: Tensor) -> Tensor:
-        """q over the subset [V'] -> over the vocabulary [V] (exactly 0 outside the subset)."""
+        """q over the subset [R, V'] -> over the vocabulary [R, V] (exactly 0 outside the subset)."""
         if self.head_ids is None:
             return q
-        return q.new_zeros(self.model.cfg.vocab_size).index_copy_(0, self.head_ids, q)
+        return q.new_zeros(q.shape[0], self.model.cfg.vocab_size).index_copy_(1, self.head_ids, q)
 
     def propose_tree(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
                      max_nodes: int | None = None) -> DraftTree:
@@ -227,7 +248,7 @@ class TreeDrafter:
         new_index = {old: new for new, old in enumerate(keep)}
         return DraftTree(torch.tensor([tokens[i] for i in keep], dtype=torch.long),
                          [new_index[parents[i]] if parents[i] >= 0 else -1 for i in keep],
-                         exits=[self.exit] * len(keep))
+                         exits=[self.exit] * len(keep)).preorder()
 
     def _fixed(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
                  max_nodes: int) -> DraftTree:
@@ -241,17 +262,19 @@ class TreeDrafter:
         for level, b in enumerate(branching):
             logits = self._level_logits(context, block_tokens, block_parents, frontier_rows)
             born = []
+            if params.greedy:  # the top tokens, scored in numpy (see _dynamic)
+                drawn = top_indices(logits.numpy(), b).tolist()
+            else:  # one call per level: torch ops between runtime calls are costly (see _dynamic)
+                q_sub = probabilities(logits, params)
+                drawn = gumbel_top_k(q_sub, b, generator)
+                q_rows = self._full(q_sub)
+            born = []
             for r, row in enumerate(frontier_rows):
-                if params.greedy:  # the top tokens, scored in numpy (see _dynamic)
-                    drawn = self._token_ids(top_indices(logits[r:r + 1].numpy(), b)[0].tolist())
-                else:
-                    q = self._full(probabilities(logits[r], params))
-                    drawn = draw_without_replacement(q, b, generator)
-                for token in drawn:
+                for token in self._token_ids(drawn[r]):
                     parents.append(node_of_row[row])
                     tokens.append(token)
                     if not params.greedy:
-                        dists.append(q)
+                        dists.append(q_rows[r])
                     born.append(len(tokens) - 1)
             if level + 1 == len(branching):
                 break
@@ -262,7 +285,7 @@ class TreeDrafter:
                 node_of_row.append(node)
                 frontier_rows.append(len(block_tokens) - 1)
         probs = torch.stack(dists) if dists else None
-        return DraftTree(torch.tensor(tokens, dtype=torch.long), parents, probs, [self.exit] * len(tokens))
+        return DraftTree(torch.tensor(tokens, dtype=torch.long), parents, probs, [self.exit] * len(tokens)).preorder()
 
 
 def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
@@ -273,9 +296,21 @@ def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, -1)
 
 
+def gumbel_top_k(q: Tensor, k: int, generator: torch.Generator | None) -> list[list[int]]:
+    """Per row of q [R, V], up to ``k`` distinct indices in draw order: sampling without replacement.
+
+    Gumbel-top-k: the k largest log q + Gumbel noise are k draws without replacement, in order; an
+    index q gives no mass is never drawn. The noise comes from ``generator`` (seeded runs repeat).
+    """
+    u = torch.rand(q.shape, generator=generator, device=q.device, dtype=torch.float64).cpu().numpy()
+    probs = q.double().cpu().numpy()
+    with np.errstate(divide="ignore"):
+        keys = np.log(probs) - np.log(-np.log(np.maximum(u, 1e-300)))
+    support = (probs > 0).sum(-1)
+    top = top_indices(keys, k)
+    return [row[:min(k, int(n))].tolist() for row, n in zip(top, support)]
+
+
 def draw_without_replacement(q: Tensor, k: int, generator: torch.Generator | None) -> list[int]:
-    """Up to ``k`` distinct tokens from q [V], in draw order (Gumbel-top-k: the k largest log q + Gumbel noise)."""
-    support = int((q > 0).sum())
-    u = torch.rand(q.shape, generator=generator, device=q.device, dtype=torch.float64).clamp_(min=1e-300)
-    keys = q.double().log() - (-u.log()).log()
-    return keys.topk(min(k, support)).indices.tolist()
+    """Up to ``k`` distinct tokens from q [V], in draw order (``gumbel_top_k`` of one row)."""
+    return gumbel_top_k(q[None], k, generator)[0]
