@@ -83,7 +83,7 @@ def test_models_and_health(live):
     assert health["status"] == "ok" and health["models"] == ["a", "b"]
 
 
-@pytest.mark.parametrize("method", [None, "ar", "pld", "sd"])
+@pytest.mark.parametrize("method", [None, "ar", "pld", "sd", "s2d-tree"])
 def test_greedy_completion_equals_generate(live, family, method):
     prompt = "def add(a, b):\n    return"
     extra = {"method": method} if method else None
