@@ -154,12 +154,13 @@ class TreeDrafter:
                                   torch.arange(keep, len(context), device=device), self.cache, 0, self.exit)
             self.cached.extend(new)
 
-    def _level_logits(self, context: list[int], tokens: list[int], parents: list[int], rows: list[int]) -> Tensor:
-        """Run ``tokens`` (a tree block over the cached context); logits [len(rows), V'] at ``rows``.
+    def _level_logits(self, grow: "_Growth") -> Tensor:
+        """Run the growth's block over the cached context; logits [len(frontier), V'] at its frontier.
 
         V' is the draft's vocabulary subset where it has one (``self.head_ids`` maps back to token ids):
         scoring a few thousand tokens instead of the whole vocabulary is most of a level's cost.
         """
+        tokens, parents, rows = grow.block_tokens, grow.block_parents, grow.frontier_rows()
         base = self.cache.length
         device = self.model.device
         depth = [0] * len(tokens)
@@ -194,45 +195,30 @@ class TreeDrafter:
             return self._dynamic(context, nodes)
         return self._fixed(context, params, generator, nodes)
 
-    # The block every level runs: the root (row 0) and the expanded nodes, parents as block rows.
     def _dynamic(self, context: list[int], max_nodes: int) -> DraftTree:
-        k, shape = self.shape.top_k, self.shape
+        k = self.shape.top_k
         self._sync(context[:-1])
-        block_tokens, block_parents = [context[-1]], [-1]  # expanded nodes (row 0: the root)
-        node_of_row = [-1]  # tree node index of each block row (-1: the root)
-        tokens: list[int] = []
-        parents: list[int] = []
-        scores: list[float] = []  # cumulative log q
-        frontier_rows = [0]
-        for level in range(shape.depth):
+        grow = _Growth(context[-1])
+        scores: list[float] = []  # cumulative log q of each node
+        for level in range(self.shape.depth):
             # Scored in numpy: a torch op between two runtime calls wakes torch's thread team, which
             # then competes with the runtime's (measured: ~1.5 ms for a log-sum-exp over 3 x 2048).
-            logits = self._level_logits(context, block_tokens, block_parents, frontier_rows).numpy()
+            logits = self._level_logits(grow).numpy()
             top = top_indices(logits, k)
             peak = logits.max(-1, keepdims=True)
             log_z = peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True))
             values = (np.take_along_axis(logits, top, -1) - log_z).tolist()
             born = []
-            for r, row in enumerate(frontier_rows):
-                parent = node_of_row[row]
+            for r, parent in enumerate(grow.frontier()):
                 base = scores[parent] if parent >= 0 else 0.0
                 for value, token in zip(values[r], self._token_ids(top[r].tolist())):
-                    if not math.isfinite(value):
-                        continue
-                    parents.append(parent)
-                    tokens.append(token)
-                    scores.append(base + value)
-                    born.append(len(tokens) - 1)
-            if level + 1 == shape.depth or not born:
+                    if math.isfinite(value):
+                        born.append(grow.add(token, parent))
+                        scores.append(base + value)
+            if level + 1 == self.shape.depth or not born:
                 break
-            expand = sorted(born, key=lambda i: -scores[i])[:k]
-            frontier_rows = []
-            for node in sorted(expand):  # topological order within the block
-                block_parents.append(node_of_row.index(parents[node]) if parents[node] >= 0 else 0)
-                block_tokens.append(tokens[node])
-                node_of_row.append(node)
-                frontier_rows.append(len(block_tokens) - 1)
-        return self._keep_best(tokens, parents, scores, max_nodes)
+            grow.expand(sorted(sorted(born, key=lambda i: -scores[i])[:k]))  # the best k, in tree order
+        return self._keep_best(grow.tokens, grow.parents, scores, max_nodes)
 
     def _keep_best(self, tokens: list[int], parents: list[int], scores: list[float], n: int) -> DraftTree:
         """The ``n`` best nodes, closed under parent and earlier sibling (a node never outranks either)."""
@@ -251,17 +237,13 @@ class TreeDrafter:
                          exits=[self.exit] * len(keep)).preorder()
 
     def _fixed(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
-                 max_nodes: int) -> DraftTree:
+               max_nodes: int) -> DraftTree:
         branching = TreeShape(self.shape.top_k, self.shape.depth, max_nodes, self.shape.branching).fixed_branching()
         self._sync(context[:-1])
-        block_tokens, block_parents, node_of_row = [context[-1]], [-1], [-1]
-        tokens: list[int] = []
-        parents: list[int] = []
+        grow = _Growth(context[-1])
         dists: list[Tensor] = []
-        frontier_rows = [0]
         for level, b in enumerate(branching):
-            logits = self._level_logits(context, block_tokens, block_parents, frontier_rows)
-            born = []
+            logits = self._level_logits(grow)
             if params.greedy:  # the top tokens, scored in numpy (see _dynamic)
                 drawn = top_indices(logits.numpy(), b).tolist()
             else:  # one call per level: torch ops between runtime calls are costly (see _dynamic)
@@ -269,23 +251,49 @@ class TreeDrafter:
                 drawn = gumbel_top_k(q_sub, b, generator)
                 q_rows = self._full(q_sub)
             born = []
-            for r, row in enumerate(frontier_rows):
+            for r, parent in enumerate(grow.frontier()):
                 for token in self._token_ids(drawn[r]):
-                    parents.append(node_of_row[row])
-                    tokens.append(token)
+                    born.append(grow.add(token, parent))
                     if not params.greedy:
                         dists.append(q_rows[r])
-                    born.append(len(tokens) - 1)
             if level + 1 == len(branching):
                 break
-            frontier_rows = []
-            for node in born:
-                block_parents.append(node_of_row.index(parents[node]) if parents[node] >= 0 else 0)
-                block_tokens.append(tokens[node])
-                node_of_row.append(node)
-                frontier_rows.append(len(block_tokens) - 1)
+            grow.expand(born)
         probs = torch.stack(dists) if dists else None
-        return DraftTree(torch.tensor(tokens, dtype=torch.long), parents, probs, [self.exit] * len(tokens)).preorder()
+        return DraftTree(torch.tensor(grow.tokens, dtype=torch.long), grow.parents, probs,
+                         [self.exit] * len(grow.tokens)).preorder()
+
+
+class _Growth:
+    """A tree being grown, and the block the draft runs at each level: the root (row 0) and every
+    expanded node, each row's parent given as a block row; the frontier = the rows last expanded."""
+
+    def __init__(self, root: int) -> None:
+        self.tokens: list[int] = []  # tree nodes, in the order they were born
+        self.parents: list[int] = []  # parent node of each (-1: the root)
+        self.block_tokens, self.block_parents = [root], [-1]
+        self.row_of = {-1: 0}  # tree node -> its block row
+        self.frontier_nodes = [-1]
+
+    def add(self, token: int, parent: int) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        return len(self.tokens) - 1
+
+    def frontier(self) -> list[int]:
+        """The nodes whose children the last level's logits give, in the order of their rows."""
+        return self.frontier_nodes
+
+    def frontier_rows(self) -> list[int]:
+        return [self.row_of[n] for n in self.frontier_nodes]
+
+    def expand(self, nodes: list[int]) -> None:
+        """Nodes (in tree order) the draft runs at the next level."""
+        for node in nodes:
+            self.row_of[node] = len(self.block_tokens)
+            self.block_tokens.append(self.tokens[node])
+            self.block_parents.append(self.row_of[self.parents[node]])
+        self.frontier_nodes = list(nodes)
 
 
 def top_indices(scores: np.ndarray, k: int) -> np.ndarray:

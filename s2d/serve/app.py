@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from s2d.drafting import DraftOptions, check_method, default_options, needs_draft_model
-from s2d.engine import Engine, InputError
+from s2d.engine import Engine
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams
@@ -159,12 +159,12 @@ def error_status(err: BaseException) -> APIError:
     """A failure inside the scheduler as the error a client sees."""
     if isinstance(err, APIError):
         return err
-    if isinstance(err, InputError):
-        return APIError(400, str(err))
     if isinstance(err, QueueFullError):
         return APIError(503, str(err))
-    if isinstance(err, (CheckpointError, ValueError)):
-        return APIError(500 if isinstance(err, CheckpointError) else 400, str(err))
+    if isinstance(err, CheckpointError):  # the model's own fault (non-finite logits), not the request's
+        return APIError(500, str(err))
+    if isinstance(err, ValueError):  # InputError and the drafting registry's refusals
+        return APIError(400, str(err))
     return APIError(500, f"internal error: {type(err).__name__}: {err}")
 
 
