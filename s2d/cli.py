@@ -54,7 +54,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def add_draft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", help="draft checkpoint: a plain small model, or a sorted multi-exit draft")
     p.add_argument("--method", default=None,
-                   help="decoding method: ar, s2d, sd, sd-exit-E, s2d-softmax, s2d-gate, pld, lookup, lookup+M "
+                   help="decoding method: ar, s2d, sd, sd-exit-E, s2d-softmax, s2d-gate, pld, lookup, lookup+M, "
+                        "s2d-tree, rsd "
                         "(`s2d bench --help` describes each); default: s2d for a sorted draft, sd for another "
                         "draft, ar without one")
     p.add_argument("--num-draft-tokens", type=int, default=None, help="draft length (default 5, or calibrated)")

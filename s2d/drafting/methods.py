@@ -78,7 +78,7 @@ class DraftOptions:
     draft_vocab: int = 0  # sorted drafters: score only the N most frequent tokens (vocab.py); 0 = all
     tree_top_k: int = 2  # trees: children per expanded node (and nodes expanded per level, dynamic)
     tree_depth: int = 6  # trees: levels below the root
-    tree_nodes: int = 12  # trees: nodes verified per pass (at most 63); RESULTS.md: bigger trees cost more than they win here
+    tree_nodes: int = 12  # trees: nodes verified per pass (<= 63); bigger ones cost more than they win here (RESULTS)
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens < 1:

@@ -9,8 +9,10 @@ Two ways to grow one from a sorted draft (one exit, the s2d default's):
   ``nodes`` best nodes overall. The kept set is closed under "parent" and "earlier sibling".
 - ``fixed`` (recursive speculative decoding; always under sampling): a fixed shape (``branching[d]``
   children per node at depth d), each node's children drawn *without replacement* from the draft's
-  q (Gumbel-top-k), in draw order (under greedy: its top tokens). A shape fixed before any draw keeps recursive rejection sampling
-  exact (``verify_tree_stochastic``).
+  q (Gumbel-top-k), in draw order (under greedy: its top tokens). A shape fixed before any draw keeps
+  recursive rejection sampling exact (``verify_tree_stochastic``).
+
+Both keep the draft's greedy chain in consecutive slots (``DraftTree.preorder``).
 
 The draft runs each level as one block: all expanded nodes so far on top of its cached context,
 with the tree's ancestor mask, then its cache is cut back to the context. Re-running earlier levels
@@ -72,7 +74,8 @@ class DraftTree:
             order.append(node)
             stack.extend(reversed(kids.get(node, [])))
         new_index = {old: new for new, old in enumerate(order)}
-        return DraftTree(self.tokens[order], [new_index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in order],
+        parents = [new_index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in order]
+        return DraftTree(self.tokens[order], parents,
                          None if self.probs is None else self.probs[order], [self.exits[i] for i in order])
 
     def block_mask(self) -> Tensor:
