@@ -60,9 +60,8 @@ class DraftTree:
         """The same tree in depth-first order, first children first.
 
         Why: the path of first children (the draft's own greedy chain) then lies in consecutive
-        cache slots, so its rows see exactly the keys a chain would, in the same places, and round
-        exactly as a chain pass does in bfloat16 (other branches see gaps, whose zeros change the
-        pairing of bf16 products in the runtime's attention: a near-tie may then round differently).
+        cache slots right after the root, exactly where a chain pass puts it, so the most likely path
+        is verified in the layout the chain method is known to reproduce bit for bit.
         """
         kids = {}
         for i, parent in enumerate(self.parents):
