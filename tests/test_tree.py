@@ -155,3 +155,38 @@ def test_preorder_keeps_the_tree():
     pre = tree.preorder()  # first children first: 10 12 14 13 11
     assert pre.tokens.tolist() == [10, 12, 14, 13, 11] and pre.parents == [-1, 0, 1, 0, -1]
     assert pre.exits == [1, 3, 5, 4, 2] and pre.probs[1].tolist() == tree.probs[2].tolist()
+
+
+def test_masked_rows_round_like_a_chain(tmp_path):
+    """bf16: each tree row equals the one-token passes over its own branch, bit for bit.
+
+    Head dim 64, so AMX machines take their tile path for P.V; every row's softmax covers exactly its
+    own keys (a row that also counted the masked ones would split its sums differently and round
+    unlike the chain).
+    """
+    from s2d.model.tiny import write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "d64", hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=256, seed=9)
+    model = load_model(path, dtype="bfloat16")
+    parents = [-1, 0, 0, 1, 2, 3, 4]  # two branches; rows 2, 4, 6 see gaps
+    depth = torch.tensor([0, 1, 1, 2, 2, 3, 3])
+    with torch.inference_mode():
+        for seed in range(8):  # seed 7 rounded row 2 differently before rows had their own key counts
+            g = torch.Generator().manual_seed(seed)
+            prefix = torch.randint(0, 257, (1, 301), generator=g)
+            block = torch.randint(0, 257, (1, 7), generator=g)
+            cache = model.new_cache()
+            model.run_layers(model.embed_tokens(prefix), torch.arange(301), cache)
+            k, v, lengths = cache.k.clone(), cache.v.clone(), list(cache.lengths)
+            tree = model.run_layers(model.embed_tokens(block), depth + 301, cache, block_mask=ancestor_mask(parents))[0]
+            for row in range(7):
+                path, r = [], row
+                while r >= 0:
+                    path.insert(0, r)
+                    r = parents[r]
+                cache.k.copy_(k), cache.v.copy_(v)
+                cache.lengths = list(lengths)
+                for d, r in enumerate(path):
+                    alone = model.run_layers(model.embed_tokens(block[:, r:r + 1]), torch.tensor([301 + d]), cache)[0, 0]
+                assert torch.equal(alone, tree[row]), (seed, row)

@@ -259,6 +259,7 @@ struct Scratch {
   std::vector<std::vector<float>> lin_rows;  // per thread: [T, D] one head's attention outputs
   std::vector<std::vector<float>> pv_b;      // per thread: [chunk / 2, D] pair-interleaved values (AMX)
   std::vector<std::vector<float>> pv_a;      // per thread: [T, chunk] bf16 probabilities (AMX)
+  std::vector<std::vector<float>> kv_virtual;  // per thread: [2, chunk, D] a masked row's keys and values
   std::vector<float> head_out;             // [T, head rows] logits when the caller wants only the top-1
   std::vector<TopPart> top;                // [threads, T]
 };
@@ -320,6 +321,7 @@ struct Model {
       s.lin_rows.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * D));
       s.pv_b.assign(n, std::vector<float>(static_cast<size_t>(kKeyChunk / 2) * D));
       s.pv_a.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * kKeyChunk / 2));
+      s.kv_virtual.assign(n, std::vector<float>(static_cast<size_t>(2) * kKeyChunk * D));
     }
     const size_t parts = static_cast<size_t>(rows) * H * ((keys + kKeyChunk - 1) / kKeyChunk) * (D + 2);
     if (s.parts.size() < parts) s.parts.resize(parts);
