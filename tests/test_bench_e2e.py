@@ -101,6 +101,25 @@ def test_bad_requests_get_clear_errors(tmp_path, checkpoints, questions, capsys)
     assert not (tmp_path / "o" / "results.json").exists()
 
 
+def test_tree_methods_in_the_bench(tmp_path, checkpoints, sorted_draft, questions):
+    """s2d-tree and rsd run in the bench with a --tree shape, identical to ar under greedy."""
+    out = tmp_path / "trees"
+    assert bench("--target", checkpoints["target"], "--draft", sorted_draft, "--methods", "ar,s2d-tree,rsd",
+                 "--tree", "2,3,6", "--questions", questions, "--max-new-tokens", 12, "--dtype", "float32",
+                 "--warmup", 0, "--out", out, "--no-progress") == 0
+    doc = read_results(out)
+    rows = {r["method"]: r for r in doc["runs"] if r["category"] == "all"}
+    assert rows["s2d-tree"]["greedy_identical"] == 1.0 and rows["rsd"]["greedy_identical"] == 1.0
+    assert "trees 2,3,6" in (out / "report.md").read_text()
+
+
+def test_bad_tree_shape_is_refused(tmp_path, checkpoints, questions, capsys):
+    with pytest.raises(SystemExit):
+        bench("--target", checkpoints["target"], "--methods", "ar", "--tree", "2,6,99", "--questions", questions,
+              "--out", tmp_path / "o")
+    assert "tree nodes must be <= 63" in capsys.readouterr().err
+
+
 def test_calibrated_s2d_method_reads_the_stored_calibration(checkpoints, sorted_draft, tmp_path):
     from s2d.bench.registry import MethodContext, MethodOptions, ModelStore, build_method
     from s2d.calibrate import calibration_path, save_calibration

@@ -34,6 +34,21 @@ def method_help() -> str:
     return "\n".join(lines)
 
 
+def tree_shape(text: str) -> tuple[int, int, int]:
+    """argparse type: TOPK,DEPTH,NODES, checked as the drafting options check them."""
+    import argparse
+
+    from s2d.drafting.tree import TreeShape
+
+    try:
+        top_k, depth, nodes = (int(x) for x in text.split(","))
+        TreeShape(top_k, depth, nodes)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected TOPK,DEPTH,NODES (integers >= 1, nodes <= 63), got {text!r}"
+                                         + (f": {err}" if "tree" in str(err) else "")) from None
+    return top_k, depth, nodes
+
+
 def add_bench(sub: argparse._SubParsersAction) -> None:
     from s2d.cli import add_sampling_args  # s2d.cli is loaded: it is the caller
 
@@ -53,6 +68,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=None,
                    help="draft tokens per step of our methods (default: each method's own: 5, s2d 3)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--tree", type=tree_shape, default=None, metavar="TOPK,DEPTH,NODES",
+                   help="s2d-tree / rsd: the tree's shape (default 2,6,12)")
     peers = p.add_argument_group("peers (transformers, llama.cpp)")
     peers.add_argument("--assistant-exit", type=int, help="hf-assisted: exit (layer count) of a sorted draft to "
                        "use as the assistant (default: the deepest)")
@@ -113,7 +130,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         check_checkpoint(path)
     options = MethodOptions(args.dtype, args.device, args.num_draft_tokens, args.ignore_eos, args.assistant_exit,
                             args.num_assistant_tokens, args.assistant_confidence_threshold,
-                            args.prompt_lookup_num_tokens)
+                            args.prompt_lookup_num_tokens, args.tree)
     cfg = BenchConfig(tuple(args.target), split_list(args.methods) or (), args.questions, args.draft,
                       split_list(args.categories), args.limit_per_category, args.max_new_tokens, args.temperature,
                       args.top_k, args.top_p, args.seed, args.warmup, args.repeats, options)

@@ -66,6 +66,9 @@ def ours(ctx: MethodContext, name: str) -> EngineMethod:
     options = default_options(name, draft)
     if ctx.options.num_draft_tokens is not None:
         options = replace(options, num_draft_tokens=ctx.options.num_draft_tokens)
+    if ctx.options.tree is not None:
+        top_k, depth, nodes = ctx.options.tree
+        options = replace(options, tree_top_k=top_k, tree_depth=depth, tree_nodes=nodes)
     return engine_method(ctx, build_drafter(name, draft, options), engine_draft_tokens(name, options))
 
 

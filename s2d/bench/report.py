@@ -48,7 +48,8 @@ def render_markdown(doc: dict[str, Any], runs: Sequence[RunSummary], plots: Sequ
         f"- targets: {', '.join(f'`{t}`' for t in targets)}; draft: `{Path(cfg['draft']).name if cfg['draft'] else '–'}`",
         f"- {mode}, max {cfg['max_new_tokens']} new tokens{' (EOS ignored)' if opts['ignore_eos'] else ''}, "
         f"{opts['dtype']} on {opts['device']}, {cfg['warmup']} warm-up question(s), {cfg['repeats']} repeat(s); "
-        f"our draft length {opts['num_draft_tokens'] or 'the methods own (5; s2d 3)'}",
+        f"our draft length {opts['num_draft_tokens'] or 'the methods own (5; s2d 3)'}"
+        + (f"; trees {opts['tree'][0]},{opts['tree'][1]},{opts['tree'][2]} (top-k, depth, nodes)" if opts.get('tree') else ""),
         f"- torch {env['torch']}, transformers {env['transformers']}, {env['torch_threads']} threads, "
         f"{env['processor']}; s2d {env.get('s2d_commit') or '?'}; {doc['created']}",
         "",
