@@ -138,8 +138,8 @@ def draft_options(args: argparse.Namespace, method: str, draft_path: str | None,
     entry = load_calibration(draft_path).get(target_name, {}) if draft_path and method == "s2d" else {}
     stored = stored_options(entry, base=default_options(method, draft))
     flags = {"num_draft_tokens": args.num_draft_tokens, "exit_thresholds": args.exit_thresholds or None,
-             "stop_threshold": args.stop_threshold, "tree_top_k": getattr(args, "tree_top_k", None),
-             "tree_depth": getattr(args, "tree_depth", None), "tree_nodes": getattr(args, "tree_nodes", None)}
+             "stop_threshold": args.stop_threshold, "tree_top_k": args.tree_top_k, "tree_depth": args.tree_depth,
+             "tree_nodes": args.tree_nodes}
     return replace(stored, schedule=args.draft_schedule or "fixed", **{k: v for k, v in flags.items() if v is not None})
 
 

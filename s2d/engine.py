@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from s2d.drafting.base import Draft, Drafter
+from s2d.drafting.tree import DraftTree
 from s2d.model.cache import KVCache
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
@@ -92,14 +93,15 @@ class DecodeStats:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.elapsed_s if self.elapsed_s else 0.0
 
-    def record(self, draft: Draft, num_accepted: int) -> None:
-        k = len(draft)
+    def record(self, proposed_at: list[int], num_accepted: int, exits: list[int]) -> None:
+        """One target pass: draft tokens proposed per position (a chain: 1 each; a tree: nodes per
+        depth), how many were accepted (a prefix, or a root-to-leaf path), each token's exit."""
         self.target_passes += 1
-        self.proposed += k
+        self.proposed += sum(proposed_at)
         self.accepted += num_accepted
-        add_by_position(self.proposed_at, [1] * k)
+        add_by_position(self.proposed_at, proposed_at)
         add_by_position(self.accepted_at, [1] * num_accepted)
-        add_histogram(self.exit_counts, {e: draft.exits.count(e) for e in set(draft.exits)})
+        add_histogram(self.exit_counts, {e: exits.count(e) for e in set(exits)})
 
     def merge(self, other: "DecodeStats") -> None:
         """Add another run's statistics to these (totals across requests)."""
@@ -192,7 +194,7 @@ class Engine:
 
         The target's weights are shared; everything the sequence changes lives in ``cache``, ``drafter``
         and the returned state, so a scheduler may step several such sequences in turn. A drafter
-        built for another target must first be ``bind_target``-ed to this one (``new_drafter`` does).
+        built for another target must first be ``bind_target``-ed to this one (``TargetPool.drafter`` does).
         """
         prompt = as_token_ids(prompt)
         if not isinstance(params, SamplingParams):
@@ -278,7 +280,7 @@ class Engine:
             verdict = Verdict(0, int(sample(out[-1], state.generator)))
         num_accepted = verdict.num_accepted
         state.cache.truncate(base + 1 + num_accepted)
-        state.stats.record(draft, num_accepted)
+        state.stats.record([1] * len(draft), num_accepted, draft.exits)
         if state.drafter is not None:
             state.drafter.feedback(len(draft), num_accepted)
         return draft.tokens[:num_accepted].tolist() + [verdict.next_token]
@@ -289,37 +291,27 @@ class Engine:
         base = state.cache.length
         t0 = time.perf_counter()
         tree = state.drafter.propose_tree(state.tokens, state.params, state.generator, max_nodes=remaining - 1) \
-            if remaining > 1 else None
+            if remaining > 1 else DraftTree.empty()
         t1 = time.perf_counter()
         device = self.target.device
-        tokens = tree.tokens.tolist() if tree is not None else []
-        parents = tree.parents if tree is not None else []
+        tokens, parents, depths = tree.tokens.tolist(), tree.parents, tree.depths
         block = torch.tensor([state.tokens[-1]] + tokens, device=device)
-        depths = tree.depths if tree is not None else []
         positions = torch.tensor([0] + depths, device=device) + base
-        mask = tree.block_mask().to(device) if tokens else None
-        out = self._pass(state, block, positions, mask)
+        out = self._pass(state, block, positions, tree.block_mask().to(device) if tokens else None)
         state.stats.draft_s += t1 - t0
         state.stats.verify_s += time.perf_counter() - t1
         if state.params.greedy:
             verdict = verify_tree_greedy(tokens, parents, out)
-        elif tokens and tree.probs is not None:
+        elif tree.probs is not None:
             verdict = verify_tree_stochastic(tokens, parents, tree.probs, out, state.generator)
-        else:  # a greedy-drafted tree carries no q: sample plainly from the root's row
+        else:  # no tree, or a greedy-drafted one (it carries no q): sample plainly from the root's row
             verdict = TreeVerdict([], int(sample(out[0], state.generator)))
         # The accepted path's cache entries become the contiguous prefix after the root (one gather).
         state.cache.compact(base, torch.tensor([base] + [base + 1 + i for i in verdict.path]))
-        stats = state.stats
-        stats.target_passes += 1
-        stats.proposed += len(tokens)
-        stats.accepted += len(verdict.path)
         per_depth = [0] * max(depths, default=0)
         for d in depths:
             per_depth[d - 1] += 1
-        add_by_position(stats.proposed_at, per_depth)
-        add_by_position(stats.accepted_at, [1] * len(verdict.path))
-        if tokens:
-            add_histogram(stats.exit_counts, {e: tree.exits.count(e) for e in set(tree.exits)})
+        state.stats.record(per_depth, len(verdict.path), tree.exits)
         return [tokens[i] for i in verdict.path] + [verdict.next_token]
 
     def stream(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,

@@ -130,13 +130,12 @@ DEFAULT_S2D_VOCAB = 2048
 
 def default_options(method: str, draft: Transformer | None = None) -> DraftOptions:
     """A method's drafting knobs before any flag or calibration: ``s2d``'s measured ones, else the defaults."""
-    if method == "s2d-tree":  # the s2d default's cheaper head (trees score many candidates per level)
-        ranked = draft is not None and load_vocab(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
-        return DraftOptions(draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
-    if method != "s2d":
+    if method not in ("s2d", "s2d-tree"):
         return DraftOptions()
+    # s2d-tree shares the s2d default's cheaper head (a tree scores many candidates per level).
     ranked = draft is not None and load_vocab(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
-    return DraftOptions(**DEFAULT_S2D_OPTIONS, draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
+    knobs = DEFAULT_S2D_OPTIONS if method == "s2d" else {}
+    return DraftOptions(**knobs, draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
 
 
 def parse_method(name: str) -> Method:
@@ -179,13 +178,20 @@ def resolve_default(draft: Transformer | None, options: DraftOptions | None = No
     """What ``s2d`` runs with this draft: lookup, then exit ``options.exit`` (or the middle exit)."""
     if draft is None:
         raise ValueError("method 's2d' needs a draft model (--draft)")
+    if len(sorted_exits(draft)) == 1:
+        return LOOKUP_PREFIX + "sd"  # a plain draft: nothing to choose between (callers say so)
+    return f"{LOOKUP_PREFIX}sd-exit-{default_exit(draft, options)}"
+
+
+def default_exit(draft: Transformer, options: DraftOptions | None = None) -> int:
+    """The exit s2d (and its trees) draft with: ``options.exit``, else the middle exit (a plain draft: its depth)."""
     exits = sorted_exits(draft)
     if len(exits) == 1:
-        return LOOKUP_PREFIX + "sd"  # a plain draft: nothing to choose between (callers say so)
+        return exits[0]
     chosen = options.exit if options is not None and options.exit else exits[len(exits) // 2]
     if chosen not in exits:
         raise ValueError(f"exit {chosen} is not one of the draft's exits {list(exits)}")
-    return f"{LOOKUP_PREFIX}sd-exit-{chosen}"
+    return chosen
 
 
 def engine_draft_tokens(method: str, options: DraftOptions) -> int:
@@ -212,9 +218,7 @@ def draft_vocab(draft: Transformer, options: DraftOptions) -> list[int] | None:
 
 def _model_drafter(model: str, draft: Transformer, options: DraftOptions) -> Drafter:
     if model in ("s2d-tree", "rsd"):
-        exit_layers = int(resolve_default(draft, options).rsplit("-", 1)[1]) if len(sorted_exits(draft)) > 1 \
-            else draft.cfg.num_layers
-        return TreeDrafter(draft, exit_layers, options.tree, draft_vocab(draft, options),
+        return TreeDrafter(draft, default_exit(draft, options), options.tree, draft_vocab(draft, options),
                            dynamic=model == "s2d-tree")
     length = DraftLength(options.num_draft_tokens, options.schedule, maximum=max(16, options.num_draft_tokens))
     if model == "sd":

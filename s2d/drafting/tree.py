@@ -45,12 +45,14 @@ class DraftTree:
     def __len__(self) -> int:
         return self.tokens.numel()
 
+    @classmethod
+    def empty(cls) -> "DraftTree":
+        return cls(torch.empty(0, dtype=torch.long), [])
+
     @property
     def depths(self) -> list[int]:
-        depth: list[int] = []
-        for parent in self.parents:
-            depth.append(1 if parent < 0 else depth[parent] + 1)
-        return depth
+        """Each node's depth below the root (a child of the root: 1)."""
+        return [d + 1 for d in row_depths(self.parents)]
 
     def children(self, node: int) -> list[int]:
         """Children of ``node`` (-1: the root), in draw order."""
@@ -80,6 +82,14 @@ class DraftTree:
     def block_mask(self) -> Tensor:
         """[N+1, N+1] bool for the verification block (root first): True where a row may attend."""
         return ancestor_mask([-1] + [p + 1 for p in self.parents])
+
+
+def row_depths(parents: list[int]) -> list[int]:
+    """parents [T] (-1: none; each before its children) -> each row's distance from its top ancestor."""
+    depth: list[int] = []
+    for parent in parents:
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+    return depth
 
 
 def ancestor_mask(parents: list[int]) -> Tensor:
@@ -165,11 +175,8 @@ class TreeDrafter:
         tokens, parents, rows = grow.block_tokens, grow.block_parents, grow.frontier_rows()
         base = self.cache.length
         device = self.model.device
-        depth = [0] * len(tokens)
-        for i, parent in enumerate(parents):
-            depth[i] = 0 if parent < 0 else depth[parent] + 1
         hidden = self.model.run_layers(self.model.embed_tokens(torch.tensor([tokens], device=device)),
-                                       torch.tensor(depth, device=device) + base, self.cache, 0, self.exit,
+                                       torch.tensor(row_depths(parents), device=device) + base, self.cache, 0, self.exit,
                                        block_mask=ancestor_mask(parents).to(device))
         self.cache.truncate(base)
         logits = self.model.logits(hidden[0, rows], self.head).float()
@@ -192,7 +199,7 @@ class TreeDrafter:
         nodes = min(self.shape.nodes, max_nodes if max_nodes is not None else self.shape.nodes,
                     self.cache.capacity - len(context) - 1)
         if nodes < 1:
-            return DraftTree(torch.empty(0, dtype=torch.long), [])
+            return DraftTree.empty()
         if self.dynamic and params.greedy:
             return self._dynamic(context, nodes)
         return self._fixed(context, params, generator, nodes)
