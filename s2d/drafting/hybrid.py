@@ -21,9 +21,11 @@ statistics' exit histogram.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from s2d.drafting.base import Draft, Drafter
 from s2d.drafting.ngram import LOOKUP_EXIT, NgramConfig, NgramDrafter
@@ -60,6 +62,8 @@ class HybridDrafter:
         """Estimate what a model draft token costs for this target (the engine calls this)."""
         from s2d.drafting.cost import draft_cost_ratio
 
+        if hasattr(self.model, "bind_target"):
+            self.model.bind_target(target)
         draft = getattr(self.model, "model", None)
         exits = getattr(getattr(self.model, "config", None), "exits", None)
         if draft is not None:
@@ -81,6 +85,20 @@ class HybridDrafter:
         else:
             self._accepted = 0.8 * self._accepted + 0.2 * num_accepted
             self._proposed = 0.8 * self._proposed + 0.2 * num_proposed
+
+    def observe(self, hidden: Tensor) -> None:
+        """The target's last hidden state [C] after each pass, for a model drafter that reads it (steering)."""
+        if (observe := getattr(self.model, "observe", None)) is not None:
+            observe(hidden)
+
+    def speculate(self, context: list[int], max_tokens: int, params: SamplingParams,
+                  generator: torch.Generator | None) -> AbstractContextManager:
+        """Overlapped drafting (``overlap.py``): the model drafter speculates on the next step during the
+        target pass, where a model step could follow (not while the cost-aware switch keeps it idle)."""
+        speculate = getattr(self.model, "speculate", None)
+        if speculate is None or not (self.model_pays() or self._plain_steps + 1 >= self.config.retry):
+            return nullcontext()
+        return speculate(context, max_tokens, params, generator)
 
     def model_pays(self) -> bool:
         """Whether model drafts have been accepted often enough to be worth their cost here."""

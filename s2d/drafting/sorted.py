@@ -104,6 +104,10 @@ class SortedDrafter:
                                   self.cache, first, last)
         self.hidden[start:upto + 1] = h[0]
 
+    def readout(self, pos: int) -> Tensor:
+        """The hidden state [C] the head reads at ``pos`` (a steered drafter adds its vector here)."""
+        return self.hidden[pos]
+
     def catch_up(self) -> None:
         """Bring every entered position through all layers (tests compare this with full recomputation)."""
         for j in range(1, len(self.config.exits)):
@@ -131,13 +135,13 @@ class SortedDrafter:
                 if self.gates is not None and j < last and self.gates(cfg.exits[j], self.hidden[pos]) < threshold:
                     continue  # deeper, without having paid for this exit's head
                 if params.greedy:  # the argmax and its probability, without a [V] tensor
-                    token, conf = self.model.top1(self.hidden[pos], self.head)
+                    token, conf = self.model.top1(self.readout(pos), self.head)
                     if not math.isfinite(conf):
                         raise CheckpointError(NONFINITE.format(model="draft"))
                     if self.head_ids is not None:
                         token = int(self.head_ids[token])
                 else:
-                    logits = self.model.logits(self.hidden[pos], self.head)
+                    logits = self.model.logits(self.readout(pos), self.head)
                     check_finite_logits(logits, "draft")
                     if self.head_ids is not None:  # q over the subset, exactly 0 elsewhere
                         full = logits.new_full((self.model.cfg.vocab_size,), -math.inf)

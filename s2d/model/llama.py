@@ -238,11 +238,14 @@ class Transformer(nn.Module):
         so the decode loop never runs a torch op over [T, V] (whose OpenMP threads would compete with
         the runtime's own).
         """
-        hidden = self.run_layers(self.embed_tokens(ids), positions, cache, block_mask=block_mask)
-        if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and hidden.shape[1] <= native.MAX_ROWS
+        return self.argmax(self.run_layers(self.embed_tokens(ids), positions, cache, block_mask=block_mask)[0])
+
+    def argmax(self, hidden: Tensor) -> Tensor:
+        """hidden [T, C] (last layer's) -> the argmax token of each row [T]; non-finite logits are refused."""
+        if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and hidden.shape[0] <= native.MAX_ROWS
                 and (fast := self.native_runtime())):
-            return fast.argmax(hidden[0])  # refuses non-finite logits itself
-        logits = self.logits(hidden[0])
+            return fast.argmax(hidden)  # refuses non-finite logits itself
+        logits = self.logits(hidden)
         check_finite_logits(logits, "model")
         return logits.argmax(-1)
 

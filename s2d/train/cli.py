@@ -43,10 +43,12 @@ def add_train_draft(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-positions", type=int, default=2048)
     p.add_argument("--tokenizer", type=Path, help="default: the --init checkpoint's, else the first target's")
     p.add_argument("--targets", type=_paths, default=(), help="comma-separated teacher checkpoints")
-    p.add_argument("--objective", choices=["soft", "distill", "gates", "vocab"], default="soft",
+    p.add_argument("--objective", choices=["soft", "distill", "gates", "vocab", "steer"], default="soft",
                    help="soft: SoFT; distill: toward --targets; gates: train the exit gates of the sorted draft "
                         "--init (the s2d-gate method) on --data; vocab: rank its tokens by frequency in --data "
-                        "(the draft_vocab option); gates and vocab write the draft with the result to --out")
+                        "(the draft_vocab option); steer: train the steering maps of the draft --init for --targets (the "
+                        "s2d-steer method; --exits: the exits to steer, default the s2d exit); gates, vocab and "
+                        "steer write the draft with the result to --out")
     p.add_argument("--gate-positions", type=int, default=100_000, help="gates: training positions (default 100k)")
     p.add_argument("--ce-weight", type=finite_float, help="default 1 for soft, 0 for distill")
     p.add_argument("--distill-weight", type=finite_float, help="default 1 for distill")
@@ -60,11 +62,11 @@ def add_train_draft(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude-from", type=Path, action="append", default=[],
                    help="held-out files never to train on: a split.json ('validation_files') or one path per line")
     p.add_argument("--max-file-bytes", type=int)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step, over all processes")
+    p.add_argument("--seq-len", type=int, help="default 512 (steer: 256)")
+    p.add_argument("--steps", type=int, help="default 1000 (steer: 150)")
+    p.add_argument("--batch-size", type=int, help="sequences per step, over all processes (default 16; steer: 8)")
     p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=finite_float, default=3e-4)
+    p.add_argument("--lr", type=finite_float, help="default 3e-4 (steer: 3e-3)")
     p.add_argument("--min-lr-ratio", type=finite_float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--weight-decay", type=finite_float, default=0.0)
@@ -116,7 +118,21 @@ def config_from_args(args: argparse.Namespace):
         save_dtype=args.save_dtype, device=args.device, progress=not args.no_progress)
 
 
+# Defaults that depend on the objective (None in the parser): a map is small and learns fast.
+OBJECTIVE_DEFAULTS = {"steer": {"steps": 150, "lr": 3e-3, "batch_size": 8, "seq_len": 256}}
+TRAINING_DEFAULTS = {"steps": 1000, "lr": 3e-4, "batch_size": 16, "seq_len": 512}
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    for name, value in {**TRAINING_DEFAULTS, **OBJECTIVE_DEFAULTS.get(args.objective, {})}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
 def run_train_draft(args: argparse.Namespace) -> int:
+    fill_defaults(args)
+    if args.objective == "steer":
+        return run_steer(args)
     if args.objective in ("gates", "vocab"):
         return run_beside(args)
     from s2d.train.trainer import train_draft
@@ -146,6 +162,19 @@ def run_beside(args: argparse.Namespace) -> int:
     else:
         report = rank_draft_vocab(args.init, args.out, data_from_args(args))
     print(json.dumps({"out_dir": str(args.out), "status": "completed", args.objective: report}))
+    return 0
+
+
+def run_steer(args: argparse.Namespace) -> int:
+    """--objective steer: the --init draft, copied to --out with its steering maps beside it."""
+    from s2d.train.steer import SteerTraining, train_steering_into
+
+    if args.init is None:
+        raise ValueError("--objective steer needs --init: the draft to steer")
+    cfg = SteerTraining(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+    report = train_steering_into(args.init, args.out, args.targets, data_from_args(args), args.exits, cfg,
+                                 target_dtype=args.teacher_dtype, progress=not args.no_progress)
+    print(json.dumps({"out_dir": str(args.out), "status": "completed", "steer": report}))
     return 0
 
 
