@@ -187,3 +187,27 @@ def test_training_learns_and_the_cli_writes_a_loadable_draft(family, tmp_path, c
     assert main(["train-draft", "--objective", "steer", "--init", str(root / "draft"), "--out", str(tmp_path / "x"),
                  "--data", str(data)]) != 0
     assert "needs --targets" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_multi_target_engine_uses_each_targets_map(family, tmp_path):
+    import shutil
+
+    from s2d.engine import MultiTargetEngine
+
+    root, target, _ = family
+    other_path = write_random_checkpoint(tmp_path / "other", num_layers=1, hidden_size=48, seed=33)
+    other = load_model(other_path, dtype="float32")
+    folder = tmp_path / "draft"
+    shutil.copytree(root / "draft", folder)
+    draft = load_model(folder, dtype="float32")
+    maps = random_maps(draft, target, exits=(2,), seed=1)
+    maps.add(other, "other", 2, torch.ones(draft.cfg.hidden_size, other.cfg.hidden_size))
+    maps.save(folder)
+    draft = load_model(folder, dtype="float32")
+    engine = MultiTargetEngine({"a": target, "b": other}, draft, "s2d-steer", eos_token_ids=())
+    for name, model in (("a", target), ("b", other)):
+        steered = engine.engine(name).drafter.model  # the hybrid's model drafter
+        assert torch.equal(steered.matrix, maps.for_target(model, 2))
+        prompt = PROMPTS[0]
+        expected = Engine(model, eos_token_ids=()).generate(prompt, SamplingParams(), 24).output
+        assert engine.generate(name, prompt, SamplingParams(), 24).output == expected
