@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_exit(sub)
     add_export_gguf(sub)
     add_calibrate(sub)
+    from s2d.train.refine import add_calibrate_refine
+
+    add_calibrate_refine(sub)
     add_serve(sub)
     add_zoo(sub)
     from s2d.bench.cli import add_bench

@@ -19,6 +19,9 @@ A method is a drafter (or none) plus the number of tokens the engine lets it dra
   (``vocab.py``); the exit is the draft's middle one unless a calibration (``s2d calibrate``, per
   target) chose another. On the zoo the per-token exit choice (``s2d-softmax``, ``s2d-gate``) measured
   slower than a fixed exit, so the default does not use it; both stay available by name.
+- ``refine-exit-E``: exit E of the sorted draft, each token chosen among its top-k by a score that adds
+  n-gram log-probabilities (the sequence's own and the training corpus's, ``refine.py``; weights
+  calibrated per target); ``s2d-refine`` is ``s2d`` with its model part so refined.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from s2d.drafting.length import DraftLength
 from s2d.drafting.lookup import PromptLookupDrafter
 from s2d.drafting.model import ModelDrafter
 from s2d.drafting.ngram import NgramConfig, NgramDrafter
+from s2d.drafting.refine import NGRAM_FILE, RefinedDrafter, RefineTable, load_corpus_ngram
 from s2d.drafting.sorted import SortedConfig, SortedDrafter
 from s2d.drafting.tree import TreeDrafter, TreeShape
 from s2d.drafting.vocab import load_vocab
@@ -41,6 +45,7 @@ from s2d.model.llama import Transformer
 
 LOOKUP_PREFIX = "lookup+"
 _EXIT = re.compile(r"sd-exit-(\d+)$")
+_REFINE = re.compile(r"refine-exit-(\d+)$")
 METHOD_HELP = {
     "ar": "plain autoregressive decoding (the speedup baseline)",
     "s2d": "the default: lookup, else one exit of the sorted draft while it pays (measured best; RESULTS.md)",
@@ -53,6 +58,9 @@ METHOD_HELP = {
     "lookup+M": "lookup tokens where the text repeats, model method M otherwise (e.g. lookup+sd-exit-1)",
     "s2d-tree": "a token tree from the s2d exit, verified in one pass: dynamic (EAGLE-2) when greedy, "
                 "sampled without replacement (RSD) when sampling",
+    "refine-exit-E": "exit E of a sorted --draft, its top-k rescored with n-gram models of the text so far and "
+                     "of the training corpus (needs `s2d train-draft --objective ngram`)",
+    "s2d-refine": "s2d with its model part refined (lookup, else the refined default exit)",
     "rsd": "recursive speculative decoding: a fixed-shape tree, children drawn without replacement, "
            "recursive rejection sampling",
 }
@@ -130,11 +138,11 @@ DEFAULT_S2D_VOCAB = 2048
 
 def default_options(method: str, draft: Transformer | None = None) -> DraftOptions:
     """A method's drafting knobs before any flag or calibration: ``s2d``'s measured ones, else the defaults."""
-    if method not in ("s2d", "s2d-tree"):
+    if method not in ("s2d", "s2d-tree", "s2d-refine"):
         return DraftOptions()
     # s2d-tree shares the s2d default's cheaper head (a tree scores many candidates per level).
     ranked = draft is not None and load_vocab(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
-    knobs = DEFAULT_S2D_OPTIONS if method == "s2d" else {}
+    knobs = DEFAULT_S2D_OPTIONS if method in ("s2d", "s2d-refine") else {}
     return DraftOptions(**knobs, draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
 
 
@@ -148,9 +156,11 @@ def parse_method(name: str) -> Method:
         return Method(name, "s2d", True)
     if name in ("s2d-tree", "rsd"):
         return Method(name, name, False)
+    if name == "s2d-refine":
+        return Method(name, name, True)
     lookup = name.startswith(LOOKUP_PREFIX)
     model = name[len(LOOKUP_PREFIX):] if lookup else name
-    if model in ("sd", "s2d-softmax", "s2d-gate") or _EXIT.match(model):
+    if model in ("sd", "s2d-softmax", "s2d-gate") or _EXIT.match(model) or _REFINE.match(model):
         return Method(name, model, lookup)
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} "
                      "(E = an exit layer count, M = a model method)")
@@ -216,6 +226,15 @@ def draft_vocab(draft: Transformer, options: DraftOptions) -> list[int] | None:
     return ranked[:options.draft_vocab]
 
 
+def load_ngram(draft: Transformer):
+    """The corpus n-gram model beside the draft; a ValueError saying how to build it when there is none."""
+    corpus = load_corpus_ngram(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
+    if corpus is None:
+        raise ValueError(f"refined methods need the corpus n-gram model beside the draft ({NGRAM_FILE}); build it "
+                         "with `s2d train-draft --objective ngram --init DRAFT --out NEW --data CORPUS`")
+    return corpus
+
+
 def _model_drafter(model: str, draft: Transformer, options: DraftOptions) -> Drafter:
     if model in ("s2d-tree", "rsd"):
         return TreeDrafter(draft, default_exit(draft, options), options.tree, draft_vocab(draft, options),
@@ -224,6 +243,12 @@ def _model_drafter(model: str, draft: Transformer, options: DraftOptions) -> Dra
     if model == "sd":
         return ModelDrafter(draft, length)
     vocab = draft_vocab(draft, options)
+    if match := _REFINE.match(model):
+        exit_layers = int(match.group(1))
+        if not 1 <= exit_layers <= draft.cfg.num_layers:
+            raise ValueError(f"{model}: the draft has {draft.cfg.num_layers} layers (exits 1..{draft.cfg.num_layers})")
+        table = RefineTable.load(getattr(draft, "checkpoint_dir", None))
+        return RefinedDrafter(draft, exit_layers, load_ngram(draft), table, length, options.stop_threshold, vocab)
     if match := _EXIT.match(model):
         exit_layers = int(match.group(1))
         if not 1 <= exit_layers <= draft.cfg.num_layers:
@@ -247,6 +272,10 @@ def build_drafter(method: str, draft: Transformer | None, options: DraftOptions 
     m = parse_method(method)
     if m.name == "s2d":
         return build_drafter(resolve_default(draft, options), draft, options)
+    if m.name == "s2d-refine":
+        if draft is None:
+            raise ValueError("method 's2d-refine' needs a draft model (--draft)")
+        return build_drafter(f"{LOOKUP_PREFIX}refine-exit-{default_exit(draft, options)}", draft, options)
     if m.model is None:
         if m.name == "ar":
             return None

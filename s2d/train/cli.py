@@ -43,12 +43,17 @@ def add_train_draft(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-positions", type=int, default=2048)
     p.add_argument("--tokenizer", type=Path, help="default: the --init checkpoint's, else the first target's")
     p.add_argument("--targets", type=_paths, default=(), help="comma-separated teacher checkpoints")
-    p.add_argument("--objective", choices=["soft", "distill", "gates", "vocab", "steer"], default="soft",
+    p.add_argument("--objective", choices=["soft", "distill", "gates", "vocab", "steer", "ngram"], default="soft",
                    help="soft: SoFT; distill: toward --targets; gates: train the exit gates of the sorted draft "
                         "--init (the s2d-gate method) on --data; vocab: rank its tokens by frequency in --data "
                         "(the draft_vocab option); steer: train the steering maps of the draft --init for --targets (the "
-                        "s2d-steer method; --exits: the exits to steer, default the s2d exit); gates, vocab and "
-                        "steer write the draft with the result to --out")
+                        "s2d-steer method; --exits: the exits to steer, default the s2d exit); ngram: count the n-grams "
+                        "of --data for the refined methods (s2d-refine), with --targets and --calibration also "
+                        "calibrate their weights; gates, vocab, steer and ngram write the draft with the result "
+                        "to --out")
+    p.add_argument("--ngram-min-count", type=int, default=2, help="ngram: drop n-grams seen fewer times (default 2)")
+    p.add_argument("--calibration", type=Path, nargs="+", default=(),
+                   help="ngram with --targets: prompts (JSONL) the refine weights are calibrated on")
     p.add_argument("--gate-positions", type=int, default=100_000, help="gates: training positions (default 100k)")
     p.add_argument("--ce-weight", type=finite_float, help="default 1 for soft, 0 for distill")
     p.add_argument("--distill-weight", type=finite_float, help="default 1 for distill")
@@ -133,6 +138,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
     fill_defaults(args)
     if args.objective == "steer":
         return run_steer(args)
+    if args.objective == "ngram":
+        return run_ngram(args)
     if args.objective in ("gates", "vocab"):
         return run_beside(args)
     from s2d.train.trainer import train_draft
@@ -175,6 +182,20 @@ def run_steer(args: argparse.Namespace) -> int:
     report = train_steering_into(args.init, args.out, args.targets, data_from_args(args), args.exits, cfg,
                                  target_dtype=args.teacher_dtype, progress=not args.no_progress)
     print(json.dumps({"out_dir": str(args.out), "status": "completed", "steer": report}))
+    return 0
+
+
+def run_ngram(args: argparse.Namespace) -> int:
+    """--objective ngram: the --init draft, copied to --out with its corpus n-gram model (and refine weights)."""
+    from s2d.train.refine import ngram_draft, read_calibration_prompts
+
+    if args.init is None:
+        raise ValueError("--objective ngram needs --init: the draft whose tokenizer counts the n-grams")
+    targets = {Path(str(t).rstrip("/")).name: str(t) for t in args.targets}
+    prompts = read_calibration_prompts(list(args.calibration)) if args.calibration else None
+    report = ngram_draft(args.init, args.out, data_from_args(args), args.ngram_min_count, targets, prompts,
+                         args.teacher_dtype, progress=not args.no_progress)
+    print(json.dumps({"out_dir": str(args.out), "status": "completed", **report}))
     return 0
 
 
