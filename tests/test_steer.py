@@ -211,3 +211,13 @@ def test_multi_target_engine_uses_each_targets_map(family, tmp_path):
         prompt = PROMPTS[0]
         expected = Engine(model, eos_token_ids=()).generate(prompt, SamplingParams(), 24).output
         assert engine.generate(name, prompt, SamplingParams(), 24).output == expected
+
+
+def test_decode_steering_vector_equals_the_reference():
+    from s2d.drafting.steer import decode_steering_vector, steering_vector
+
+    g = torch.Generator().manual_seed(4)
+    matrix, hidden = torch.randn(48, 64, generator=g), torch.randn(64, generator=g)
+    fast = decode_steering_vector(matrix, hidden, 1e-6)
+    torch.testing.assert_close(fast, steering_vector(matrix, hidden, 1e-6), rtol=1e-5, atol=1e-5)
+    assert fast.shape == (48,) and fast.dtype == torch.float32

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from s2d.drafting.length import DraftLength
+from s2d.model import native
 from s2d.drafting.sorted import SortedConfig, SortedDrafter
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
@@ -55,6 +56,19 @@ def target_fingerprint(target: Transformer) -> str:
 def steering_vector(matrix: Tensor, hidden: Tensor, eps: float = 1e-6) -> Tensor:
     """matrix [Cd, Ct] float32, the target's hidden state(s) [..., Ct] -> steering vector(s) [..., Cd] float32."""
     return F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=eps) @ matrix.T
+
+
+def decode_steering_vector(matrix: Tensor, hidden: Tensor, eps: float) -> Tensor:
+    """``steering_vector`` for one row [Ct] in the decode loop: [Cd] float32.
+
+    On CPU the product goes through the native runtime's own kernel: torch's matrix-vector product
+    opens an OpenMP region between two runtime passes, and on 2 cores that cost 1.5-6 ms a step in
+    thread contention (measured), more than the whole zoo-s pass.
+    """
+    u = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=eps)[None]
+    if matrix.device.type == "cpu" and native.library() is not None:
+        return native.linear(u, matrix)[0]
+    return (u @ matrix.T)[0]
 
 
 @dataclass
@@ -142,7 +156,7 @@ class SteeredDrafter(SortedDrafter):
     def observe(self, hidden: Tensor) -> None:
         """The target's last hidden state [Ct] after a verification: the next block's steering vector."""
         if self.matrix is not None:
-            self.steer = steering_vector(self.matrix, hidden, self.model.cfg.rms_norm_eps).to(self.model.dtype)
+            self.steer = decode_steering_vector(self.matrix, hidden, self.model.cfg.rms_norm_eps).to(self.model.dtype)
 
     def reset(self) -> None:
         super().reset()
