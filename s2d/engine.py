@@ -218,7 +218,10 @@ class Engine:
         if len(prompt) > 1:
             device = self.target.device
             ids = torch.tensor([prompt[:-1]], device=device)
-            self.target(ids, torch.arange(len(prompt) - 1, device=device), cache, logits_at=None)
+            hidden = self.target.run_layers(self.target.embed_tokens(ids), torch.arange(len(prompt) - 1, device=device),
+                                            cache)
+            if (observe := getattr(drafter, "observe", None)) is not None:
+                observe(hidden[0, -1])  # the row that chose the prompt's last token (s2d-steer)
         return DecodeState(list(prompt), len(prompt), max_new_tokens, params, cache,
                            params.generator(self.target.device), drafter, num_draft_tokens)
 
@@ -245,14 +248,17 @@ class Engine:
             state.finished = True
         return emitted
 
-    def _pass(self, state: DecodeState, block: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
-        """One target pass over ``block`` [T]: the argmax after each row [T] (greedy) or probabilities [T, V]."""
+    def _pass(self, state: DecodeState, block: Tensor, positions: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One target pass over ``block`` [T]: (the argmax after each row [T] (greedy) or probabilities
+        [T, V], the last layer's hidden states [T, C], which a steered drafter reads)."""
         try:  # non-finite logits raise CheckpointError (the greedy pass checks them itself)
+            hidden = self.target.run_layers(self.target.embed_tokens(block[None]), positions, state.cache,
+                                            block_mask=mask)[0]
             if state.params.greedy:
-                return self.target.greedy(block[None], positions, state.cache, block_mask=mask)
-            logits = self.target(block[None], positions, state.cache, block_mask=mask)[0]
+                return self.target.argmax(hidden), hidden
+            logits = self.target.logits(hidden)
             check_finite_logits(logits, "target")
-            return probabilities(logits, state.params)
+            return probabilities(logits, state.params), hidden
         except CheckpointError:
             state.finished = True  # the cache now holds this pass: the sequence cannot go on
             raise
@@ -269,7 +275,7 @@ class Engine:
         device = self.target.device
         block = torch.cat([torch.tensor([state.tokens[-1]], device=device), draft.tokens.to(device)])
         positions = torch.arange(base, base + block.numel(), device=device)
-        out = self._pass(state, block, positions, None)
+        out, hidden = self._pass(state, block, positions, None)
         state.stats.draft_s += t1 - t0
         state.stats.verify_s += time.perf_counter() - t1
         if state.params.greedy:
@@ -283,6 +289,8 @@ class Engine:
         state.stats.record([1] * len(draft), num_accepted, draft.exits)
         if state.drafter is not None:
             state.drafter.feedback(len(draft), num_accepted)
+            if (observe := getattr(state.drafter, "observe", None)) is not None:
+                observe(hidden[num_accepted])  # the row that chose the step's last token (s2d-steer)
         return draft.tokens[:num_accepted].tolist() + [verdict.next_token]
 
     def _tree_step(self, state: DecodeState) -> list[int]:
@@ -297,7 +305,7 @@ class Engine:
         tokens, parents, depths = tree.tokens.tolist(), tree.parents, tree.depths
         block = torch.tensor([state.tokens[-1]] + tokens, device=device)
         positions = torch.tensor([0] + depths, device=device) + base
-        out = self._pass(state, block, positions, tree.block_mask().to(device) if tokens else None)
+        out, _ = self._pass(state, block, positions, tree.block_mask().to(device) if tokens else None)
         state.stats.draft_s += t1 - t0
         state.stats.verify_s += time.perf_counter() - t1
         if state.params.greedy:

@@ -12,6 +12,9 @@ A method is a drafter (or none) plus the number of tokens the engine lets it dra
 - ``lookup``: the n-gram index drafter (``ngram.py``): longest earlier match, several orders.
 - ``lookup+M``: hybrid: lookup tokens where the text repeats, model method M otherwise
   (``lookup+sd-exit-1``, ``lookup+s2d-gate``, ...).
+- ``steer-exit-E``: exit E of the sorted draft, steered by the served target's hidden state through
+  the map trained for that target (``steer.py``; ``s2d_steer.safetensors`` beside the draft).
+- ``s2d-steer``: ``s2d`` with its model part steered (lookup, else the steered default exit).
 - ``s2d``: the default configuration, whichever measured best across the zoo's targets on the
   calibration prompts (benchmarks/choose_default.py; RESULTS.md): lookup where the text repeats,
   otherwise one exit of the sorted draft while it pays for the target (cost-aware), 3 tokens per
@@ -39,6 +42,7 @@ from s2d.drafting.model import ModelDrafter
 from s2d.drafting.ngram import NgramConfig, NgramDrafter
 from s2d.drafting.refine import NGRAM_FILE, RefinedDrafter, RefineTable, load_corpus_ngram
 from s2d.drafting.sorted import SortedConfig, SortedDrafter
+from s2d.drafting.steer import STEER_FILE, SteeredDrafter, SteeringMaps
 from s2d.drafting.tree import TreeDrafter, TreeShape
 from s2d.drafting.vocab import load_vocab
 from s2d.model.llama import Transformer
@@ -46,6 +50,7 @@ from s2d.model.llama import Transformer
 LOOKUP_PREFIX = "lookup+"
 _EXIT = re.compile(r"sd-exit-(\d+)$")
 _REFINE = re.compile(r"refine-exit-(\d+)$")
+_STEER = re.compile(r"steer-exit-(\d+)$")
 METHOD_HELP = {
     "ar": "plain autoregressive decoding (the speedup baseline)",
     "s2d": "the default: lookup, else one exit of the sorted draft while it pays (measured best; RESULTS.md)",
@@ -56,6 +61,9 @@ METHOD_HELP = {
     "pld": "prompt lookup: copy what followed the latest earlier n-gram (backward scan)",
     "lookup": "n-gram index drafting: the longest earlier match of the context's tail, several orders",
     "lookup+M": "lookup tokens where the text repeats, model method M otherwise (e.g. lookup+sd-exit-1)",
+    "steer-exit-E": "exit E of a sorted --draft, steered by the target's hidden state (maps trained with "
+                    "`s2d train-draft --objective steer`)",
+    "s2d-steer": "s2d with its model part steered toward the served target (needs the draft's steering maps)",
     "s2d-tree": "a token tree from the s2d exit, verified in one pass: dynamic (EAGLE-2) when greedy, "
                 "sampled without replacement (RSD) when sampling",
     "refine-exit-E": "exit E of a sorted --draft, its top-k rescored with n-gram models of the text so far and "
@@ -138,11 +146,11 @@ DEFAULT_S2D_VOCAB = 2048
 
 def default_options(method: str, draft: Transformer | None = None) -> DraftOptions:
     """A method's drafting knobs before any flag or calibration: ``s2d``'s measured ones, else the defaults."""
-    if method not in ("s2d", "s2d-tree", "s2d-refine"):
+    if method not in ("s2d", "s2d-tree", "s2d-refine", "s2d-steer"):
         return DraftOptions()
     # s2d-tree shares the s2d default's cheaper head (a tree scores many candidates per level).
     ranked = draft is not None and load_vocab(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
-    knobs = DEFAULT_S2D_OPTIONS if method in ("s2d", "s2d-refine") else {}
+    knobs = DEFAULT_S2D_OPTIONS if method in ("s2d", "s2d-refine", "s2d-steer") else {}
     return DraftOptions(**knobs, draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
 
 
@@ -156,11 +164,11 @@ def parse_method(name: str) -> Method:
         return Method(name, "s2d", True)
     if name in ("s2d-tree", "rsd"):
         return Method(name, name, False)
-    if name == "s2d-refine":
+    if name in ("s2d-refine", "s2d-steer"):
         return Method(name, name, True)
     lookup = name.startswith(LOOKUP_PREFIX)
     model = name[len(LOOKUP_PREFIX):] if lookup else name
-    if model in ("sd", "s2d-softmax", "s2d-gate") or _EXIT.match(model) or _REFINE.match(model):
+    if model in ("sd", "s2d-softmax", "s2d-gate") or _EXIT.match(model) or _REFINE.match(model) or _STEER.match(model):
         return Method(name, model, lookup)
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} "
                      "(E = an exit layer count, M = a model method)")
@@ -235,6 +243,22 @@ def load_ngram(draft: Transformer):
     return corpus
 
 
+def _exit_layers(model: str, draft: Transformer, exit_layers: int) -> int:
+    if not 1 <= exit_layers <= draft.cfg.num_layers:
+        n = draft.cfg.num_layers
+        raise ValueError(f"{model}: the draft has {n} layer{'s' if n != 1 else ''} (exits 1..{n})")
+    return exit_layers
+
+
+def load_steering(draft: Transformer) -> SteeringMaps:
+    """The steering maps beside the draft; a ValueError saying how to train them when there are none."""
+    maps = SteeringMaps.load(getattr(draft, "checkpoint_dir", None), draft.cfg.hidden_size)
+    if maps is None:
+        raise ValueError(f"steered methods need steering maps beside the draft ({STEER_FILE}); train them with "
+                         "`s2d train-draft --objective steer --init DRAFT --out NEW --targets T1 T2 ...`")
+    return maps
+
+
 def _model_drafter(model: str, draft: Transformer, options: DraftOptions) -> Drafter:
     if model in ("s2d-tree", "rsd"):
         return TreeDrafter(draft, default_exit(draft, options), options.tree, draft_vocab(draft, options),
@@ -243,17 +267,15 @@ def _model_drafter(model: str, draft: Transformer, options: DraftOptions) -> Dra
     if model == "sd":
         return ModelDrafter(draft, length)
     vocab = draft_vocab(draft, options)
+    if match := _STEER.match(model):
+        return SteeredDrafter(draft, _exit_layers(model, draft, int(match.group(1))), load_steering(draft), length,
+                              options.stop_threshold, vocab)
     if match := _REFINE.match(model):
-        exit_layers = int(match.group(1))
-        if not 1 <= exit_layers <= draft.cfg.num_layers:
-            raise ValueError(f"{model}: the draft has {draft.cfg.num_layers} layers (exits 1..{draft.cfg.num_layers})")
+        exit_layers = _exit_layers(model, draft, int(match.group(1)))
         table = RefineTable.load(getattr(draft, "checkpoint_dir", None))
         return RefinedDrafter(draft, exit_layers, load_ngram(draft), table, length, options.stop_threshold, vocab)
     if match := _EXIT.match(model):
-        exit_layers = int(match.group(1))
-        if not 1 <= exit_layers <= draft.cfg.num_layers:
-            n = draft.cfg.num_layers
-            raise ValueError(f"{model}: the draft has {n} layer{'s' if n != 1 else ''} (exits 1..{n})")
+        exit_layers = _exit_layers(model, draft, int(match.group(1)))
         return SortedDrafter(draft, SortedConfig((exit_layers,), (0.0,), options.stop_threshold), length,
                              vocab=vocab)
     exits = sorted_exits(draft)
@@ -272,10 +294,10 @@ def build_drafter(method: str, draft: Transformer | None, options: DraftOptions 
     m = parse_method(method)
     if m.name == "s2d":
         return build_drafter(resolve_default(draft, options), draft, options)
-    if m.name == "s2d-refine":
+    if m.name in ("s2d-refine", "s2d-steer"):  # s2d with its model part refined or steered
         if draft is None:
-            raise ValueError("method 's2d-refine' needs a draft model (--draft)")
-        return build_drafter(f"{LOOKUP_PREFIX}refine-exit-{default_exit(draft, options)}", draft, options)
+            raise ValueError(f"method {m.name!r} needs a draft model (--draft)")
+        return build_drafter(f"{LOOKUP_PREFIX}{m.name[4:]}-exit-{default_exit(draft, options)}", draft, options)
     if m.model is None:
         if m.name == "ar":
             return None
