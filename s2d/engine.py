@@ -6,6 +6,7 @@ import operator
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
@@ -275,7 +276,8 @@ class Engine:
         device = self.target.device
         block = torch.cat([torch.tensor([state.tokens[-1]], device=device), draft.tokens.to(device)])
         positions = torch.arange(base, base + block.numel(), device=device)
-        out, hidden = self._pass(state, block, positions, None)
+        with self._speculation(state, draft, remaining):
+            out, hidden = self._pass(state, block, positions, None)
         state.stats.draft_s += t1 - t0
         state.stats.verify_s += time.perf_counter() - t1
         if state.params.greedy:
@@ -292,6 +294,16 @@ class Engine:
             if (observe := getattr(state.drafter, "observe", None)) is not None:
                 observe(hidden[num_accepted])  # the row that chose the step's last token (s2d-steer)
         return draft.tokens[:num_accepted].tolist() + [verdict.next_token]
+
+    @staticmethod
+    def _speculation(state: DecodeState, draft: Draft, remaining: int) -> AbstractContextManager:
+        """Around the target pass: a drafter with a ``speculate`` hook drafts the next step meanwhile, as if
+        this draft will be accepted whole (overlapped drafting, s2d/drafting/overlap.py); else nothing."""
+        speculate = getattr(state.drafter, "speculate", None)
+        next_cap = min(state.num_draft_tokens, remaining - len(draft) - 2)  # k of the next step, all accepted
+        if speculate is None or next_cap < 1:
+            return nullcontext()
+        return speculate(state.tokens + draft.tokens.tolist(), next_cap, state.params, state.generator)
 
     def _tree_step(self, state: DecodeState) -> list[int]:
         """Draft a token tree, verify every branch in one pass (tree mask), keep the accepted path."""

@@ -25,6 +25,9 @@ A method is a drafter (or none) plus the number of tokens the engine lets it dra
 - ``refine-exit-E``: exit E of the sorted draft, each token chosen among its top-k by a score that adds
   n-gram log-probabilities (the sequence's own and the training corpus's, ``refine.py``; weights
   calibrated per target); ``s2d-refine`` is ``s2d`` with its model part so refined.
+- ``overlap+M``: chain method M with drafting overlapped with verification (``overlap.py``): while the
+  target verifies, the model drafter drafts the next step on its own core in a background thread;
+  ``s2d-overlap`` is ``s2d`` so run. Sequential (M itself) where torch has one thread (one core).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from s2d.drafting.length import DraftLength
 from s2d.drafting.lookup import PromptLookupDrafter
 from s2d.drafting.model import ModelDrafter
 from s2d.drafting.ngram import NgramConfig, NgramDrafter
+from s2d.drafting.overlap import OverlapDrafter, OverlapThreads, available_cores
 from s2d.drafting.refine import NGRAM_FILE, RefinedDrafter, RefineTable, load_corpus_ngram
 from s2d.drafting.sorted import SortedConfig, SortedDrafter
 from s2d.drafting.steer import STEER_FILE, SteeredDrafter, SteeringMaps
@@ -48,6 +52,7 @@ from s2d.drafting.vocab import load_vocab
 from s2d.model.llama import Transformer
 
 LOOKUP_PREFIX = "lookup+"
+OVERLAP_PREFIX = "overlap+"
 _EXIT = re.compile(r"sd-exit-(\d+)$")
 _REFINE = re.compile(r"refine-exit-(\d+)$")
 _STEER = re.compile(r"steer-exit-(\d+)$")
@@ -69,6 +74,9 @@ METHOD_HELP = {
     "refine-exit-E": "exit E of a sorted --draft, its top-k rescored with n-gram models of the text so far and "
                      "of the training corpus (needs `s2d train-draft --objective ngram`)",
     "s2d-refine": "s2d with its model part refined (lookup, else the refined default exit)",
+    "s2d-overlap": "s2d with drafting overlapped with verification: the draft drafts the next step on its own "
+                   "core while the target verifies (2+ cores; sequential s2d on one)",
+    "overlap+M": "chain method M overlapped with verification (e.g. overlap+sd-exit-2, overlap+lookup+sd-exit-1)",
     "rsd": "recursive speculative decoding: a fixed-shape tree, children drawn without replacement, "
            "recursive rejection sampling",
 }
@@ -132,6 +140,7 @@ class Method:
     name: str  # as given
     model: str | None  # the model-drafting part ("sd", "sd-exit-2", "s2d-gate", ...); None: no model
     lookup: bool  # n-gram lookup drafts (alone, or before the model)
+    overlap: str | None = None  # the chain method run overlapped with verification (overlap+M, s2d-overlap)
 
     @property
     def needs_draft(self) -> bool:
@@ -146,6 +155,8 @@ DEFAULT_S2D_VOCAB = 2048
 
 def default_options(method: str, draft: Transformer | None = None) -> DraftOptions:
     """A method's drafting knobs before any flag or calibration: ``s2d``'s measured ones, else the defaults."""
+    if (inner := overlapped_method(method)) is not None:
+        return default_options(inner, draft)  # overlap changes when drafts are made, not the knobs
     if method not in ("s2d", "s2d-tree", "s2d-refine", "s2d-steer"):
         return DraftOptions()
     # s2d-tree shares the s2d default's cheaper head (a tree scores many candidates per level).
@@ -154,8 +165,21 @@ def default_options(method: str, draft: Transformer | None = None) -> DraftOptio
     return DraftOptions(**knobs, draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
 
 
+def overlapped_method(name: str) -> str | None:
+    """The chain method an overlapped one runs (``overlap+M`` -> M, ``s2d-overlap`` -> s2d), else None."""
+    if name == "s2d-overlap":
+        return "s2d"
+    return name[len(OVERLAP_PREFIX):] if name.startswith(OVERLAP_PREFIX) else None
+
+
 def parse_method(name: str) -> Method:
     """Validate a method name (before any model is loaded); ``s2d`` stays ``s2d`` (resolved with the draft)."""
+    if (inner := overlapped_method(name)) is not None:
+        m = parse_method(inner)
+        if m.model is None or m.model in ("s2d-tree", "rsd") or m.overlap:
+            raise ValueError(f"{name}: overlap runs a chain method with a draft model (s2d, sd, sd-exit-E, "
+                             f"lookup+M, ...), not {inner!r}")
+        return Method(name, m.model, m.lookup, inner)
     if name in ("ar", "pld"):
         return Method(name, None, False)
     if name == "lookup":
@@ -292,6 +316,8 @@ def _model_drafter(model: str, draft: Transformer, options: DraftOptions) -> Dra
 def build_drafter(method: str, draft: Transformer | None, options: DraftOptions = DraftOptions()) -> Drafter | None:
     """A fresh drafter for one target. Drafters built from the same ``draft`` share its weights."""
     m = parse_method(method)
+    if m.overlap is not None:
+        return overlapped(build_drafter(m.overlap, draft, options), OverlapThreads.for_cores(available_cores()))
     if m.name == "s2d":
         return build_drafter(resolve_default(draft, options), draft, options)
     if m.name in ("s2d-refine", "s2d-steer"):  # s2d with its model part refined or steered
@@ -306,3 +332,10 @@ def build_drafter(method: str, draft: Transformer | None, options: DraftOptions 
         raise ValueError(f"method {method!r} needs a draft model (--draft)")
     drafter = _model_drafter(m.model, draft, options)
     return HybridDrafter(drafter, options.hybrid) if m.lookup else drafter
+
+def overlapped(drafter: Drafter | None, threads: OverlapThreads | None) -> Drafter:
+    """``drafter`` with its model drafting overlapped with verification (a hybrid keeps its lookup as is)."""
+    if isinstance(drafter, HybridDrafter):
+        return HybridDrafter(OverlapDrafter(drafter.model, threads), drafter.config)
+    assert drafter is not None  # parse_method refused methods without a model
+    return OverlapDrafter(drafter, threads)

@@ -9,6 +9,11 @@ path with a one-time warning; ``S2D_NATIVE=0`` turns it off, and ``S2D_NATIVE_IS
 runtime created afterwards on its AVX2 code even where AVX512-BF16 is available (``avx512``: without
 AMX tiles; tests run every level the CPU has). Passes run on torch's own OpenMP thread team (libgomp)
 where torch uses one, else on the runtime's own threads (``S2D_NATIVE_POOL=own`` forces those).
+
+Each runtime runs on the thread count torch had when it was created; ``with threads(n):`` runs the
+calling Python thread's passes on n threads instead (results are bit-identical for any n). Calls on
+different models may run at once from different threads (ctypes releases the GIL): overlapped
+drafting (``s2d/drafting/overlap.py``) runs the target on one core while the draft runs on another.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,8 +60,8 @@ _SIGNATURES = {
     "s2d_model_set_layer": ([_VP, _I] + [_VP] * 10, None),
     "s2d_model_free": ([_VP], None),
     "s2d_profile": ([_VP, _I, _VP], None),
-    "s2d_run_layers": ([_VP, _VP, _I, _VP, _VP, _VP, _I, _I64, _I64, _I64, _I64, _VP, _I, _I], _I),
-    "s2d_head": ([_VP, _VP, _I, _VP, _I64, _VP, _VP, _VP], _I),
+    "s2d_run_layers": ([_VP, _VP, _I, _VP, _VP, _VP, _I, _I64, _I64, _I64, _I64, _VP, _I, _I, _I], _I),
+    "s2d_head": ([_VP, _VP, _I, _VP, _I64, _VP, _VP, _VP, _I], _I),
     "s2d_linear": ([_VP, _VP, _VP, _I, _I64, _I64, _I, _I, _I], None),
 }
 
@@ -170,6 +178,31 @@ def linear(x: Tensor, w: Tensor, level: int | None = None) -> Tensor:
     return y
 
 
+_local = threading.local()  # .threads: this Python thread's override of every runtime's thread count
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run this Python thread's native passes (every model's) on ``n`` threads inside the block.
+
+    Other Python threads keep their own setting; 0 restores each runtime's own count (torch's thread
+    count when it was created).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"a thread count must be an integer >= 0, got {n!r}")
+    before = getattr(_local, "threads", 0)
+    _local.threads = n
+    try:
+        yield
+    finally:
+        _local.threads = before
+
+
+def call_threads() -> int:
+    """The thread count this Python thread's native calls ask for (0: each runtime's own)."""
+    return getattr(_local, "threads", 0)
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -232,7 +265,7 @@ class NativeRuntime:
         k, v = cache.k, cache.v
         status = self.lib.s2d_run_layers(self.handle, x.data_ptr(), t, pos.data_ptr(), k.data_ptr(), v.data_ptr(),
                                          int(k.dtype == torch.bfloat16), k.stride(0), k.stride(2), k.shape[3], slot,
-                                         _ptr(mask), start, end)
+                                         _ptr(mask), start, end, call_threads())
         if status == -3:
             raise ValueError(f"cache overflow: {slot} + {t} tokens > capacity {k.shape[3]}")
         if status == -2:
@@ -277,6 +310,6 @@ class NativeRuntime:
                                  or not head.is_contiguous()):
             raise ValueError("a head must be a contiguous [V, hidden] tensor in the model's dtype")
         status = self.lib.s2d_head(self.handle, rows.data_ptr(), rows.shape[0], _ptr(head),
-                                   0 if head is None else head.shape[0], out, tokens, probs)
+                                   0 if head is None else head.shape[0], out, tokens, probs, call_threads())
         if status == -4:
             raise CheckpointError(NONFINITE.format(model="model"))

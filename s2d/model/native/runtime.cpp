@@ -82,10 +82,32 @@ OpenMP& openmp() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A spin barrier for the n threads of one job. It lives with the job's model, not with the pool: two
+// models may run at once from two calling threads (overlapped drafting and verification), and each
+// needs its own.
+struct Barrier {
+  void wait(int n) {
+    if (n <= 1) return;
+    const uint64_t gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+    } else {
+      int spins = 0;
+      while (gen_.load(std::memory_order_acquire) == gen) spin_wait(spins);
+    }
+  }
+
+ private:
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<uint64_t> gen_{0};
+};
+
 // Runs fn(ctx, tid, n) on n threads (the caller is tid 0) and returns when all are done; inside fn,
-// barrier(n) synchronises them. On torch's OpenMP team when available; else on a fixed pool of our
-// own, whose workers spin briefly after each job (a draft token's head follows its layers within
-// microseconds), then sleep.
+// the job's Barrier synchronises them. On torch's OpenMP team when available (a calling thread outside
+// any team gets a team of its own, so two callers may run at once); else on a fixed pool of our own,
+// whose workers spin briefly after each job (a draft token's head follows its layers within
+// microseconds), then sleep: one job at a time per such pool.
 class Pool {
  public:
   using Fn = void (*)(void*, int, int);
@@ -117,6 +139,7 @@ class Pool {
       openmp().parallel(&Pool::omp_entry, &call, static_cast<unsigned>(n_), 0);
       return;
     }
+    std::lock_guard<std::mutex> busy(run_mu_);  // our workers serve one job at a time
     fn_ = fn;
     ctx_ = ctx;
     pending_.store(n_ - 1, std::memory_order_relaxed);
@@ -128,19 +151,6 @@ class Pool {
     fn(ctx, 0, n_);
     int spins = 0;
     while (pending_.load(std::memory_order_acquire) > 0) spin_wait(spins);
-  }
-
-  // n: the threads running the job (the OpenMP team may be smaller than asked).
-  void barrier(int n) {
-    if (n <= 1) return;
-    const uint64_t gen = bar_gen_.load(std::memory_order_acquire);
-    if (bar_count_.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
-      bar_count_.store(0, std::memory_order_relaxed);
-      bar_gen_.fetch_add(1, std::memory_order_release);
-    } else {
-      int spins = 0;
-      while (bar_gen_.load(std::memory_order_acquire) == gen) spin_wait(spins);
-    }
   }
 
  private:
@@ -192,9 +202,8 @@ class Pool {
   std::atomic<bool> stop_{false};
   std::atomic<int> sleepers_{0};
   std::mutex mu_;
+  std::mutex run_mu_;
   std::condition_variable cv_;
-  alignas(64) std::atomic<int> bar_count_{0};
-  alignas(64) std::atomic<uint64_t> bar_gen_{0};
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -233,11 +242,10 @@ struct Job {
   void* top;             // non-null: the logits job also reduces each row to its top-1
 };
 
-// One thread's share of one row's top-1 (the logits job).
+// One thread's share of one row's top-1 (the logits job); the softmax sum is kept in Scratch::top_chunks.
 struct TopPart {
   float max;
   int64_t arg;
-  float sum;    // sum of exp(logit - max) over the thread's columns
   bool finite;  // no NaN or inf among them (their plain sum is finite)
 };
 
@@ -262,6 +270,7 @@ struct Scratch {
   std::vector<std::vector<float>> kv_virtual;  // per thread: [2, chunk, D] a masked row's keys and values
   std::vector<float> head_out;             // [T, head rows] logits when the caller wants only the top-1
   std::vector<TopPart> top;                // [threads, T]
+  std::vector<float> top_chunks;           // [T, ceil(head rows / 16)] sums of exp(logit - row max)
 };
 
 using JobFn = void (*)(void*, int, int);
@@ -295,10 +304,12 @@ struct Model {
   const float* sin;  // [max_pos, D], sign folded in: rotate_half(x) * sin == roll(x, D/2) * table
   const void* final_norm;
   const void* head_w;  // [V, C]
-  Pool* pool;
+  Pool* pool;  // the default thread count's; a call may ask for another (s2d_run_layers, s2d_head)
   Kernels kernels;
   Scratch scratch;
   Job job;
+  std::mutex mu;            // one call at a time per model: the scratch, job and barrier are the model's
+  mutable Barrier barrier;  // the running job's threads
   bool profile = false;
   Profile prof;
 
@@ -306,9 +317,11 @@ struct Model {
   int max_n() const { return std::max({(H + 2 * Hkv) * D, 2 * F, C}); }
   size_t dsize() const { return bf16_weights ? 2 : 4; }
 
-  void ensure_scratch(int rows, int64_t keys) {
+  // n: the call's threads. Per-thread buffers are kept for the most threads any call used, so a
+  // model whose calls alternate between thread counts does not reallocate.
+  void ensure_scratch(int rows, int64_t keys, int n) {
     Scratch& s = scratch;
-    const int n = pool->size();
+    n = std::max(n, static_cast<int>(s.xn.size()));
     if (rows > s.rows || static_cast<int>(s.xn.size()) != n) {
       s.rows = std::max(rows, s.rows);
       s.lin.assign(static_cast<size_t>(s.rows) * max_n(), 0.f);
@@ -381,9 +394,10 @@ namespace s2d::amx {
 
 namespace {
 
-// One native call at a time: ctypes releases the GIL, and a model's scratch (and our own pool) are
-// shared by all calls.
-std::mutex g_call;
+// ctypes releases the GIL, so calls may come from several threads at once: each model takes its own
+// lock (its scratch), each of our own pools serialises its jobs, and g_setup guards the global set-up
+// (the OpenMP entry points, the list of pools). Calls on different models run concurrently.
+std::mutex g_setup;
 
 s2d::Kernels kernels_for(int isa) {
   if (isa >= 3) return s2d::amx::kernels();
@@ -402,6 +416,7 @@ bool amx_usable() {
 
 // One pool per thread count, kept for the process's life: models hold a pointer to theirs.
 s2d::Pool* shared_pool(int threads) {
+  std::lock_guard<std::mutex> lock(g_setup);
   static std::vector<std::unique_ptr<s2d::Pool>> pools;
   for (auto& pool : pools)
     if (pool->size() == threads) return pool.get();
@@ -416,7 +431,7 @@ extern "C" {
 // Run passes on the OpenMP team of the libgomp at `path` (torch's, already loaded); returns 1 when it
 // can, 0 when that library is not loaded or lacks the entry points (our own pool is used then).
 int s2d_use_openmp(const char* path) {
-  std::lock_guard<std::mutex> lock(g_call);
+  std::lock_guard<std::mutex> lock(g_setup);
   void* lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
   if (lib == nullptr) return 0;
   s2d::OpenMP omp;
@@ -443,7 +458,6 @@ int s2d_isa() {
 void* s2d_model_new(int num_layers, int hidden, int heads, int kv_heads, int head_dim, int ffn, int vocab,
                     int max_pos, float eps, int bf16_weights, const float* cos, const float* sin,
                     const void* final_norm, const void* head_w, int threads, int isa) {
-  std::lock_guard<std::mutex> lock(g_call);
   auto* m = new s2d::Model();
   m->num_layers = num_layers;
   m->C = hidden;
@@ -476,6 +490,7 @@ void s2d_model_set_layer(void* handle, int i, const void* attn_norm, const void*
 // (qkv, kv write, attention, o, gate/up, down, head) accumulated since.
 void s2d_profile(void* handle, int on, double* out) {
   auto* m = static_cast<s2d::Model*>(handle);
+  std::lock_guard<std::mutex> lock(m->mu);
   if (out)
     for (int i = 0; i < s2d::PH_COUNT; ++i) out[i] = m->prof.seconds[i];
   if (on >= 0) {
@@ -488,45 +503,49 @@ void s2d_model_free(void* handle) { delete static_cast<s2d::Model*>(handle); }
 
 // Layers [start, end) over T new tokens: x [T, C] (model dtype) is updated in place; their keys and
 // values are written to the cache at slots slot .. slot+T-1 (cache_bf16: the cache's dtype).
+// threads: the threads this call runs on, 0 = the model's default (results do not depend on it).
 // Returns 0, or -1 (nothing done) when a position lies outside the RoPE table.
 int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, void* vc, int cache_bf16,
                     int64_t layer_stride, int64_t head_stride, int64_t capacity, int64_t slot, const uint8_t* mask,
-                    int start, int end) {
-  std::lock_guard<std::mutex> lock(g_call);
+                    int start, int end, int threads) {
   auto* m = static_cast<s2d::Model*>(handle);
+  std::lock_guard<std::mutex> lock(m->mu);
+  s2d::Pool* pool = threads > 0 ? shared_pool(threads) : m->pool;
   if (T < 1 || T > s2d::kMaxRows) return -2;
   for (int t = 0; t < T; ++t)
     if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
-  m->ensure_scratch(T, slot + T);
+  m->ensure_scratch(T, slot + T, pool->size());
   if (slot + T > capacity) return -3;
   m->job = {m, T, x, pos, kc, vc, layer_stride, head_stride, slot, capacity, mask, start, end, nullptr, nullptr, 0,
             nullptr};
   if (m->profile) m->prof.start();
-  m->pool->run(m->kernels.layers[m->bf16_weights][cache_bf16 != 0], &m->job);
+  pool->run(m->kernels.layers[m->bf16_weights][cache_bf16 != 0], &m->job);
   return 0;
 }
 
 // Final norm and LM head over T rows: x [T, C] (model dtype) -> out [T, V] float32 logits (out may be
 // null), and where tokens/probs are non-null each row's argmax (the first, as torch's) and its
 // softmax probability. head_w/rows: another head (a vocabulary subset, [rows, C]); null/0: the model's.
-// Returns 0, or -4 when a row asked for its top-1 holds NaN or inf logits.
+// threads: as s2d_run_layers. Returns 0, or -4 when a row asked for its top-1 holds NaN or inf logits.
 int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t rows, float* out, int64_t* tokens,
-             float* probs) {
-  std::lock_guard<std::mutex> lock(g_call);
+             float* probs, int threads) {
   auto* m = static_cast<s2d::Model*>(handle);
+  std::lock_guard<std::mutex> lock(m->mu);
+  s2d::Pool* pool = threads > 0 ? shared_pool(threads) : m->pool;
   if (T < 1 || T > s2d::kMaxRows) return -2;
   const int64_t V = head_w ? rows : m->V;
-  m->ensure_scratch(T, 0);
+  m->ensure_scratch(T, 0, pool->size());
   s2d::Scratch& s = m->scratch;
   const bool top = tokens != nullptr || probs != nullptr;
   if (top) {
     if (out == nullptr && s.head_out.size() < static_cast<size_t>(T) * V) s.head_out.resize(static_cast<size_t>(T) * V);
-    s.top.assign(static_cast<size_t>(m->pool->size()) * T, s2d::TopPart{-INFINITY, 0, 0.f, true});
+    s.top.assign(static_cast<size_t>(pool->size()) * T, s2d::TopPart{-INFINITY, 0, true});
+    s.top_chunks.resize(static_cast<size_t>(T) * ((V + 15) / 16));
   }
   m->job = {m, T, const_cast<void*>(x), nullptr, nullptr, nullptr, 0, 0, 0, 0, nullptr, 0, 0, out,
             head_w ? head_w : m->head_w, V, top ? &s.top : nullptr};
   if (m->profile) m->prof.start();
-  m->pool->run(m->kernels.logits[m->bf16_weights], &m->job);
+  pool->run(m->kernels.logits[m->bf16_weights], &m->job);
   if (top) {
     for (const s2d::TopPart& p : s.top)
       if (!p.finite) return -4;
@@ -534,15 +553,13 @@ int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t row
     for (int t = 0; t < T; ++t) {
       float best = -INFINITY;
       int64_t arg = 0;
-      for (int i = 0; i < m->pool->size(); ++i) {
+      for (int i = 0; i < pool->size(); ++i) {
         const s2d::TopPart& p = s.top[static_cast<size_t>(i) * T + t];
         if (p.max > best) best = p.max, arg = p.arg;
       }
-      float sum = 0.f;
-      for (int i = 0; i < m->pool->size(); ++i) {
-        const s2d::TopPart& p = s.top[static_cast<size_t>(i) * T + t];
-        if (p.sum > 0.f) sum += p.sum * std::exp(p.max - best);
-      }
+      float sum = 0.f;  // in column order: the same bits on any thread count
+      const int64_t chunks = (V + 15) / 16;
+      for (int64_t c = 0; c < chunks; ++c) sum += s.top_chunks[static_cast<size_t>(t) * chunks + c];
       if (tokens) tokens[t] = arg;
       if (probs) probs[t] = 1.0f / sum;
     }
@@ -553,7 +570,6 @@ int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t row
 // y [M, N] float32 = x [M, K] @ w [N, K]^T, both float32 or both bf16: the product every pass uses,
 // exposed for tests and measurements.
 void s2d_linear(const void* x, const void* w, float* y, int M, int64_t K, int64_t N, int bf16, int threads, int isa) {
-  std::lock_guard<std::mutex> lock(g_call);
   s2d::Scratch scratch;
   scratch.xf.assign(threads, std::vector<float>(static_cast<size_t>(M) * K));
   s2d::LinearArgs args{x, w, y, M, K, N, shared_pool(threads), &scratch};
