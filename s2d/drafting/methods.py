@@ -333,6 +333,7 @@ def build_drafter(method: str, draft: Transformer | None, options: DraftOptions 
     drafter = _model_drafter(m.model, draft, options)
     return HybridDrafter(drafter, options.hybrid) if m.lookup else drafter
 
+
 def overlapped(drafter: Drafter | None, threads: OverlapThreads | None) -> Drafter:
     """``drafter`` with its model drafting overlapped with verification (a hybrid keeps its lookup as is)."""
     if isinstance(drafter, HybridDrafter):
