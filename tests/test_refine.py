@@ -78,7 +78,7 @@ def test_malformed_ngram_and_calibration_files_are_refused(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(CheckpointError, match="ascending"):
         CorpusNgram.load(path, 20)
-    (tmp_path / REFINE_FILE).write_text('{"targets": {"x": {"exits": {"2": {"weights": {"w_ctx": -1}}}}}}')
+    (tmp_path / REFINE_FILE).write_text('{"targets": {"x": {"exits": {"2": {"alone": {"weights": {"w_ctx": -1}}}}}}}')
     with pytest.raises(CheckpointError, match=REFINE_FILE):
         RefineTable.load(tmp_path)
 
@@ -182,13 +182,16 @@ def test_grid_search_measures_chains_and_prefers_what_helps():
     logq = np.log(np.array([[0.6, 0.4]] * 6))
     lp_corpus = np.log(np.array([[0.1, 0.9], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9], [0.9, 0.1], [0.9, 0.1]]))
     truth = np.array([2, 1, 2, 2, 1, 1])
-    pos = Positions(ids, logq, np.zeros_like(logq), lp_corpus, truth, np.zeros(6, np.int64))
+    free = np.array([True, False, True, False, False, False])
+    pos = Positions(ids, logq, np.zeros_like(logq), lp_corpus, truth, np.zeros(6, np.int64), free)
     assert accepted(pos, RefineWeights(0.0, 0.0, 2), chain=3) == (0.5, (0 + 1 + 0 + 0 + 2 + 1) / 6)
     assert accepted(pos, RefineWeights(0.0, 1.0, 2), chain=3) == (1.0, (3 + 3 + 3 + 3 + 2 + 1) / 6)
+    assert accepted(pos, RefineWeights(0.0, 0.0, 2), chain=3, behind_lookup=True) == (0.0, 0.0)  # at 0 and 2 only
+    assert accepted(pos, RefineWeights(0.0, 1.0, 2), chain=3, behind_lookup=True) == (1.0, 3.0)
     best, table = grid_search([pos])
     assert best.w_corpus > 0 and best.w_ctx == 0.0 and len(table) > 10
     split = Positions(*(getattr(pos, f) for f in ("ids", "logq", "lp_ctx", "lp_corpus", "truth")),
-                      np.array([0, 0, 0, 1, 1, 1]))
+                      np.array([0, 0, 0, 1, 1, 1]), free)
     assert accepted(split, RefineWeights(0.0, 1.0, 2), chain=3)[1] == (3 + 2 + 1 + 3 + 2 + 1) / 6  # no chain crosses
 
 
@@ -202,14 +205,17 @@ def test_calibration_is_stored_per_target_and_bound_by_fingerprint(family, tmp_p
     entries, pooled = calibrate_refine(draft, {"t": target}, prompts, corpus, new_tokens=12, progress=False)
     fp = target_fingerprint(target)
     assert entries[fp]["name"] == "t" and set(entries[fp]["exits"]) == {"1", "2", "3"}
-    assert entries[fp]["exits"]["2"]["accepted"] >= entries[fp]["exits"]["2"]["base_accepted"]
+    alone, behind = entries[fp]["exits"]["2"]["alone"], entries[fp]["exits"]["2"]["behind_lookup"]
+    assert alone["accepted"] >= alone["base_accepted"] and behind["positions"] < alone["positions"]
     store_calibration(tmp_path, entries, pooled, {"note": "test"})
     table = RefineTable.load(tmp_path)
     assert json.loads((tmp_path / REFINE_FILE).read_text())["note"] == "test"
     drafter = RefinedDrafter(draft, 2, corpus, table)
-    assert drafter.weights == pooled[2]  # before a target is bound: the pooled weights
+    assert drafter.weights == pooled[2, False]  # before a target is bound: the pooled weights
     drafter.bind_target(target)
-    assert drafter.weights == RefineWeights(**entries[fp]["exits"]["2"]["weights"])
+    assert drafter.weights == RefineWeights(**alone["weights"])
+    drafter.serve(behind_lookup=True)  # as lookup+refine-exit-2 and s2d-refine run it
+    assert drafter.weights == RefineWeights(**behind["weights"])
 
 
 def test_train_draft_objective_ngram_writes_the_file_beside_a_copy(family, tmp_path, capsys):

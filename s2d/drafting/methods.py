@@ -331,6 +331,8 @@ def build_drafter(method: str, draft: Transformer | None, options: DraftOptions 
     if draft is None:
         raise ValueError(f"method {method!r} needs a draft model (--draft)")
     drafter = _model_drafter(m.model, draft, options)
+    if m.lookup and isinstance(drafter, RefinedDrafter):
+        drafter.serve(behind_lookup=True)  # weights calibrated where lookup leaves the drafting to the model
     return HybridDrafter(drafter, options.hybrid) if m.lookup else drafter
 
 

@@ -243,18 +243,27 @@ class ContextNgram:
 # ------------------------------------------------------------------------------------------ stored weights
 
 
+def _kind(behind_lookup: bool) -> str:
+    return "behind_lookup" if behind_lookup else "alone"
+
+
 @dataclass
 class RefineTable:
-    """Calibrated weights by (target fingerprint, exit), a pooled default per exit, and the targets' names."""
+    """Calibrated weights by (target fingerprint, exit, kind), pooled defaults by (exit, kind), and the report.
 
-    weights: dict[tuple[str, int], RefineWeights]
-    pooled: dict[int, RefineWeights]
+    Two kinds per exit: ``alone`` (refine-exit-E drafts at every step) and ``behind_lookup`` (lookup+refine-exit-E,
+    s2d-refine: the model drafts only where lookup has nothing, where the sequence's own n-grams know less).
+    """
+
+    weights: dict[tuple[str, int, str], RefineWeights]
+    pooled: dict[tuple[int, str], RefineWeights]
     report: dict  # what the calibration measured (kept in the file for readers)
 
-    def lookup(self, fingerprint: str | None, exit_layers: int) -> RefineWeights:
-        if fingerprint is not None and (fingerprint, exit_layers) in self.weights:
-            return self.weights[fingerprint, exit_layers]
-        return self.pooled.get(exit_layers, DEFAULT_WEIGHTS)
+    def lookup(self, fingerprint: str | None, exit_layers: int, behind_lookup: bool = False) -> RefineWeights:
+        kind = _kind(behind_lookup)
+        if fingerprint is not None and (fingerprint, exit_layers, kind) in self.weights:
+            return self.weights[fingerprint, exit_layers, kind]
+        return self.pooled.get((exit_layers, kind), DEFAULT_WEIGHTS)
 
     @classmethod
     def load(cls, directory: Path | str | None) -> "RefineTable":
@@ -264,19 +273,23 @@ class RefineTable:
         path = Path(directory) / REFINE_FILE
         try:
             raw = json.loads(path.read_text())
-            weights = {(fp, int(e)): RefineWeights(**w["weights"])
-                       for fp, entry in raw["targets"].items() for e, w in entry["exits"].items()}
-            pooled = {int(e): RefineWeights(**w) for e, w in raw.get("pooled", {}).items()}
+            weights = {(fp, int(e), kind): RefineWeights(**w[kind]["weights"])
+                       for fp, entry in raw["targets"].items() for e, w in entry["exits"].items()
+                       for kind in ("alone", "behind_lookup")}
+            pooled = {(int(e.removesuffix("+lookup")), _kind(e.endswith("+lookup"))): RefineWeights(**w)
+                      for e, w in raw.get("pooled", {}).items()}
             return cls(weights, pooled, raw)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"malformed refine calibration {path}: {err}") from None
 
 
-def save_refine_table(directory: Path, entries: dict[str, dict], pooled: dict[int, RefineWeights],
+def save_refine_table(directory: Path, entries: dict[str, dict], pooled: dict[tuple[int, bool], RefineWeights],
                       meta: dict | None = None) -> Path:
-    """Write ``s2d_refine.json``: ``entries`` = {fingerprint: {"name", "exits": {E: {"weights", ...}}}}."""
+    """Write ``s2d_refine.json``: ``entries`` = {fingerprint: {"name", "exits": {E: {kind: {"weights", ...}}}}}
+    (kinds ``alone`` and ``behind_lookup``); ``pooled`` by (exit, behind lookup), stored as "E" and "E+lookup"."""
     path = Path(directory) / REFINE_FILE
-    body = {"targets": entries, "pooled": {str(e): asdict(w) for e, w in sorted(pooled.items())}, **(meta or {})}
+    body = {"targets": entries, "pooled": {f"{e}{'+lookup' if behind else ''}": asdict(w)
+                                           for (e, behind), w in sorted(pooled.items())}, **(meta or {})}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(body, indent=1) + "\n")
     tmp.replace(path)
@@ -315,6 +328,8 @@ class RefinedDrafter(SortedDrafter):
         self.exit_layers = exit_layers
         self.table = table or RefineTable({}, {}, {})
         self.fixed = weights  # explicit weights win over the table (tests, calibration)
+        self.behind_lookup = False  # set by build_drafter for lookup+refine-exit-E: that kind's weights
+        self.fingerprint: str | None = None  # the bound target's
         self.weights = weights or self.table.lookup(None, exit_layers)
         self.context_ngram = ContextNgram(model.cfg.vocab_size)
         self._ids = None if self.head_ids is None else self.head_ids.cpu().numpy()  # subset index -> token id
@@ -323,8 +338,14 @@ class RefinedDrafter(SortedDrafter):
         """Serve ``target``: its calibrated weights (else the pooled default, else DEFAULT_WEIGHTS)."""
         from s2d.drafting.steer import target_fingerprint
 
+        self.fingerprint = target_fingerprint(target)
+        self.serve(self.behind_lookup)
+
+    def serve(self, behind_lookup: bool) -> None:
+        """Draft alone or behind lookup (only where it has nothing): that kind's calibrated weights."""
+        self.behind_lookup = behind_lookup
         if self.fixed is None:
-            self.weights = self.table.lookup(target_fingerprint(target), self.exit_layers)
+            self.weights = self.table.lookup(self.fingerprint, self.exit_layers, behind_lookup)
 
     def reset(self) -> None:
         super().reset()

@@ -28,12 +28,14 @@ import torch
 
 from s2d.drafting.refine import (NGRAM_FILE, ORDER, REFINE_FILE, ContextNgram, CorpusNgram, RefineTable,
                                  RefineWeights, load_corpus_ngram, save_refine_table, top_candidates)
+from s2d.drafting.ngram import NgramConfig
 from s2d.model.llama import Transformer
 from s2d.train.data import DataConfig
 
-W_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
-K_GRID = (4, 8, 16)
+W_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+K_GRID = (4, 8, 16, 32)
 CHAIN = 3  # draft tokens per model step of the s2d default (DEFAULT_S2D_OPTIONS)
+LOOKUP = NgramConfig(max_n=4, min_n=1, min_match=2)  # the s2d default's lookup (DraftOptions().ngram)
 
 
 def count_corpus(folder: Path, data: DataConfig, min_count: int = 2) -> dict:
@@ -68,6 +70,7 @@ class Positions:
     lp_corpus: np.ndarray  # [P, K] float64 log p_corpus
     truth: np.ndarray  # [P] int64 the target's greedy next token
     seq: np.ndarray  # [P] int64 which continuation the position belongs to (chains do not cross them)
+    free: np.ndarray  # [P] bool: lookup (s2d's defaults) has nothing here, so behind lookup the model drafts
 
     @staticmethod
     def concat(parts: list["Positions"]) -> "Positions":
@@ -100,11 +103,16 @@ def draft_logits(draft: Transformer, seq: list[int], exits: tuple[int, ...]) -> 
 def features(seq: list[int], first: int, logits: np.ndarray, corpus: CorpusNgram, k: int, seq_id: int,
              vocab: np.ndarray | None) -> Positions:
     """Positions ``first .. len(seq)-2`` of one sequence: logits [T, V] of the draft at each."""
+    from s2d.drafting.ngram import NgramIndex
+
     ctx = ContextNgram(logits.shape[1])
     ctx.sync(seq[:first])
+    index = NgramIndex(LOOKUP)
     rows = []
     for t in range(first, len(seq) - 1):
         ctx.sync(seq[:t + 1])
+        index.sync(seq[:t + 1])
+        found = index.follow(seq[max(0, t + 1 - LOOKUP.max_n):t + 1])
         row = logits[t].astype(np.float64)
         if vocab is not None:  # the s2d default's head over the most frequent tokens
             sub = row[vocab]
@@ -114,13 +122,15 @@ def features(seq: list[int], first: int, logits: np.ndarray, corpus: CorpusNgram
         peak = sub.max()
         logq = row[top] - (peak + np.log(np.exp(sub - peak).sum()))
         history = seq[max(0, t + 2 - ORDER):t + 1]
-        rows.append((top, logq, ctx.logprob(history, top.tolist()), corpus.logprob(history, top), seq[t + 1]))
-    ids, logq, lp_ctx, lp_corpus, truth = (np.array(col) for col in zip(*rows))
-    return Positions(ids, logq, lp_ctx, lp_corpus, truth, np.full(len(truth), seq_id))
+        free = found is None or found[1] < LOOKUP.min_match
+        rows.append((top, logq, ctx.logprob(history, top.tolist()), corpus.logprob(history, top), seq[t + 1], free))
+    ids, logq, lp_ctx, lp_corpus, truth, free = (np.array(col) for col in zip(*rows))
+    return Positions(ids, logq, lp_ctx, lp_corpus, truth, np.full(len(truth), seq_id), free)
 
 
-def accepted(pos: Positions, w: RefineWeights, chain: int = CHAIN) -> tuple[float, float]:
-    """(match rate of the refined top choice, mean tokens a greedy chain of ``chain`` starting there gets accepted)."""
+def accepted(pos: Positions, w: RefineWeights, chain: int = CHAIN, behind_lookup: bool = False) -> tuple[float, float]:
+    """(match rate of the refined top choice, mean tokens a greedy chain of ``chain`` starting there gets accepted),
+    over every position, or (``behind_lookup``) over those where lookup leaves the drafting to the model."""
     k = min(w.k, pos.ids.shape[1])
     score = pos.logq[:, :k] + w.w_ctx * pos.lp_ctx[:, :k] + w.w_corpus * pos.lp_corpus[:, :k]
     choice = pos.ids[np.arange(len(score)), score.argmax(1)]
@@ -132,15 +142,19 @@ def accepted(pos: Positions, w: RefineWeights, chain: int = CHAIN) -> tuple[floa
         nxt[:-i] = match[i:] & (pos.seq[i:] == pos.seq[:-i])
         alive &= nxt
         total += alive
-    return float(match.mean()), float(total.mean())
+    at = pos.free if behind_lookup else slice(None)
+    if behind_lookup and not pos.free.any():
+        return 0.0, 0.0
+    return float(match[at].mean()), float(total[at].mean())
 
 
-def grid_search(parts: list[Positions], chain: int = CHAIN) -> tuple[RefineWeights, list[dict]]:
+def grid_search(parts: list[Positions], chain: int = CHAIN, behind_lookup: bool = False
+                ) -> tuple[RefineWeights, list[dict]]:
     """The weights maximising the summed accepted tokens over ``parts`` (ties: the first, smallest, in grid order)."""
     best, best_value, table = RefineWeights(0.0, 0.0, K_GRID[0]), -1.0, []
     for w_ctx, w_corpus, k in itertools.product(W_GRID, W_GRID, K_GRID):
         w = RefineWeights(w_ctx, w_corpus, k)
-        results = [accepted(p, w, chain) for p in parts]
+        results = [accepted(p, w, chain, behind_lookup) for p in parts]
         value = sum(r[1] for r in results)
         table.append({**asdict(w), "match": [r[0] for r in results], "accepted": [r[1] for r in results]})
         if value > best_value + 1e-12:
@@ -150,8 +164,10 @@ def grid_search(parts: list[Positions], chain: int = CHAIN) -> tuple[RefineWeigh
 
 def calibrate_refine(draft: Transformer, targets: dict[str, Transformer], prompts: list[list[int]],
                      corpus: CorpusNgram, new_tokens: int = 128, prompt_tokens: int = 384,
-                     vocab: list[int] | None = None, progress: bool = True) -> tuple[dict, dict[int, RefineWeights]]:
-    """Per target and exit, the best refine weights: ({fingerprint: entry}, {exit: pooled weights})."""
+                     vocab: list[int] | None = None, progress: bool = True
+                     ) -> tuple[dict, dict[tuple[int, bool], RefineWeights]]:
+    """Per target and exit, the best refine weights alone and behind lookup (at the positions lookup leaves to
+    the model): ({fingerprint: entry}, {(exit, behind lookup): weights pooled over the targets})."""
     from s2d.drafting.methods import sorted_exits
     from s2d.drafting.steer import target_fingerprint
 
@@ -173,22 +189,28 @@ def calibrate_refine(draft: Transformer, targets: dict[str, Transformer], prompt
         for e in exits:
             pos = Positions.concat(collected[e])
             per_exit[e].append(pos)
-            w, _ = grid_search([pos])
-            base_match, base_acc = accepted(pos, RefineWeights(0.0, 0.0, 1))
-            match, acc = accepted(pos, w)
-            entry["exits"][str(e)] = {"weights": asdict(w), "positions": len(pos.truth),
-                                      "match": round(match, 4), "base_match": round(base_match, 4),
-                                      "accepted": round(acc, 4), "base_accepted": round(base_acc, 4)}
-            if progress:
-                print(f"calibrate-refine {name} exit {e}: w_ctx {w.w_ctx}, w_corpus {w.w_corpus}, k {w.k}: "
-                      f"top-1 = target {base_match:.3f} -> {match:.3f}, chain of {CHAIN} accepts "
-                      f"{base_acc:.3f} -> {acc:.3f}", file=sys.stderr)
+            entry["exits"][str(e)] = {kind: measured(pos, behind, f"{name} exit {e} ({kind})", progress)
+                                      for kind, behind in (("alone", False), ("behind_lookup", True))}
         entries[target_fingerprint(target)] = entry
-    pooled = {e: grid_search(parts)[0] for e, parts in per_exit.items()}
+    pooled = {(e, behind): grid_search(parts, behind_lookup=behind)[0]
+              for e, parts in per_exit.items() for behind in (False, True)}
     return entries, pooled
 
 
-def store_calibration(folder: Path, entries: dict, pooled: dict[int, RefineWeights], meta: dict) -> Path:
+def measured(pos: Positions, behind_lookup: bool, what: str, progress: bool) -> dict:
+    """The best weights for ``pos`` and what they change (positions, top-1 agreement, chain acceptance)."""
+    w, _ = grid_search([pos], behind_lookup=behind_lookup)
+    base_match, base_acc = accepted(pos, RefineWeights(0.0, 0.0, 1), behind_lookup=behind_lookup)
+    match, acc = accepted(pos, w, behind_lookup=behind_lookup)
+    if progress:
+        print(f"calibrate-refine {what}: w_ctx {w.w_ctx}, w_corpus {w.w_corpus}, k {w.k}: top-1 = target "
+              f"{base_match:.3f} -> {match:.3f}, chain of {CHAIN} accepts {base_acc:.3f} -> {acc:.3f}", file=sys.stderr)
+    return {"weights": asdict(w), "positions": int(pos.free.sum() if behind_lookup else len(pos.truth)),
+            "match": round(match, 4), "base_match": round(base_match, 4), "accepted": round(acc, 4),
+            "base_accepted": round(base_acc, 4)}
+
+
+def store_calibration(folder: Path, entries: dict, pooled: dict[tuple[int, bool], RefineWeights], meta: dict) -> Path:
     """Merge into ``folder/s2d_refine.json``: new targets' entries replace theirs, the pooled default is the new one."""
     old = RefineTable.load(folder).report
     merged = {**old.get("targets", {}), **entries}
@@ -215,7 +237,7 @@ def calibrate_into(folder: Path, targets: dict[str, str], prompts: list[str], dt
             "draft_vocab": len(vocab) if vocab else 0, "grid": {"w": list(W_GRID), "k": list(K_GRID)}}
     store_calibration(folder, entries, pooled, meta)
     return {"targets": {e["name"]: e["exits"] for e in entries.values()},
-            "pooled": {str(e): asdict(w) for e, w in pooled.items()}}
+            "pooled": {f"{e}{'+lookup' if behind else ''}": asdict(w) for (e, behind), w in pooled.items()}}
 
 
 def ngram_draft(draft: str | Path, out: str | Path, data: DataConfig, min_count: int = 2,
