@@ -100,6 +100,31 @@ def fn_on(fn, threads: int):
     return run
 
 
+def amdahl(t1: float, t2: float, n: int) -> float:
+    """Time on n threads from the times on 1 and 2 (serial share f: t2 = t1 (f + (1 - f) / 2))."""
+    f = min(max(2 * t2 / t1 - 1, 0.0), 1.0)
+    return t1 * (f + (1 - f) / n)
+
+
+def bound(verify: dict[str, float], draft: dict[str, float]) -> dict:
+    """What overlap can win at best (every speculation used), against sequential decoding on the same cores.
+
+    Sequential, a step is D(n) + V(n): draft, then verify, each on all n cores. Overlapped, the target verifies
+    on n - 1 cores while the draft drafts on 1, so a step takes at least V(n - 1) beside the draft. With s the
+    drafting share of a sequential step: speedup <= 1 / ((1 - s) * V'(n - 1) / V(n)), which is > 1 only when
+    s > 1 - V(n) / V'(n - 1) (the break-even share). 4 cores: V(3), V(4) from an Amdahl fit of the measured 1-
+    and 2-thread times, slowed by the contention measured on 2 cores.
+    """
+    v1, v2, v1c = verify["1 thread"], verify["2 threads"], verify["1 thread, other side concurrent on 1"]
+    contention = v1c / v1
+    out = {"2 cores": {"verify on 1 core beside the draft / on 2 cores": v1c / v2, "break-even drafting share": 1 - v2 / v1c}}
+    v3c, v4 = amdahl(v1, v2, 3) * contention, amdahl(v1, v2, 4)
+    out["4 cores (Amdahl fit)"] = {"verify on 3 cores beside the draft / on 4 cores": v3c / v4,
+                                   "break-even drafting share": 1 - v4 / v3c,
+                                   "draft token on 1 core / on 4 cores": draft["1 thread"] / amdahl(draft["1 thread"], draft["2 threads"], 4)}
+    return out
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,11 +153,7 @@ def main() -> None:
                      f"pass {k + 1} tokens (ms)": costs(block, drafts[2], args.reps)}
         for e, fn in drafts.items():
             row[f"draft token exit {e} (ms)"] = costs(fn, block, args.reps)
-        # The bound on 2 cores: sequential s2d runs draft (D) then verify (V) on 2 threads each; overlapped,
-        # a step whose draft was speculated costs the 1-thread verify beside a draft, max(V1', D1').
-        v2 = row[f"pass {k + 1} tokens (ms)"]["2 threads"]
-        v1c = row[f"pass {k + 1} tokens (ms)"]["1 thread, other side concurrent on 1"]
-        row["verify on 1 thread beside the draft / verify on 2 threads"] = v1c / v2
+        row["bound"] = bound(row[f"pass {k + 1} tokens (ms)"], row["draft token exit 2 (ms)"])
         out["targets"][name] = row
         print(json.dumps({name: row}, indent=1), flush=True)
     if args.out is not None:

@@ -94,9 +94,11 @@ class HybridDrafter:
     def speculate(self, context: list[int], max_tokens: int, params: SamplingParams,
                   generator: torch.Generator | None) -> AbstractContextManager:
         """Overlapped drafting (``overlap.py``): the model drafter speculates on the next step during the
-        target pass, where a model step could follow (not while the cost-aware switch keeps it idle)."""
+        target pass, after a step the model drafted (lookup had nothing: the next step likely needs the
+        model too). After lookup steps it does not: their target pass then keeps every core (measured on
+        zoo-l, 2 cores: 532 tok/s against 459 when every step speculated)."""
         speculate = getattr(self.model, "speculate", None)
-        if speculate is None or not (self.model_pays() or self._plain_steps + 1 >= self.config.retry):
+        if speculate is None or self.last_kind != "model":
             return nullcontext()
         return speculate(context, max_tokens, params, generator)
 
