@@ -233,3 +233,16 @@ def test_train_draft_objective_ngram_writes_the_file_beside_a_copy(family, tmp_p
     assert main(["train-draft", "--objective", "ngram", "--init", str(family["draft"]), "--data", str(corpus),
                  "--out", str(tmp_path / "x"), "--targets", str(family["target"])]) == 2
     assert "--calibration" in capsys.readouterr().err
+
+
+def test_sampling_with_greedy_calibrated_weights_drafts_as_the_plain_exit():
+    """Stored (greedy-calibrated) weights are not used under sampling: the draft is the plain exit's."""
+    draft = small_vocab_model(3, seed=4, exits=(1, 2, 3), head_scale=4.0)
+    corpus = CorpusNgram.build(np.random.default_rng(2).integers(0, 8, 400), 8, min_count=1)
+    refined = RefinedDrafter(draft, 2, corpus)
+    refined.weights = RefineWeights(3.0, 3.0, 3)  # as a table entry would set them (not fixed)
+    plain = SortedDrafter(draft, SortedConfig((2,), (0.0,)))
+    params, context = SamplingParams(temperature=1.0), [1, 2, 3, 1, 2]
+    a = refined.propose(context, 3, params, torch.Generator().manual_seed(0))
+    b = plain.propose(context, 3, params, torch.Generator().manual_seed(0))
+    assert a.tokens.tolist() == b.tokens.tolist() and torch.allclose(a.probs, b.probs)

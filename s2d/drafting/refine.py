@@ -374,6 +374,10 @@ class RefinedDrafter(SortedDrafter):
 
     def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
                 generator: torch.Generator | None) -> Draft:
+        if not params.greedy and self.fixed is None:
+            # The stored weights are calibrated for greedy chains; under sampling they made q' peakier
+            # than p and halved the accepted tokens (RESULTS.md), so sample as the plain exit does.
+            return super().propose(context, max_tokens, params, generator)
         max_tokens = min(max_tokens, self.length.current, self.cache.capacity - len(context))
         if max_tokens <= 0:
             return Draft.empty(self.model.device)
