@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from s2d.drafting.base import Draft, common_prefix
+from s2d.drafting.base import Draft
 from s2d.drafting.length import DraftLength
 from s2d.drafting.sorted import SortedConfig, SortedDrafter
 from s2d.model.config import CheckpointError
@@ -378,13 +378,9 @@ class RefinedDrafter(SortedDrafter):
             # The stored weights are calibrated for greedy chains; under sampling they made q' peakier
             # than p and halved the accepted tokens (RESULTS.md), so sample as the plain exit does.
             return super().propose(context, max_tokens, params, generator)
-        max_tokens = min(max_tokens, self.length.current, self.cache.capacity - len(context))
-        if max_tokens <= 0:
+        max_tokens = self.reconcile(context, max_tokens)
+        if not max_tokens:
             return Draft.empty(self.model.device)
-        keep = min(common_prefix(self.cached, context), len(context) - 1)
-        self.cache.truncate(keep)
-        del self.cached[keep:]
-        self._enter(context[keep:])
         self.context_ngram.sync(context)  # counts of the committed sequence; drafted tokens only extend the history
         pos = len(context) - 1
         history = context[-(ORDER - 1):]

@@ -113,15 +113,23 @@ class SortedDrafter:
         for j in range(1, len(self.config.exits)):
             self._deepen(j, self.cache.lengths[0] - 1)
 
-    def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
-                generator: torch.Generator | None) -> Draft:
+    def reconcile(self, context: list[int], max_tokens: int) -> int:
+        """Reconcile the cache with ``context`` (keep the common prefix, enter the rest, always the last
+        token) and return how many tokens this step may draft; 0: none (nothing is entered)."""
         max_tokens = min(max_tokens, self.length.current, self.cache.capacity - len(context))
         if max_tokens <= 0:
-            return Draft.empty(self.model.device)
+            return 0
         keep = min(common_prefix(self.cached, context), len(context) - 1)
         self.cache.truncate(keep)
         del self.cached[keep:]
         self._enter(context[keep:])
+        return max_tokens
+
+    def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
+                generator: torch.Generator | None) -> Draft:
+        max_tokens = self.reconcile(context, max_tokens)
+        if not max_tokens:
+            return Draft.empty(self.model.device)
         pos = len(context) - 1
         cfg = self.config
         tokens: list[int] = []

@@ -147,20 +147,27 @@ class SteeredDrafter(SortedDrafter):
         self.exit_layers = exit_layers
         self.matrix: Tensor | None = None  # [Cd, Ct] of the bound target
         self.steer: Tensor | None = None  # [Cd] in the draft's dtype; None: nothing observed yet
+        # The last observed target state [Ct], turned into ``steer`` when the draft next reads out: inside
+        # s2d most steps are lookup steps that never read the draft, so the product waits until one does.
+        self.observed: Tensor | None = None
 
     def bind_target(self, target: Transformer) -> None:
         """Serve ``target``: its map (a ValueError when the draft has none for it)."""
         self.matrix = self.maps.for_target(target, self.exit_layers)
-        self.steer = None
+        self.steer = self.observed = None
 
     def observe(self, hidden: Tensor) -> None:
         """The target's last hidden state [Ct] after a verification: the next block's steering vector."""
         if self.matrix is not None:
-            self.steer = decode_steering_vector(self.matrix, hidden, self.model.cfg.rms_norm_eps).to(self.model.dtype)
+            self.observed = hidden
 
     def reset(self) -> None:
         super().reset()
-        self.steer = None
+        self.steer = self.observed = None
 
     def readout(self, pos: int) -> Tensor:
+        if self.observed is not None:
+            eps = self.model.cfg.rms_norm_eps
+            self.steer = decode_steering_vector(self.matrix, self.observed, eps).to(self.model.dtype)
+            self.observed = None
         return self.hidden[pos] if self.steer is None else self.hidden[pos] + self.steer
