@@ -53,7 +53,9 @@ def reference(model):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 37, 43), (6, 130, 576), (16, 7, 9), (5, 64, 2050)])
+# m > 16: rows in groups of 16 on AMX tiles, the last one padded (17, 40) or full (64)
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 37, 43), (6, 130, 576), (16, 7, 9), (5, 64, 2050),
+                                   (17, 150, 96), (40, 80, 64), (64, 33, 128)])
 def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + k)
     x = torch.randn(m, k, generator=g).to(dtype)
@@ -115,11 +117,12 @@ def test_layer_ranges_and_logits_rows(isa, family):
         assert model.logits(h).shape == (1, 9, 257)
 
 
-@pytest.mark.parametrize("name,prefix", [("gqa", 20), ("long", 250)])  # 250: the block crosses a chunk border
-def test_bf16_block_pass_is_bit_identical_to_one_token_passes(isa, family, name, prefix):
+# 250: the block crosses a chunk border; 40 tokens: more rows than one AMX tile holds
+@pytest.mark.parametrize("name,prefix,size", [("gqa", 20, 10), ("long", 250, 10), ("gqa", 20, 40)])
+def test_bf16_block_pass_is_bit_identical_to_one_token_passes(isa, family, name, prefix, size):
     """Why greedy speculative decoding equals plain decoding even in bfloat16 on this runtime."""
     model = load_model(family[name], dtype="bfloat16")
-    end = prefix + 10
+    end = prefix + size
     ids = torch.randint(0, 257, (1, end), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         block_cache, step_cache = model.new_cache(), model.new_cache()

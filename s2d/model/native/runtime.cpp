@@ -263,7 +263,7 @@ struct Scratch {
   std::vector<std::vector<uint8_t>> xn;    // per thread: [T, C] model dtype
   std::vector<std::vector<float>> xf;      // per thread: [T, max K] float32
   std::vector<std::vector<float>> scores;  // per thread: [T, chunk] attention scores, then probabilities
-  std::vector<std::vector<float>> qblock;  // per thread: [T, D] queries of one head (cache dtype)
+  std::vector<float> queries;              // [H, T, D] the rotated queries (cache dtype), shared
   std::vector<std::vector<float>> lin_rows;  // per thread: [T, D] one head's attention outputs
   std::vector<std::vector<float>> pv_b;      // per thread: [chunk / 2, D] pair-interleaved values (AMX)
   std::vector<std::vector<float>> pv_a;      // per thread: [T, chunk] bf16 probabilities (AMX)
@@ -330,7 +330,7 @@ struct Model {
       s.xn.assign(n, std::vector<uint8_t>(static_cast<size_t>(s.rows) * C * dsize()));
       s.xf.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * max_k()));
       s.scores.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * kKeyChunk));
-      s.qblock.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * D));
+      s.queries.assign(static_cast<size_t>(s.rows) * H * D, 0.f);
       s.lin_rows.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * D));
       s.pv_b.assign(n, std::vector<float>(static_cast<size_t>(kKeyChunk / 2) * D));
       s.pv_a.assign(n, std::vector<float>(static_cast<size_t>(s.rows) * kKeyChunk / 2));
