@@ -35,7 +35,7 @@ from s2d.sampling import SamplingParams
 @dataclass(frozen=True)
 class HybridConfig:
     min_lookup: int = 2  # lookup tokens needed to skip the model for this step
-    lookup_tokens: int = 8  # most lookup tokens drafted per step
+    lookup_tokens: int = 12  # most lookup tokens drafted per step
     ngram: NgramConfig = NgramConfig()
     gamma: float = 0.06  # a verification pass's extra cost per drafted token (in one-token passes)
     retry: int = 16  # plain steps before the model is tried again

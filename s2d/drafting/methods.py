@@ -93,7 +93,9 @@ class DraftOptions:
     schedule: str = "fixed"  # "fixed" | "heuristic" (+2 after full acceptance, -1 otherwise)
     exit_thresholds: tuple[float, ...] = ()  # s2d-*: per exit; () = 0.5, ..., 0.5, 0
     stop_threshold: float = 0.0  # end a draft after a token whose confidence is below this
-    lookup_tokens: int = 8  # lookup: most tokens copied per step
+    # lookup: most tokens copied per step; 12 was best of 8, 12, 16, 24 on the calibration prompts once
+    # blocks of 13 rows got cheap (benchmarks/choose_lookup_tokens.json)
+    lookup_tokens: int = 12
     min_lookup: int = 2  # lookup+M: copied tokens needed to skip the model for a step
     lookup_max_n: int = 4  # lookup: longest suffix matched
     lookup_min_match: int = 2  # lookup: shortest match that may back a drafted token
