@@ -332,6 +332,7 @@ class Engine:
         for d in depths:
             per_depth[d - 1] += 1
         state.stats.record(per_depth, len(verdict.path), tree.exits)
+        state.drafter.feedback(len(tokens), len(verdict.path))  # a hybrid's cost-aware switch reads it
         return [tokens[i] for i in verdict.path] + [verdict.next_token]
 
     def stream(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,

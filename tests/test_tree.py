@@ -69,6 +69,44 @@ def test_greedy_tree_decoding_equals_plain(checkpoints, method):
         assert state.stats.target_passes < 60 and state.stats.proposed > 0
 
 
+@pytest.mark.parametrize("method", ["lookup+s2d-tree", "lookup+rsd"])
+def test_lookup_trees_equal_plain_and_use_both_drafts(checkpoints, method):
+    """Lookup's chain where the text repeats, the draft's tree elsewhere; greedy output = plain decoding."""
+    target = load_model(checkpoints["target"], dtype="float32")
+    draft = load_model(checkpoints["draft"], dtype="float32")
+    rng = torch.Generator().manual_seed(5)
+    piece = torch.randint(0, 257, (12,), generator=rng).tolist()
+    prompt = piece + torch.randint(0, 257, (6,), generator=rng).tolist() + piece[:4]  # lookup has a match
+    plain = MultiTargetEngine({"t": target}, None, "ar", eos_token_ids=()).generate("t", prompt, SamplingParams(), 60)
+    opts = DraftOptions(min_lookup=1, verify_growth=0.0)  # the model always pays: both kinds of step run
+    engine = MultiTargetEngine({"t": target}, draft, method, opts, eos_token_ids=())
+    state = engine.generate("t", prompt, SamplingParams(), 60)
+    assert state.output == plain.output
+    assert state.stats.exit_counts.get(0, 0) > 0  # lookup tokens were verified
+    assert sum(v for k, v in state.stats.exit_counts.items() if k > 0) > 0  # and draft-tree tokens
+
+
+def test_lookup_branch_under_sampling_is_exact(checkpoints):
+    """A lookup branch carries one-hot q: recursive rejection sampling then keeps the target's distribution."""
+    draft = load_model(checkpoints["draft"], dtype="float32")
+    drafter = build_drafter("lookup+rsd", draft, DraftOptions())
+    g = torch.Generator().manual_seed(0)
+    tree = drafter.propose_tree([5, 6, 7, 8, 9, 5, 6, 7], SamplingParams(1.0), g)
+    assert tree.tokens.tolist()[:2] == [8, 9] and tree.parents[:2] == [-1, 0] and set(tree.exits) == {0}
+    assert torch.equal(tree.probs[0], torch.nn.functional.one_hot(torch.tensor(8), 257).float())
+    top = [8, 9, 10, 11]  # the target's mass sits on a few tokens, the drafted one among them
+    p = torch.zeros(len(tree) + 1, 257)
+    p[:, top] = torch.softmax(torch.randn(len(tree) + 1, len(top), generator=g), -1)
+    n = 8000
+    counts: dict[int, int] = {}
+    for _ in range(n):
+        verdict = verify_tree_stochastic(tree.tokens.tolist(), tree.parents, tree.probs, p, g)
+        first = tree.tokens[verdict.path[0]].item() if verdict.path else verdict.next_token
+        counts[first] = counts.get(first, 0) + 1
+    # 3 degrees of freedom: the 0.999 quantile is 16.3
+    assert chi_squared(counts, {t: float(p[0, t]) for t in top}, n) < 16.3
+
+
 def test_draw_without_replacement_is_ordered_sampling():
     """Gumbel-top-k: the first draw follows q; the second follows q without the first, renormalised."""
     q = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])

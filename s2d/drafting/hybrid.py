@@ -122,3 +122,35 @@ class HybridDrafter:
         self.last_kind = "none"
         self._plain_steps += 1
         return Draft.empty()
+
+
+class HybridTreeDrafter(HybridDrafter):
+    """``lookup+s2d-tree`` / ``lookup+rsd``: lookup's copied tokens as a one-branch tree where the text
+    repeats, the draft's token tree otherwise (by the same cost-aware rule as the chain hybrid).
+
+    A lookup branch is a chain: verifying it in the tree pass is exactly a chain step. Under sampling
+    its nodes carry a one-hot q, which recursive rejection sampling accepts with probability p(x), as
+    speculative sampling does, so the output distribution stays the target's.
+    """
+
+    def propose_tree(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
+                     max_nodes: int | None = None):
+        from s2d.drafting.tree import DraftTree
+
+        cap = self.config.lookup_tokens if max_nodes is None else min(max_nodes, self.config.lookup_tokens)
+        tokens, _ = self.lookup.lookup(context, cap)
+        if len(tokens) >= self.config.min_lookup:
+            self.last_kind = "lookup"
+            ids = torch.tensor(tokens, dtype=torch.long)
+            probs = None
+            if not params.greedy:
+                vocab = self.model.model.cfg.vocab_size
+                probs = torch.zeros(len(tokens), vocab).index_put_((torch.arange(len(tokens)), ids),
+                                                                   torch.ones(len(tokens)))
+            return DraftTree(ids, list(range(-1, len(tokens) - 1)), probs, [LOOKUP_EXIT] * len(tokens))
+        if self.model_pays() or self._plain_steps >= self.config.retry:
+            self.last_kind, self._plain_steps = "model", 0
+            return self.model.propose_tree(context, params, generator, max_nodes)
+        self.last_kind = "none"
+        self._plain_steps += 1
+        return DraftTree.empty()

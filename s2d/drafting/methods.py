@@ -38,7 +38,7 @@ from pathlib import Path
 
 from s2d.drafting.base import Drafter
 from s2d.drafting.gates import ExitGates
-from s2d.drafting.hybrid import HybridConfig, HybridDrafter
+from s2d.drafting.hybrid import HybridConfig, HybridDrafter, HybridTreeDrafter
 from s2d.drafting.length import DraftLength
 from s2d.drafting.lookup import PromptLookupDrafter
 from s2d.drafting.model import ModelDrafter
@@ -65,7 +65,8 @@ METHOD_HELP = {
     "s2d-gate": "the cascade decided by learned exit gates (the head runs once, at the answering exit)",
     "pld": "prompt lookup: copy what followed the latest earlier n-gram (backward scan)",
     "lookup": "n-gram index drafting: the longest earlier match of the context's tail, several orders",
-    "lookup+M": "lookup tokens where the text repeats, model method M otherwise (e.g. lookup+sd-exit-1)",
+    "lookup+M": "lookup tokens where the text repeats, model method M otherwise (e.g. lookup+sd-exit-1; "
+                "lookup+s2d-tree and lookup+rsd: the draft's token tree otherwise)",
     "steer-exit-E": "exit E of a sorted --draft, steered by the target's hidden state (maps trained with "
                     "`s2d train-draft --objective steer`)",
     "s2d-steer": "s2d with its model part steered toward the served target (needs the draft's steering maps)",
@@ -159,11 +160,12 @@ def default_options(method: str, draft: Transformer | None = None) -> DraftOptio
     """A method's drafting knobs before any flag or calibration: ``s2d``'s measured ones, else the defaults."""
     if (inner := overlapped_method(method)) is not None:
         return default_options(inner, draft)  # overlap changes when drafts are made, not the knobs
-    if method not in ("s2d", "s2d-tree", "s2d-refine", "s2d-steer"):
+    if method not in ("s2d", "s2d-tree", "lookup+s2d-tree", "s2d-refine", "s2d-steer"):
         return DraftOptions()
-    # s2d-tree shares the s2d default's cheaper head (a tree scores many candidates per level).
+    # s2d-tree shares the s2d default's cheaper head (a tree scores many candidates per level), and
+    # lookup+s2d-tree its lookup knobs too.
     ranked = draft is not None and load_vocab(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
-    knobs = DEFAULT_S2D_OPTIONS if method in ("s2d", "s2d-refine", "s2d-steer") else {}
+    knobs = DEFAULT_S2D_OPTIONS if method in ("s2d", "lookup+s2d-tree", "s2d-refine", "s2d-steer") else {}
     return DraftOptions(**knobs, draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
 
 
@@ -196,6 +198,8 @@ def parse_method(name: str) -> Method:
     model = name[len(LOOKUP_PREFIX):] if lookup else name
     if model in ("sd", "s2d-softmax", "s2d-gate") or _EXIT.match(model) or _REFINE.match(model) or _STEER.match(model):
         return Method(name, model, lookup)
+    if lookup and model in ("s2d-tree", "rsd"):
+        return Method(name, model, True)
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} "
                      "(E = an exit layer count, M = a model method)")
 
@@ -335,7 +339,9 @@ def build_drafter(method: str, draft: Transformer | None, options: DraftOptions 
     drafter = _model_drafter(m.model, draft, options)
     if m.lookup and isinstance(drafter, RefinedDrafter):
         drafter.serve(behind_lookup=True)  # weights calibrated where lookup leaves the drafting to the model
-    return HybridDrafter(drafter, options.hybrid) if m.lookup else drafter
+    if not m.lookup:
+        return drafter
+    return (HybridTreeDrafter if isinstance(drafter, TreeDrafter) else HybridDrafter)(drafter, options.hybrid)
 
 
 def overlapped(drafter: Drafter | None, threads: OverlapThreads | None) -> Drafter:
