@@ -131,7 +131,31 @@ class HybridTreeDrafter(HybridDrafter):
     A lookup branch is a chain: verifying it in the tree pass is exactly a chain step. Under sampling
     its nodes carry a one-hot q, which recursive rejection sampling accepts with probability p(x), as
     speculative sampling does, so the output distribution stays the target's.
+
+    The cost-aware rule weighs a tree as what it costs: one draft call per level (``depth * cost``)
+    and one verification row per node (``nodes * gamma``), against the tokens its accepted path gave.
     """
+
+    def __init__(self, model: Drafter, config: HybridConfig = HybridConfig()) -> None:
+        super().__init__(model, config)
+        self._shape = (0, 0)  # (depth, nodes) of the last model tree
+        self._tree_cost: float | None = None  # running mean, in target passes
+
+    def feedback(self, num_proposed: int, num_accepted: int) -> None:
+        if self.last_kind != "model":
+            return
+        depth, nodes = self._shape
+        cost = depth * self.cost + nodes * self.config.gamma
+        if self._accepted is None or self._tree_cost is None:
+            self._accepted, self._tree_cost = float(num_accepted), cost
+        else:
+            self._accepted = 0.8 * self._accepted + 0.2 * num_accepted
+            self._tree_cost = 0.8 * self._tree_cost + 0.2 * cost
+
+    def model_pays(self) -> bool:
+        if not self.config.cost_aware or self._accepted is None or self._tree_cost is None:
+            return True
+        return self._accepted >= self._tree_cost
 
     def propose_tree(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
                      max_nodes: int | None = None):
@@ -150,7 +174,9 @@ class HybridTreeDrafter(HybridDrafter):
             return DraftTree(ids, list(range(-1, len(tokens) - 1)), probs, [LOOKUP_EXIT] * len(tokens))
         if self.model_pays() or self._plain_steps >= self.config.retry:
             self.last_kind, self._plain_steps = "model", 0
-            return self.model.propose_tree(context, params, generator, max_nodes)
+            tree = self.model.propose_tree(context, params, generator, max_nodes)
+            self._shape = (max(tree.depths, default=0), len(tree))
+            return tree
         self.last_kind = "none"
         self._plain_steps += 1
         return DraftTree.empty()
