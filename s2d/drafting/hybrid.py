@@ -112,16 +112,24 @@ class HybridDrafter:
                 generator: torch.Generator | None) -> Draft:
         # max_tokens is the engine's cap (room left in the output); build_drafter sizes it to allow
         # lookup_tokens, while the model drafter keeps its own draft length.
-        tokens, _ = self.lookup.lookup(context, min(max_tokens, self.config.lookup_tokens))
+        tokens = self._choose(context, min(max_tokens, self.config.lookup_tokens))
+        if self.last_kind == "lookup":
+            return Draft(torch.tensor(tokens, dtype=torch.long), exits=[LOOKUP_EXIT] * len(tokens))
+        if self.last_kind == "model":
+            return self.model.propose(context, max_tokens, params, generator)
+        return Draft.empty()
+
+    def _choose(self, context: list[int], cap: int) -> list[int]:
+        """Decide what drafts this step (``last_kind``): lookup's tokens (returned), the model, or nothing."""
+        tokens, _ = self.lookup.lookup(context, cap)
         if len(tokens) >= self.config.min_lookup:
             self.last_kind = "lookup"
-            return Draft(torch.tensor(tokens, dtype=torch.long), exits=[LOOKUP_EXIT] * len(tokens))
-        if self.model_pays() or self._plain_steps >= self.config.retry:
+        elif self.model_pays() or self._plain_steps >= self.config.retry:
             self.last_kind, self._plain_steps = "model", 0
-            return self.model.propose(context, max_tokens, params, generator)
-        self.last_kind = "none"
-        self._plain_steps += 1
-        return Draft.empty()
+        else:
+            self.last_kind = "none"
+            self._plain_steps += 1
+        return tokens
 
 
 class HybridTreeDrafter(HybridDrafter):
@@ -162,9 +170,8 @@ class HybridTreeDrafter(HybridDrafter):
         from s2d.drafting.tree import DraftTree
 
         cap = self.config.lookup_tokens if max_nodes is None else min(max_nodes, self.config.lookup_tokens)
-        tokens, _ = self.lookup.lookup(context, cap)
-        if len(tokens) >= self.config.min_lookup:
-            self.last_kind = "lookup"
+        tokens = self._choose(context, cap)
+        if self.last_kind == "lookup":
             ids = torch.tensor(tokens, dtype=torch.long)
             probs = None
             if not params.greedy:
@@ -172,11 +179,8 @@ class HybridTreeDrafter(HybridDrafter):
                 probs = torch.zeros(len(tokens), vocab).index_put_((torch.arange(len(tokens)), ids),
                                                                    torch.ones(len(tokens)))
             return DraftTree(ids, list(range(-1, len(tokens) - 1)), probs, [LOOKUP_EXIT] * len(tokens))
-        if self.model_pays() or self._plain_steps >= self.config.retry:
-            self.last_kind, self._plain_steps = "model", 0
+        if self.last_kind == "model":
             tree = self.model.propose_tree(context, params, generator, max_nodes)
             self._shape = (max(tree.depths, default=0), len(tree))
             return tree
-        self.last_kind = "none"
-        self._plain_steps += 1
         return DraftTree.empty()
