@@ -124,6 +124,14 @@ def test_results_document_follows_schema(tmp_path):
     assert doc["config"]["options"]["dtype"] == "float32" and doc["skipped"][0]["method"] == "sd"
 
 
+def test_results_say_which_native_code_ran(tmp_path, monkeypatch):
+    from s2d.model import native
+
+    assert results_doc(tmp_path)["environment"]["native_isa"] == native.isa()
+    monkeypatch.setenv("S2D_NATIVE_ISA", "avx2")  # capped: AVX2 wherever the runtime runs at all
+    assert results_doc(tmp_path)["environment"]["native_isa"] in ("AVX2", "none")
+
+
 @pytest.mark.parametrize("breakage", ["drop_runs", "drop_field", "wrong_type", "bool_count", "schema"])
 def test_results_validation_catches_breakage(tmp_path, breakage):
     doc = copy.deepcopy(results_doc(tmp_path))

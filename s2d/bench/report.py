@@ -51,7 +51,8 @@ def render_markdown(doc: dict[str, Any], runs: Sequence[RunSummary], plots: Sequ
         f"our draft length {opts['num_draft_tokens'] or 'the methods own (5; s2d 3)'}"
         + (f"; trees {opts['tree'][0]},{opts['tree'][1]},{opts['tree'][2]} (top-k, depth, nodes)" if opts.get('tree') else ""),
         f"- torch {env['torch']}, transformers {env['transformers']}, {env['torch_threads']} threads, "
-        f"{env['processor']}; s2d {env.get('s2d_commit') or '?'}; {doc['created']}",
+        f"{env['processor']}" + (f" (native runtime: {env['native_isa']})" if env.get("native_isa") else "")
+        + f"; s2d {env.get('s2d_commit') or '?'}; {doc['created']}",
         "",
         f"tokens/s: mean over questions of new tokens / seconds of the whole generate call (prefill included). "
         f"Speedup: tokens/s over `{BASELINE}`'s on the same target (Spec-Bench's definition); `vs hf-ar`: over "

@@ -60,8 +60,12 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
+    from s2d.model import native
+
+    # The native runtime's instruction set decides CPU speeds more than the processor's name does
+    # (S2D_NATIVE_ISA can cap it), so a result says which code ran.
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": cpu_name(),
+            "platform": platform.platform(), "processor": cpu_name(), "native_isa": native.isa(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "s2d_commit": source_version()}
 
 
