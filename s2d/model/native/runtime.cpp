@@ -29,6 +29,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <memory>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
