@@ -55,7 +55,7 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", help="draft checkpoint: a plain small model, or a sorted multi-exit draft")
     p.add_argument("--method", default=None,
                    help="decoding method: ar, s2d, sd, sd-exit-E, s2d-softmax, s2d-gate, pld, lookup, lookup+M, "
-                        "s2d-tree, rsd "
+                        "s2d-tree, rsd, rsd-sbs "
                         "(`s2d bench --help` describes each); default: s2d for a sorted draft, sd for another "
                         "draft, ar without one")
     p.add_argument("--num-draft-tokens", type=int, default=None, help="draft length (default 5, or calibrated)")
@@ -66,10 +66,11 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-threshold", type=finite_float, default=None,
                    help="end a draft after a token whose confidence is below this (default 0 or calibrated)")
     p.add_argument("--tree-top-k", type=int, default=None,
-                   help="s2d-tree / rsd: children per expanded node (default 2)")
-    p.add_argument("--tree-depth", type=int, default=None, help="s2d-tree / rsd: levels below the root (default 6)")
+                   help="s2d-tree / rsd: children per expanded node; rsd-sbs: beams per level (default 2)")
+    p.add_argument("--tree-depth", type=int, default=None, help="tree methods: levels below the root (default 6)")
     p.add_argument("--tree-nodes", type=int, default=None,
-                   help="s2d-tree / rsd: nodes verified per target pass, at most 63 (default 12)")
+                   help="tree methods (s2d-tree, rsd, rsd-sbs): nodes verified per target pass, at most 63 "
+                        "(default 12)")
 
 
 def parse_floats(text: str) -> tuple[float, ...]:

@@ -102,14 +102,14 @@ def test_bad_requests_get_clear_errors(tmp_path, checkpoints, questions, capsys)
 
 
 def test_tree_methods_in_the_bench(tmp_path, checkpoints, sorted_draft, questions):
-    """s2d-tree and rsd run in the bench with a --tree shape, identical to ar under greedy."""
+    """s2d-tree, rsd and rsd-sbs run in the bench with a --tree shape, identical to ar under greedy."""
     out = tmp_path / "trees"
-    assert bench("--target", checkpoints["target"], "--draft", sorted_draft, "--methods", "ar,s2d-tree,rsd",
+    assert bench("--target", checkpoints["target"], "--draft", sorted_draft, "--methods", "ar,s2d-tree,rsd,rsd-sbs",
                  "--tree", "2,3,6", "--questions", questions, "--max-new-tokens", 12, "--dtype", "float32",
                  "--warmup", 0, "--out", out, "--no-progress") == 0
     doc = read_results(out)
     rows = {r["method"]: r for r in doc["runs"] if r["category"] == "all"}
-    assert rows["s2d-tree"]["greedy_identical"] == 1.0 and rows["rsd"]["greedy_identical"] == 1.0
+    assert all(rows[m]["greedy_identical"] == 1.0 for m in ("s2d-tree", "rsd", "rsd-sbs"))
     assert "trees 2,3,6" in (out / "report.md").read_text()
 
 

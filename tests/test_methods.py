@@ -24,6 +24,9 @@ def test_method_names_parse_and_bad_ones_are_refused():
     assert parse_method("lookup+sd-exit-2").model == "sd-exit-2" and parse_method("lookup+sd-exit-2").lookup
     assert not parse_method("lookup").needs_draft and parse_method("s2d").needs_draft
     assert parse_method("lookup+s2d-tree").model == "s2d-tree" and parse_method("lookup+rsd").lookup
+    assert parse_method("rsd-sbs").model == "rsd-sbs" and parse_method("lookup+rsd-sbs").lookup
+    with pytest.raises(ValueError, match="overlap runs a chain method"):
+        parse_method("overlap+rsd-sbs")
     for bad in ("sd-exit", "lookup+", "lookup+pld", "lookup+lookup", "S2D", "s2d-forest", "lookup+s2d-forest"):
         with pytest.raises(ValueError, match="unknown method"):
             parse_method(bad)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
 from s2d.drafting import DraftOptions, build_drafter
-from s2d.drafting.tree import DraftTree, TreeDrafter, TreeShape, ancestor_mask, draw_without_replacement
+from s2d.drafting.tree import (DraftTree, TreeDrafter, TreeShape, ancestor_mask, conditioned_gumbel,
+                               draw_without_replacement, select_beams)
 from s2d.engine import MultiTargetEngine
 from s2d.loading import load_model
 from s2d.sampling import SamplingParams
@@ -55,7 +57,7 @@ def test_dynamic_tree_is_closed_and_best_first(checkpoints):
         assert len(kids) == len(set(kids))
 
 
-@pytest.mark.parametrize("method", ["s2d-tree", "rsd"])
+@pytest.mark.parametrize("method", ["s2d-tree", "rsd", "rsd-sbs"])
 def test_greedy_tree_decoding_equals_plain(checkpoints, method):
     target = load_model(checkpoints["target"], dtype="float32")
     draft = load_model(checkpoints["draft"], dtype="float32")
@@ -69,7 +71,7 @@ def test_greedy_tree_decoding_equals_plain(checkpoints, method):
         assert state.stats.target_passes < 60 and state.stats.proposed > 0
 
 
-@pytest.mark.parametrize("method", ["lookup+s2d-tree", "lookup+rsd"])
+@pytest.mark.parametrize("method", ["lookup+s2d-tree", "lookup+rsd", "lookup+rsd-sbs"])
 def test_lookup_trees_equal_plain_and_use_both_drafts(checkpoints, method):
     """Lookup's chain where the text repeats, the draft's tree elsewhere; greedy output = plain decoding."""
     target = load_model(checkpoints["target"], dtype="float32")
@@ -158,6 +160,122 @@ def test_recursive_rejection_sampling_is_exact(children):
     assert chi_squared(counts, probs, n) < 51.2
 
 
+
+def sbs_tree(q_root: torch.Tensor, q_next: torch.Tensor, width: int, depth: int, rng: np.random.Generator):
+    """A stochastic-beam-search tree grown by the drafter's own selection (``select_beams``) from q_root [V]
+    and q_next [V, V] (q(x2 | x1) = q_next[x1]; deeper levels reuse it): (tokens, parents, dists, G)."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    dists: list[torch.Tensor] = []
+    frontier, phi, g = [-1], np.zeros(1), np.zeros(1)
+    for _ in range(depth):
+        rows = [q_root if node < 0 else q_next[tokens[node]] for node in frontier]
+        with np.errstate(divide="ignore"):
+            log_q = np.log(torch.stack(rows).double().numpy())
+        beams = select_beams(phi, g, log_q, width, rng)
+        born = []
+        for row, token in zip(beams.parents.tolist(), beams.indices.tolist()):
+            tokens.append(token); parents.append(frontier[row]); dists.append(rows[row])
+            born.append(len(tokens) - 1)
+        frontier, phi, g = born, beams.phi, beams.g
+    return tokens, parents, dists, g
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_recursive_rejection_sampling_over_beam_trees_is_exact(width):
+    """RRS over stochastic-beam-search trees (depth 2, random shape per draw) keeps the target's two-token law.
+
+    Level 2 keeps the best ``width`` children over all level-1 beams, so how many children each beam gets
+    is random: this is the stopping rule that must not depend on the next sibling's token.
+    """
+    v = 5
+    g = torch.Generator().manual_seed(10 + width)
+    rng = np.random.default_rng(width)
+    p_root = torch.softmax(torch.randn(v, generator=g) * 1.5, -1)
+    q_root = torch.softmax(torch.randn(v, generator=g) * 1.5, -1)
+    p_next = torch.softmax(torch.randn(v, v, generator=g) * 1.5, -1)
+    q_next = torch.softmax(torch.randn(v, v, generator=g) * 1.5, -1)
+    n = 12000
+    counts: dict[tuple[int, int], int] = {}
+    shapes = set()
+    for _ in range(n):
+        tokens, parents, dists, _ = sbs_tree(q_root, q_next, width, 2, rng)
+        shapes.add(tuple(parents))
+        target = torch.stack([p_root] + [p_next[t] for t in tokens])
+        verdict = verify_tree_stochastic(tokens, parents, torch.stack(dists), target, g)
+        out = [tokens[i] for i in verdict.path] + [verdict.next_token]
+        if len(out) == 1:
+            out.append(int(torch.multinomial(p_next[out[0]], 1, generator=g)))
+        counts[(out[0], out[1])] = counts.get((out[0], out[1]), 0) + 1
+    assert len(shapes) >= 2  # the level-2 split varied (the best beam always keeps its first child)
+    probs = {(a, b): float(p_root[a] * p_next[a, b]) for a, b in itertools.product(range(v), range(v))}
+    assert chi_squared(counts, probs, n) < 51.2  # 24 degrees of freedom, the 0.999 quantile
+
+
+def test_beam_selection_samples_sequences_without_replacement():
+    """select_beams: siblings come in draw order (G falling, the first one carrying its parent's G), the first
+    child follows q, and the best leaf of a depth-2 beam tree follows q(x1) q(x2 | x1) (Kool et al.'s
+    conditioning: a node's G is the maximum of its descendants')."""
+    v = 5
+    g = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(1)
+    q_root = torch.softmax(torch.randn(v, generator=g) * 1.5, -1)
+    q_next = torch.softmax(torch.randn(v, v, generator=g) * 1.5, -1)
+    n = 6000
+    firsts: dict[int, int] = {}
+    leaves: dict[tuple[int, int], int] = {}
+    for _ in range(n):
+        tokens, parents, _, values = sbs_tree(q_root, q_next, 2, 2, rng)
+        firsts[tokens[0]] = firsts.get(tokens[0], 0) + 1
+        best = 2 + int(np.argmax(values))  # level-2 nodes are 2 and 3
+        leaves[(tokens[parents[best]], tokens[best])] = leaves.get((tokens[parents[best]], tokens[best]), 0) + 1
+    assert chi_squared(firsts, {a: float(q_root[a]) for a in range(v)}, n) < 18.5  # 4 dof, 0.999
+    probs = {(a, b): float(q_root[a] * q_next[a, b]) for a, b in itertools.product(range(v), range(v))}
+    assert chi_squared(leaves, probs, n) < 51.2  # 24 dof, 0.999
+
+    # Per parent: G falls in draw order and the first kept child carries the parent's G exactly.
+    phi, pg = np.array([-0.5, -1.0, -2.0]), np.array([-0.3, -0.9, -1.4])
+    log_q = np.log(torch.softmax(torch.randn(3, 40, generator=g), -1).double().numpy())
+    for _ in range(200):
+        beams = select_beams(phi, pg, log_q, 4, rng)
+        assert len(beams.parents) == 4 and np.all(np.diff(beams.parents) >= 0)
+        for row in set(beams.parents.tolist()):
+            mine = beams.g[beams.parents == row]
+            assert np.all(np.diff(mine) <= 0) and mine[0] == pytest.approx(pg[row], abs=1e-12)
+            assert len(set(beams.indices[beams.parents == row].tolist())) == len(mine)
+        np.testing.assert_allclose(beams.phi, phi[beams.parents] + log_q[beams.parents, beams.indices])
+    greedy = select_beams(phi, pg, log_q, 4, None)  # a plain beam search: the best phi, no noise
+    assert np.allclose(greedy.g, greedy.phi)
+    assert np.sort(greedy.phi)[0] >= np.sort((phi[:, None] + log_q).ravel())[-4]
+
+
+def test_conditioned_gumbel_is_stable_and_exact():
+    parent, z = np.array([[0.3]]), np.array([[1.2]])
+    x = np.array([[1.2, 0.5, -3.0, -np.inf]])
+    naive = -np.log(np.exp(-parent) - np.exp(-z) + np.exp(-x[:, :3]))
+    got = conditioned_gumbel(parent, z, x)
+    np.testing.assert_allclose(got[:, :3], naive, rtol=1e-12)
+    assert got[0, 0] == 0.3 and got[0, 3] == -np.inf
+    far = conditioned_gumbel(np.array([-800.0]), np.array([5.0]), np.array([-900.0]))  # exp overflows naively
+    assert np.isfinite(far).all() and far[0] < -800.0
+
+
+def test_beam_tree_lists_draws_in_order_and_carries_q(checkpoints):
+    """rsd-sbs on the tiny draft: top_k beams per level, nodes capped, each node's q its parent's row."""
+    draft = load_model(checkpoints["draft"], dtype="float32")
+    drafter = TreeDrafter(draft, draft.cfg.num_layers, TreeShape(3, 4, 10), mode="beam")
+    tree = drafter.propose_tree(list(range(30, 50)), SamplingParams(1.0), torch.Generator().manual_seed(0))
+    assert len(tree) == 10 and sorted(tree.depths) == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]
+    assert tree.probs is not None and tree.probs.shape == (10, draft.cfg.vocab_size)
+    for node in range(-1, len(tree)):
+        kids = tree.children(node)
+        assert len({int(tree.tokens[c]) for c in kids}) == len(kids)
+        assert all(torch.equal(tree.probs[c], tree.probs[kids[0]]) for c in kids)
+    again = drafter.propose_tree(list(range(30, 50)), SamplingParams(1.0), torch.Generator().manual_seed(0))
+    assert again.tokens.tolist() == tree.tokens.tolist() and again.parents == tree.parents
+    greedy = drafter.propose_tree(list(range(30, 50)), SamplingParams(), None)
+    assert greedy.probs is None and len(greedy) == 10
+
 def test_greedy_tree_verdict():
     tokens, parents = [4, 5, 6, 7], [-1, -1, 1, 2]  # root -> 4 | root -> 5 -> 6 -> 7
     argmax = torch.tensor([5, 0, 6, 9, 3])  # after root: 5; after node 1 (5): 6; after node 2 (6): 9
@@ -177,11 +295,12 @@ def test_tree_methods_need_a_draft():
         build_drafter("s2d-tree", None, DraftOptions())
 
 
-def test_sampled_tree_decoding_runs_and_repeats(checkpoints):
-    """rsd at temperature 1: seeded runs repeat, the cache stays consistent (no error), stats add up."""
+@pytest.mark.parametrize("method", ["rsd", "rsd-sbs"])
+def test_sampled_tree_decoding_runs_and_repeats(checkpoints, method):
+    """Trees at temperature 1: seeded runs repeat, the cache stays consistent (no error), stats add up."""
     target = load_model(checkpoints["target"], dtype="float32")
     draft = load_model(checkpoints["draft"], dtype="float32")
-    engine = MultiTargetEngine({"t": target}, draft, "rsd", eos_token_ids=())
+    engine = MultiTargetEngine({"t": target}, draft, method, eos_token_ids=())
     runs = [engine.generate("t", [1, 2, 3, 4], SamplingParams(1.0, seed=11), 40) for _ in range(2)]
     assert runs[0].output == runs[1].output and len(runs[0].output) == 40
     stats = runs[0].stats

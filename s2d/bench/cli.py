@@ -69,7 +69,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="draft tokens per step of our methods (default: each method's own: 5, s2d 3)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--tree", type=tree_shape, default=None, metavar="TOPK,DEPTH,NODES",
-                   help="s2d-tree / rsd: the tree's shape (default 2,6,12)")
+                   help="s2d-tree / rsd / rsd-sbs: the tree's shape (rsd-sbs: TOPK beams; default 2,6,12)")
     peers = p.add_argument_group("peers (transformers, llama.cpp)")
     peers.add_argument("--assistant-exit", type=int, help="hf-assisted: exit (layer count) of a sorted draft to "
                        "use as the assistant (default: the deepest)")

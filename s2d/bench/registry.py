@@ -49,7 +49,7 @@ class MethodOptions:
     num_assistant_tokens: int | None = None  # hf-assisted: None = transformers' default
     assistant_confidence_threshold: float | None = None  # hf-assisted: None = transformers' default
     prompt_lookup_num_tokens: int = 10  # hf-pld, llamacpp-lookup (transformers' documented example value)
-    tree: tuple[int, int, int] | None = None  # s2d-tree, rsd: (top-k, depth, nodes); None: their defaults
+    tree: tuple[int, int, int] | None = None  # s2d-tree, rsd, rsd-sbs: (top-k, depth, nodes); None: their defaults
 
 
 class ModelStore:

@@ -28,6 +28,9 @@ A method is a drafter (or none) plus the number of tokens the engine lets it dra
 - ``overlap+M``: chain method M with drafting overlapped with verification (``overlap.py``): while the
   target verifies, the model drafter drafts the next step on its own core in a background thread;
   ``s2d-overlap`` is ``s2d`` so run. Sequential (M itself) where torch has one thread (one core).
+- ``s2d-tree``, ``rsd``, ``rsd-sbs``: token trees from the s2d exit (``tree.py``): EAGLE-2's dynamic tree
+  (greedy; under sampling the rsd tree), recursive speculative decoding's fixed-shape tree, and its
+  stochastic-beam-search tree.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from s2d.drafting.overlap import OverlapDrafter, OverlapThreads, available_cores
 from s2d.drafting.refine import NGRAM_FILE, RefinedDrafter, RefineTable, load_corpus_ngram
 from s2d.drafting.sorted import SortedConfig, SortedDrafter
 from s2d.drafting.steer import STEER_FILE, SteeredDrafter, SteeringMaps
-from s2d.drafting.tree import TreeDrafter, TreeShape
+from s2d.drafting.tree import TreeDrafter, TreeMode, TreeShape
 from s2d.drafting.vocab import load_vocab
 from s2d.model.llama import Transformer
 
@@ -66,7 +69,7 @@ METHOD_HELP = {
     "pld": "prompt lookup: copy what followed the latest earlier n-gram (backward scan)",
     "lookup": "n-gram index drafting: the longest earlier match of the context's tail, several orders",
     "lookup+M": "lookup tokens where the text repeats, model method M otherwise (e.g. lookup+sd-exit-1; "
-                "lookup+s2d-tree and lookup+rsd: the draft's token tree otherwise)",
+                "lookup+s2d-tree, lookup+rsd, lookup+rsd-sbs: the draft's token tree otherwise)",
     "steer-exit-E": "exit E of a sorted --draft, steered by the target's hidden state (maps trained with "
                     "`s2d train-draft --objective steer`)",
     "s2d-steer": "s2d with its model part steered toward the served target (needs the draft's steering maps)",
@@ -80,8 +83,12 @@ METHOD_HELP = {
     "overlap+M": "chain method M overlapped with verification (e.g. overlap+sd-exit-2, overlap+lookup+sd-exit-1)",
     "rsd": "recursive speculative decoding: a fixed-shape tree, children drawn without replacement, "
            "recursive rejection sampling",
+    "rsd-sbs": "recursive speculative decoding's stochastic beam search: --tree-top-k beams per level (Gumbel "
+               "values conditioned on the parent's), recursive rejection sampling; a beam search when greedy",
 }
 METHODS = tuple(METHOD_HELP)
+# Token-tree methods and the TreeDrafter mode each runs.
+TREE_METHODS: dict[str, TreeMode] = {"s2d-tree": "dynamic", "rsd": "fixed", "rsd-sbs": "beam"}
 # What `s2d` means: measured best on the calibration prompts (benchmarks/choose_default.json).
 DEFAULT_S2D = "lookup+sd-exit-E"  # E: DraftOptions.exit, or the draft's middle exit
 
@@ -103,7 +110,7 @@ class DraftOptions:
     verify_growth: float = 0.06  # lookup+M: a verification pass's extra cost per drafted token (cost-aware switch)
     exit: int = 0  # s2d: the sorted draft's exit that drafts where lookup has nothing; 0 = its middle exit
     draft_vocab: int = 0  # sorted drafters: score only the N most frequent tokens (vocab.py); 0 = all
-    tree_top_k: int = 2  # trees: children per expanded node (and nodes expanded per level, dynamic)
+    tree_top_k: int = 2  # trees: children per expanded node (and nodes expanded per level, dynamic; beams, rsd-sbs)
     tree_depth: int = 6  # trees: levels below the root
     tree_nodes: int = 12  # trees: nodes verified per pass (<= 63); bigger ones cost more than they win here (RESULTS)
 
@@ -180,7 +187,7 @@ def parse_method(name: str) -> Method:
     """Validate a method name (before any model is loaded); ``s2d`` stays ``s2d`` (resolved with the draft)."""
     if (inner := overlapped_method(name)) is not None:
         m = parse_method(inner)
-        if m.model is None or m.model in ("s2d-tree", "rsd") or m.overlap:
+        if m.model is None or m.model in TREE_METHODS or m.overlap:
             raise ValueError(f"{name}: overlap runs a chain method with a draft model (s2d, sd, sd-exit-E, "
                              f"lookup+M, ...), not {inner!r}")
         return Method(name, m.model, m.lookup, inner)
@@ -190,7 +197,7 @@ def parse_method(name: str) -> Method:
         return Method(name, None, True)
     if name == "s2d":
         return Method(name, "s2d", True)
-    if name in ("s2d-tree", "rsd"):
+    if name in TREE_METHODS:
         return Method(name, name, False)
     if name in ("s2d-refine", "s2d-steer"):
         return Method(name, name, True)
@@ -198,7 +205,7 @@ def parse_method(name: str) -> Method:
     model = name[len(LOOKUP_PREFIX):] if lookup else name
     if model in ("sd", "s2d-softmax", "s2d-gate") or _EXIT.match(model) or _REFINE.match(model) or _STEER.match(model):
         return Method(name, model, lookup)
-    if lookup and model in ("s2d-tree", "rsd"):
+    if lookup and model in TREE_METHODS:
         return Method(name, model, True)
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} "
                      "(E = an exit layer count, M = a model method)")
@@ -290,9 +297,9 @@ def load_steering(draft: Transformer) -> SteeringMaps:
 
 
 def _model_drafter(model: str, draft: Transformer, options: DraftOptions) -> Drafter:
-    if model in ("s2d-tree", "rsd"):
+    if model in TREE_METHODS:
         return TreeDrafter(draft, default_exit(draft, options), options.tree, draft_vocab(draft, options),
-                           dynamic=model == "s2d-tree")
+                           TREE_METHODS[model])
     length = DraftLength(options.num_draft_tokens, options.schedule, maximum=max(16, options.num_draft_tokens))
     if model == "sd":
         return ModelDrafter(draft, length)

@@ -2,7 +2,7 @@
 
 A tree is its nodes in topological order (every parent before its children, siblings in the order
 they were drawn); the root is the last committed token, which the verification pass runs first.
-Two ways to grow one from a sorted draft (one exit, the s2d default's):
+Three ways to grow one from a sorted draft (one exit, the s2d default's):
 
 - ``dynamic`` (EAGLE-2's rule, greedy): expand the ``top_k`` best frontier nodes by cumulative draft
   log-probability, each into its ``top_k`` most likely children; after ``depth`` levels keep the
@@ -11,8 +11,25 @@ Two ways to grow one from a sorted draft (one exit, the s2d default's):
   children per node at depth d), each node's children drawn *without replacement* from the draft's
   q (Gumbel-top-k), in draw order (under greedy: its top tokens). A shape fixed before any draw keeps
   recursive rejection sampling exact (``verify_tree_stochastic``).
+- ``beam`` (RSD's stochastic-beam-search variant, "RSD-S"; Kool et al. 2019): ``top_k`` beams per
+  level. Every node carries phi (its path's cumulative log q) and a perturbed value G (the root: 0,
+  0); a frontier node's children get Gumbel-perturbed values phi + log q + noise, conditioned so
+  that their maximum is the parent's G (``conditioned_gumbel``), and the ``top_k`` largest G over all
+  frontier nodes' children become the next level (``select_beams``). Under greedy: a plain beam
+  search over phi.
 
-Both keep the draft's greedy chain in consecutive slots (``DraftTree.preorder``).
+Why a beam tree keeps recursive rejection sampling lossless although its shape is random: the
+children a parent keeps are a prefix of its own Gumbel order (G is increasing in the perturbed
+value within one parent), i.e. draws without replacement from q, listed in draw order. How long
+that prefix is depends on the other beams and on the value of the parent's next draw, never on
+its token: for Gumbels truncated below the earlier draws, the maximum and the argmax are
+independent. So "is another sibling drafted" is a stopping rule independent of which token that
+sibling would be, given the earlier ones, which is all the verifier needs (the same argument
+covers the node cap, which keeps the best values of the last level). Each node's ``probs`` row is
+its parent's q, as in ``fixed``, so ``verify_tree_stochastic`` verifies it unchanged.
+
+All are laid out depth-first (``DraftTree.preorder``): the path of first children (the draft's greedy
+chain, under greedy decoding, except where a beam search dropped it) lies in consecutive slots.
 
 The draft runs each level as one block: all expanded nodes so far on top of its cached context,
 with the tree's ancestor mask, then its cache is cut back to the context. Re-running earlier levels
@@ -23,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -104,7 +122,7 @@ def ancestor_mask(parents: list[int]) -> Tensor:
 
 @dataclass(frozen=True)
 class TreeShape:
-    top_k: int = 2  # dynamic: children per expanded node and nodes expanded per level
+    top_k: int = 2  # dynamic: children per expanded node and nodes expanded per level; beam: the beam width
     depth: int = 6  # levels below the root
     nodes: int = 12  # nodes kept in the end (the verification block is nodes + 1 rows)
     branching: tuple[int, ...] = ()  # fixed: children per node at each depth (default from top_k, depth)
@@ -134,15 +152,22 @@ class TreeShape:
         return tuple(kept)
 
 
+TreeMode = Literal["dynamic", "fixed", "beam"]
+TREE_MODES: tuple[TreeMode, ...] = ("dynamic", "fixed", "beam")
+
+
 class TreeDrafter:
-    """Grows a token tree with one exit of a sorted draft (dynamic or of a fixed shape)."""
+    """Grows a token tree with one exit of a sorted draft (dynamic, of a fixed shape, or by beams)."""
 
     def __init__(self, model: Transformer, exit_layers: int, shape: TreeShape = TreeShape(),
-                 vocab: list[int] | None = None, dynamic: bool = True) -> None:
-        """``dynamic``: EAGLE-2's tree under greedy decoding (sampling always draws a fixed shape)."""
+                 vocab: list[int] | None = None, mode: TreeMode = "dynamic") -> None:
+        """``mode`` "dynamic": EAGLE-2's tree under greedy decoding, the fixed shape under sampling;
+        "fixed": always the fixed shape; "beam": (stochastic) beam search (see the module's docstring)."""
         if not 1 <= exit_layers <= model.cfg.num_layers:
             raise ValueError(f"exit {exit_layers} is not a layer count of the draft (1..{model.cfg.num_layers})")
-        self.model, self.exit, self.shape, self.dynamic = model, exit_layers, shape, dynamic
+        if mode not in TREE_MODES:
+            raise ValueError(f"unknown tree mode {mode!r} ({', '.join(TREE_MODES)})")
+        self.model, self.exit, self.shape, self.mode = model, exit_layers, shape, mode
         self.head, self.head_ids = subset_head(model, vocab) if vocab else (None, None)
         self.cache = model.new_cache(num_layers=exit_layers)
         self.cached: list[int] = []
@@ -200,7 +225,9 @@ class TreeDrafter:
                     self.cache.capacity - len(context) - 1)
         if nodes < 1:
             return DraftTree.empty()
-        if self.dynamic and params.greedy:
+        if self.mode == "beam":
+            return self._beam(context, params, generator, nodes)
+        if self.mode == "dynamic" and params.greedy:
             return self._dynamic(context, nodes)
         return self._fixed(context, params, generator, nodes)
 
@@ -273,6 +300,48 @@ class TreeDrafter:
                          [self.exit] * len(grow.tokens)).preorder()
 
 
+    def _beam(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
+              max_nodes: int) -> DraftTree:
+        self._sync(context[:-1])
+        grow = _Growth(context[-1])
+        # One torch draw seeds numpy's generator for the whole tree: the noise then costs no torch op
+        # between the draft's runtime calls (see _dynamic), and seeded runs still repeat.
+        rng = None if params.greedy else np.random.default_rng(_draw_seed(generator))
+        phi, g = np.zeros(1), np.zeros(1)  # the root's cumulative log q and perturbed value
+        dists: list[Tensor] = []  # [V'] the q each node was drawn from (its parent's row)
+        for _ in range(self.shape.depth):
+            width = min(self.shape.top_k, max_nodes - len(grow.tokens))
+            if width < 1:
+                break
+            logits = self._level_logits(grow)
+            if rng is None:  # greedy: beam search over the draft's own log-probabilities
+                x = logits.numpy().astype(np.float64)
+                peak = x.max(-1, keepdims=True)
+                log_q = x - peak - np.log(np.exp(x - peak).sum(-1, keepdims=True))
+            else:  # q exactly as the verifier will see it (temperature, top-k, top-p)
+                q_sub = probabilities(logits, params)
+                with np.errstate(divide="ignore"):
+                    log_q = np.log(q_sub.double().numpy())
+            beams = select_beams(phi, g, log_q, width, rng)
+            frontier = grow.frontier()
+            born = []
+            for row, token in zip(beams.parents.tolist(), self._token_ids(beams.indices.tolist())):
+                born.append(grow.add(token, frontier[row]))
+                if rng is not None:
+                    dists.append(q_sub[row])
+            phi, g = beams.phi, beams.g
+            grow.expand(born)
+        probs = self._full(torch.stack(dists)) if dists else None
+        return DraftTree(torch.tensor(grow.tokens, dtype=torch.long), grow.parents, probs,
+                         [self.exit] * len(grow.tokens)).preorder()
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    """A seed for numpy from ``generator`` (torch's default one when None)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(2**62, (), generator=generator, device=device))
+
+
 class _Growth:
     """A tree being grown, and the block the draft runs at each level: the root (row 0) and every
     expanded node, each row's parent given as a block row; the frontier = the rows last expanded."""
@@ -331,3 +400,60 @@ def gumbel_top_k(q: Tensor, k: int, generator: torch.Generator | None) -> list[l
 def draw_without_replacement(q: Tensor, k: int, generator: torch.Generator | None) -> list[int]:
     """Up to ``k`` distinct tokens from q [V], in draw order (``gumbel_top_k`` of one row)."""
     return gumbel_top_k(q[None], k, generator)[0]
+
+
+@dataclass(frozen=True)
+class Beams:
+    """One level of a beam tree: the kept children, grouped by parent (frontier order), each parent's
+    in draw order (their G, best first)."""
+
+    parents: np.ndarray  # [K] int, the frontier row each child extends
+    indices: np.ndarray  # [K] int, the child's column of log q (its token, or its index in a subset)
+    phi: np.ndarray  # [K] float64, cumulative log q of each child's path
+    g: np.ndarray  # [K] float64, each child's perturbed value (greedy: phi)
+
+
+def select_beams(phi: np.ndarray, g: np.ndarray, log_q: np.ndarray, width: int,
+                 rng: np.random.Generator | None) -> Beams:
+    """The next level of a (stochastic) beam search: the ``width`` children with the largest G.
+
+    phi, g [R]: the frontier's cumulative log q and perturbed values; log_q [R, V] float64 (-inf where
+    q is 0: never drawn). ``rng`` None: a plain beam search (G = phi, no noise). Ties: the lower
+    (row, rank) first. A parent contributes at most ``width`` children, so only each row's ``width``
+    best are conditioned.
+    """
+    scores = phi[:, None] + log_q  # [R, V] each child's phi
+    k = min(width, log_q.shape[-1])
+    if rng is None:
+        top = top_indices(scores, k)  # [R, k]
+        child_phi = np.take_along_axis(scores, top, -1)
+        child_g = child_phi
+    else:
+        perturbed = scores + rng.gumbel(size=scores.shape)  # [R, V] G~ = phi + Gumbel
+        top = top_indices(perturbed, k)  # [R, k] each row's Gumbel order: draws without replacement
+        best = np.take_along_axis(perturbed, top, -1)
+        child_phi = np.take_along_axis(scores, top, -1)
+        child_g = conditioned_gumbel(g[:, None], best[:, :1], best)
+    flat_g = child_g.ravel()
+    candidates = np.flatnonzero(np.isfinite(child_phi.ravel()))
+    ranked = candidates[np.lexsort((candidates, -flat_g[candidates]))][:width]
+    keep = np.sort(ranked)  # row-major: by parent, then by rank within the parent (= draw order)
+    return Beams(keep // k, top.ravel()[keep], child_phi.ravel()[keep], flat_g[keep])
+
+
+def conditioned_gumbel(parent: np.ndarray, z: np.ndarray, perturbed: np.ndarray) -> np.ndarray:
+    """-log(exp(-parent) - exp(-z) + exp(-perturbed)), computed stably (Kool et al. 2019, appendix B).
+
+    Shifts a parent's perturbed children (their maximum ``z``) so that their maximum becomes the
+    parent's value, monotonically. Written as parent - softplus(v) with
+    v = parent - perturbed + log(1 - exp(perturbed - z)); broadcasts, float64.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = parent - perturbed + _log1mexp(perturbed - z)
+        return parent - (np.maximum(v, 0) + np.log1p(np.exp(-np.abs(v))))
+
+
+def _log1mexp(a: np.ndarray) -> np.ndarray:
+    """log(1 - exp(a)) for a <= 0, accurate at both ends (Maechler 2012); -inf at a = 0."""
+    with np.errstate(divide="ignore"):
+        return np.where(a > -math.log(2), np.log(-np.expm1(a)), np.log1p(-np.exp(a)))
