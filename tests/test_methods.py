@@ -159,3 +159,27 @@ def test_draft_vocabulary_subset_is_lossless_and_cheaper(family, tmp_path, capsy
     (out / VOCAB_FILE).write_text('{"tokens": [1, 1]}')
     with pytest.raises(Exception, match="distinct"):
         build_drafter("sd-exit-1", load_model(out, dtype="float32"), DraftOptions(draft_vocab=2))
+
+
+@pytest.mark.parametrize("isa, lookup_tokens, growth", [("avx2", 6, 0.3), ("avx512", 8, 0.12), ("amx", 12, 0.12)])
+def test_default_knobs_follow_the_instruction_set(monkeypatch, isa, lookup_tokens, growth):
+    """Lookup's length and the switch's cost per drafted token follow the runtime's instruction set
+    (a level this CPU lacks runs the best it has, whose knobs are then expected)."""
+    from s2d.drafting import default_options
+    from s2d.drafting.methods import DEFAULT_S2D_OPTIONS, ROW_COST_KNOBS
+    from s2d.model import native
+
+    if native.library() is None:
+        pytest.skip("the native runtime does not run on this machine")
+    monkeypatch.setenv("S2D_NATIVE_ISA", isa)
+    knobs = ROW_COST_KNOBS.get(native.isa(), {})
+    if native.isa() != {"avx2": "AVX2", "avx512": "AVX512-BF16", "amx": "AMX"}[isa]:
+        lookup_tokens = knobs.get("lookup_tokens", DraftOptions().lookup_tokens)
+        growth = knobs.get("verify_growth", DEFAULT_S2D_OPTIONS["verify_growth"])
+    s2d = default_options("s2d")
+    assert (s2d.lookup_tokens, s2d.verify_growth, s2d.num_draft_tokens) == (lookup_tokens, growth, 3)
+    assert default_options("lookup").lookup_tokens == lookup_tokens
+    assert default_options("lookup+sd-exit-1").verify_growth == knobs.get("verify_growth", DraftOptions().verify_growth)
+    assert default_options("pld") == DraftOptions() and default_options("sd-exit-2") == DraftOptions()
+    assert default_options("s2d-overlap") == s2d
+    assert engine_draft_tokens("s2d", s2d) == lookup_tokens

@@ -163,17 +163,43 @@ DEFAULT_S2D_OPTIONS = {"num_draft_tokens": 3, "min_lookup": 1, "verify_growth": 
 DEFAULT_S2D_VOCAB = 2048
 
 
+# How dear a verification row is decides how long drafts should be. With AMX tiles (or on a GPU, or
+# on torch's path) a pass over 13 new tokens costs ~1.3x a one-token pass, and the knobs above were
+# measured there. The native runtime's vector products (AVX512-BF16, AVX2) are compute-bound past a
+# few rows (zoo-l, 6 tokens: ~2.2x and ~2.6x one token), so there lookup copies fewer tokens and, on
+# AVX2, the cost-aware switch charges more per drafted token. Measured on the calibration prompts with the
+# runtime held to each instruction set (benchmarks/choose_default_avx2.json, _avx512.json).
+ROW_COST_KNOBS: dict[str, dict[str, float | int]] = {
+    "AVX2": {"lookup_tokens": 6, "verify_growth": 0.3},
+    "AVX512-BF16": {"lookup_tokens": 8},
+}
+
+
+def row_cost_knobs(draft: Transformer | None = None) -> dict[str, float | int]:
+    """The lookup length and verification growth for the instruction set passes run on here ({}: the
+    defaults). A draft on a GPU means the targets are there too; without a draft, the CPU is assumed."""
+    if draft is not None and draft.device.type != "cpu":
+        return {}
+    from s2d.model import native
+
+    return ROW_COST_KNOBS.get(native.isa(), {})
+
+
 def default_options(method: str, draft: Transformer | None = None) -> DraftOptions:
-    """A method's drafting knobs before any flag or calibration: ``s2d``'s measured ones, else the defaults."""
+    """A method's drafting knobs before any flag or calibration: ``s2d``'s measured ones, else the defaults;
+    lookup's length and the switch's cost per drafted token by the instruction set (``ROW_COST_KNOBS``)."""
     if (inner := overlapped_method(method)) is not None:
         return default_options(inner, draft)  # overlap changes when drafts are made, not the knobs
+    m = parse_method(method)
+    row_costs = {k: v for k, v in row_cost_knobs(draft).items()
+                 if (k == "lookup_tokens" and m.lookup) or (k == "verify_growth" and m.lookup and m.model)}
     if method not in ("s2d", "s2d-tree", "lookup+s2d-tree", "s2d-refine", "s2d-steer"):
-        return DraftOptions()
+        return DraftOptions(**row_costs)
     # s2d-tree shares the s2d default's cheaper head (a tree scores many candidates per level), and
     # lookup+s2d-tree its lookup knobs too.
     ranked = draft is not None and load_vocab(getattr(draft, "checkpoint_dir", None), draft.cfg.vocab_size)
     knobs = DEFAULT_S2D_OPTIONS if method in ("s2d", "lookup+s2d-tree", "s2d-refine", "s2d-steer") else {}
-    return DraftOptions(**knobs, draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
+    return DraftOptions(**{**knobs, **row_costs}, draft_vocab=DEFAULT_S2D_VOCAB if ranked else 0)
 
 
 def overlapped_method(name: str) -> str | None:
