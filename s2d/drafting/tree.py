@@ -241,9 +241,7 @@ class TreeDrafter:
             # then competes with the runtime's (measured: ~1.5 ms for a log-sum-exp over 3 x 2048).
             logits = self._level_logits(grow).numpy()
             top = top_indices(logits, k)
-            peak = logits.max(-1, keepdims=True)
-            log_z = peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True))
-            values = (np.take_along_axis(logits, top, -1) - log_z).tolist()
+            values = (np.take_along_axis(logits, top, -1) - log_normaliser(logits)).tolist()
             born = []
             for r, parent in enumerate(grow.frontier()):
                 base = scores[parent] if parent >= 0 else 0.0
@@ -316,8 +314,7 @@ class TreeDrafter:
             logits = self._level_logits(grow)
             if rng is None:  # greedy: beam search over the draft's own log-probabilities
                 x = logits.numpy().astype(np.float64)
-                peak = x.max(-1, keepdims=True)
-                log_q = x - peak - np.log(np.exp(x - peak).sum(-1, keepdims=True))
+                log_q = x - log_normaliser(x)
             else:  # q exactly as the verifier will see it (temperature, top-k, top-p)
                 q_sub = probabilities(logits, params)
                 with np.errstate(divide="ignore"):
@@ -372,6 +369,12 @@ class _Growth:
             self.block_tokens.append(self.tokens[node])
             self.block_parents.append(self.row_of[self.parents[node]])
         self.frontier_nodes = list(nodes)
+
+
+def log_normaliser(logits: np.ndarray) -> np.ndarray:
+    """log sum exp over the last axis of logits [R, V], kept as [R, 1] (max-shifted: no overflow)."""
+    peak = logits.max(-1, keepdims=True)
+    return peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True))
 
 
 def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
