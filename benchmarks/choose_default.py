@@ -96,7 +96,7 @@ def main() -> None:
                      "num_prompts": len(prompts), "targets": {}}
     for target_name in args.targets.split(","):
         target = load_model(args.zoo / target_name, dtype="bfloat16")
-        engines = [Engine(target, build_drafter(m, draft, o), engine_draft_tokens(m, o), eos_token_ids=())
+        engines = [Engine(target, build_drafter(m, draft, o, target), engine_draft_tokens(m, o), eos_token_ids=())
                    for m, o in cands]
         speeds: list[list[float]] = [[] for _ in cands]
         mats: list[list[float]] = [[] for _ in cands]

@@ -101,7 +101,8 @@ def save_calibration(path: Path, target_name: str, entry: dict) -> None:
 
 def measure(target: Transformer, draft: Transformer, options: DraftOptions, prompts: list[list[int]],
             max_new_tokens: int) -> float:
-    engine = Engine(target, build_drafter("s2d", draft, options), engine_draft_tokens("s2d", options), eos_token_ids=())
+    drafter = build_drafter("s2d", draft, options, target)
+    engine = Engine(target, drafter, engine_draft_tokens("s2d", options), eos_token_ids=())
     tokens = seconds = 0.0
     proposed = 0
     for prompt in prompts:

@@ -44,7 +44,8 @@ def run_demo(args: argparse.Namespace) -> int:
     for name, target in targets.items():
         options = default_options("s2d", draft)
         engines = {"ar": Engine(target, eos_token_ids=()),
-                   "s2d": Engine(target, build_drafter("s2d", draft, options), engine_draft_tokens("s2d", options),
+                   "s2d": Engine(target, build_drafter("s2d", draft, options, target),
+                                 engine_draft_tokens("s2d", options),
                                  eos_token_ids=())}
         for engine in engines.values():  # warm-up: the runtime's first build and caches
             engine.generate(prompts[0][:32], greedy, 8)
@@ -75,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.no_stream:
         name, target = next(iter(targets.items()))
         options = default_options("s2d", draft)
-        engine = Engine(target, build_drafter("s2d", draft, options), engine_draft_tokens("s2d", options))
+        engine = Engine(target, build_drafter("s2d", draft, options, target), engine_draft_tokens("s2d", options))
         shown = rows[-1]["text"]  # the prompt the zoo continues most plausibly
         print(f"\n{name}, s2d, streamed (the prompt's last lines, then the completion):\n"
               + "\n".join(shown.splitlines()[-6:]), end="", flush=True)

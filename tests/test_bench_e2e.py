@@ -129,12 +129,12 @@ def test_calibrated_s2d_method_reads_the_stored_calibration(checkpoints, sorted_
     ctx = MethodContext(target, sorted_draft, MethodOptions(dtype="float32", ignore_eos=True), ModelStore())
     path = calibration_path(sorted_draft)
     # s2d is lookup + one exit of the sorted draft: which exit and its knobs come from the calibration
-    assert build_method("s2d-cal", ctx).engine.drafter.model.length.current == 3  # no calibration yet: defaults
+    assert build_method("s2d-cal", ctx).engine.drafter.inner.length.current == 3  # no calibration yet: defaults
     save_calibration(path, target.name, {"exit": 1, "num_draft_tokens": 2, "stop_threshold": 0.1, "lookup_tokens": 3})
     try:
         method = build_method("s2d-cal", ctx)
-        assert method.engine.drafter.model.length.current == 2 and method.engine.num_draft_tokens == 3
-        assert method.engine.drafter.model.config.exits == (1,)
+        assert method.engine.drafter.inner.length.current == 2 and method.engine.num_draft_tokens == 3
+        assert method.engine.drafter.inner.config.exits == (1,)
         prompt = [5, 6, 7, 5, 6]
         got = method.generate(prompt, SamplingParams(), 16)
         ref = build_method("ar", ctx).generate(prompt, SamplingParams(), 16)

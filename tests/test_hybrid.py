@@ -111,9 +111,9 @@ def test_cost_aware_hybrid_stops_asking_a_draft_that_does_not_pay(models):
     model_steps = {}
     for cost in (0.0, 50.0):  # a free draft (free to verify too), and one dearer than anything it could save
         config = HybridConfig(retry=16, gamma=0.0 if cost == 0 else 0.06)
-        hybrid = HybridDrafter(SortedDrafter(draft, SortedConfig((1,), (0.0,))), config)
+        hybrid = HybridDrafter(SortedDrafter(draft, SortedConfig((1,), (0.0,))), config, target)
         engine = Engine(target, hybrid, 8, eos_token_ids=())
-        assert hybrid.cost > 0  # bound by the engine: bytes of the draft's exit over the target's
+        assert hybrid.cost > 0  # bound to the target when built: bytes of the draft's exit over the target's
         hybrid.cost = cost
         state = engine.generate(prompt, SamplingParams(), 60)
         assert state.output == expected

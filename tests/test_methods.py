@@ -57,7 +57,7 @@ def test_each_name_builds_its_drafter(family):
     exit2 = build_drafter("sd-exit-2", draft)
     assert isinstance(exit2, SortedDrafter) and exit2.config.exits == (2,)
     hybrid = build_drafter("lookup+s2d-softmax", draft)
-    assert isinstance(hybrid, HybridDrafter) and hybrid.model.gates is None
+    assert isinstance(hybrid, HybridDrafter) and hybrid.inner.gates is None
     with pytest.raises(ValueError, match="exit gates"):
         build_drafter("s2d-gate", draft)  # none trained yet
     assert resolve_default(draft) == "lookup+sd-exit-2"  # the middle of exits 1, 2, 3

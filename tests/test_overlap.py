@@ -49,7 +49,7 @@ def engine_for(method: str, target, draft) -> Engine:
 
 
 def overlap_of(drafter) -> OverlapDrafter:
-    return drafter.model if isinstance(drafter, HybridDrafter) else drafter
+    return drafter.inner if isinstance(drafter, HybridDrafter) else drafter
 
 
 PROMPTS = [list(range(60, 80)) * 3, [7, 3, 9, 7, 3, 1, 12, 40, 41, 42]]

@@ -89,8 +89,8 @@ def test_method_names_and_defaults(family, tmp_path):
     assert default_options("s2d-refine") == default_options("s2d")
     draft = load_model(family["draft"], dtype="float32")
     refined = build_drafter("s2d-refine", draft, default_options("s2d-refine", draft))
-    assert isinstance(refined, HybridDrafter) and isinstance(refined.model, RefinedDrafter)
-    assert refined.model.exit_layers == 2  # the s2d default's exit: the middle one
+    assert isinstance(refined, HybridDrafter) and isinstance(refined.inner, RefinedDrafter)
+    assert refined.inner.exit_layers == 2  # the s2d default's exit: the middle one
     bare = write_random_checkpoint(tmp_path / "bare", num_layers=2, hidden_size=32, s2d_exits=[1, 2])
     with pytest.raises(ValueError, match="--objective ngram"):
         build_drafter("refine-exit-1", load_model(bare, dtype="float32"))
@@ -120,7 +120,7 @@ def test_greedy_refined_output_equals_plain_decoding(family, method):
     plain = MultiTargetEngine({"t": target}, None, "ar", eos_token_ids=()).generate("t", prompt, SamplingParams(), 40)
     options = DraftOptions(num_draft_tokens=4) if method != "s2d-refine" else default_options(method, draft)
     drafter = build_drafter(method, draft, options)
-    drafter_model = drafter.model if isinstance(drafter, HybridDrafter) else drafter
+    drafter_model = drafter.inner if isinstance(drafter, HybridDrafter) else drafter
     drafter_model.fixed = drafter_model.weights = RefineWeights(1.0, 1.0, 8)  # weights that change choices
     state = Engine(target, drafter, 8, eos_token_ids=()).generate(prompt, SamplingParams(), 40)
     assert state.output == plain.output

@@ -206,7 +206,7 @@ def test_multi_target_engine_uses_each_targets_map(family, tmp_path):
     draft = load_model(folder, dtype="float32")
     engine = MultiTargetEngine({"a": target, "b": other}, draft, "s2d-steer", eos_token_ids=())
     for name, model in (("a", target), ("b", other)):
-        steered = engine.engine(name).drafter.model  # the hybrid's model drafter
+        steered = engine.engine(name).drafter.inner  # the hybrid's model drafter
         assert torch.equal(steered.matrix, maps.for_target(model, 2))
         prompt = PROMPTS[0]
         expected = Engine(model, eos_token_ids=()).generate(prompt, SamplingParams(), 24).output

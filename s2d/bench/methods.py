@@ -69,7 +69,8 @@ def ours(ctx: MethodContext, name: str) -> EngineMethod:
     if ctx.options.tree is not None:
         top_k, depth, nodes = ctx.options.tree
         options = replace(options, tree_top_k=top_k, tree_depth=depth, tree_nodes=nodes)
-    return engine_method(ctx, build_drafter(name, draft, options), engine_draft_tokens(name, options))
+    drafter = build_drafter(name, draft, options, target_model(ctx))
+    return engine_method(ctx, drafter, engine_draft_tokens(name, options))
 
 
 @register("s2d-cal", needs_draft=True,
@@ -82,4 +83,5 @@ def s2d_calibrated(ctx: MethodContext) -> EngineMethod:
     draft = draft_model(ctx)
     options = stored_options(load_calibration(ctx.draft).get(ctx.target.name, {}), ctx.options.num_draft_tokens,
                              base=default_options("s2d", draft))
-    return engine_method(ctx, build_drafter("s2d", draft, options), engine_draft_tokens("s2d", options))
+    drafter = build_drafter("s2d", draft, options, target_model(ctx))
+    return engine_method(ctx, drafter, engine_draft_tokens("s2d", options))

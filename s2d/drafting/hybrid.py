@@ -25,10 +25,10 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
-from s2d.drafting.base import Draft, Drafter
+from s2d.drafting.base import Draft, Drafter, DrafterWrapper, DraftTree
 from s2d.drafting.ngram import LOOKUP_EXIT, NgramConfig, NgramDrafter
+from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams
 
 
@@ -48,59 +48,47 @@ class HybridConfig:
             raise ValueError("gamma must be >= 0 and retry >= 1")
 
 
-class HybridDrafter:
-    def __init__(self, model: Drafter, config: HybridConfig = HybridConfig()) -> None:
-        self.model = model
+class HybridDrafter(DrafterWrapper):
+    """Lookup where the text repeats, the wrapped model drafter (``inner``) otherwise, while it pays."""
+
+    def __init__(self, inner: Drafter, config: HybridConfig = HybridConfig(),
+                 target: Transformer | None = None) -> None:
+        """``target``: the target served; its pass cost prices the model's tokens (None: they are free)."""
+        super().__init__(inner)
         self.config = config
         self.lookup = NgramDrafter(config.ngram)
         self.last_kind = "none"  # what drafted the last step: "lookup", "model" or "none" (a plain step)
-        self.cost = 0.0  # a draft token over a target pass (bind_target); 0: the model always pays
+        self.cost = 0.0 if target is None else inner.token_cost(target)  # a model token over a target pass
         self._accepted = self._proposed = None  # running means over model steps (None: none yet)
         self._plain_steps = 0
 
-    def bind_target(self, target) -> None:
-        """Estimate what a model draft token costs for this target (the engine calls this)."""
-        from s2d.drafting.cost import draft_cost_ratio
-
-        if hasattr(self.model, "bind_target"):
-            self.model.bind_target(target)
-        draft = getattr(self.model, "model", None)
-        exits = getattr(getattr(self.model, "config", None), "exits", None)
-        if draft is not None:
-            head = getattr(self.model, "head", None)
-            self.cost = draft_cost_ratio(draft, exits[0] if exits else draft.cfg.num_layers, target,
-                                         None if head is None else head.shape[0])
-
     def reset(self) -> None:
-        self.model.reset()
+        self.inner.reset()
         self.lookup.reset()
         self._plain_steps = 0  # the running means are about the pair of models, kept across requests
+
+    def token_cost(self, target: Transformer) -> float:
+        return 0.0  # lookup's tokens are free, and the model's are drafted only while they pay
 
     def feedback(self, num_proposed: int, num_accepted: int) -> None:
         if self.last_kind != "model":  # lookup steps say nothing about the model's draft length
             return
-        self.model.feedback(num_proposed, num_accepted)
+        self.inner.feedback(num_proposed, num_accepted)
         if self._accepted is None:
             self._accepted, self._proposed = float(num_accepted), float(num_proposed)
         else:
             self._accepted = 0.8 * self._accepted + 0.2 * num_accepted
             self._proposed = 0.8 * self._proposed + 0.2 * num_proposed
 
-    def observe(self, hidden: Tensor) -> None:
-        """The target's last hidden state [C] after each pass, for a model drafter that reads it (steering)."""
-        if (observe := getattr(self.model, "observe", None)) is not None:
-            observe(hidden)
-
     def speculate(self, context: list[int], max_tokens: int, params: SamplingParams,
                   generator: torch.Generator | None) -> AbstractContextManager:
         """Overlapped drafting (``overlap.py``): the model drafter speculates on the next step during the
         target pass, after a step the model drafted (lookup had nothing: the next step likely needs the
-        model too). After lookup steps it does not: their target pass then keeps every core (measured on
-        zoo-l, 2 cores: 532 tok/s against 459 when every step speculated)."""
-        speculate = getattr(self.model, "speculate", None)
-        if speculate is None or self.last_kind != "model":
+        model too). After lookup steps it does not: their target pass then keeps every core (RESULTS.md,
+        overlapped drafting)."""
+        if self.last_kind != "model":
             return nullcontext()
-        return speculate(context, max_tokens, params, generator)
+        return self.inner.speculate(context, max_tokens, params, generator)
 
     def model_pays(self) -> bool:
         """Whether model drafts have been accepted often enough to be worth their cost here."""
@@ -116,7 +104,7 @@ class HybridDrafter:
         if self.last_kind == "lookup":
             return Draft(torch.tensor(tokens, dtype=torch.long), exits=[LOOKUP_EXIT] * len(tokens))
         if self.last_kind == "model":
-            return self.model.propose(context, max_tokens, params, generator)
+            return self.inner.propose(context, max_tokens, params, generator)
         return Draft.empty()
 
     def _choose(self, context: list[int], cap: int) -> list[int]:
@@ -144,8 +132,9 @@ class HybridTreeDrafter(HybridDrafter):
     and one verification row per node (``nodes * gamma``), against the tokens its accepted path gave.
     """
 
-    def __init__(self, model: Drafter, config: HybridConfig = HybridConfig()) -> None:
-        super().__init__(model, config)
+    def __init__(self, inner: Drafter, config: HybridConfig = HybridConfig(),
+                 target: Transformer | None = None) -> None:
+        super().__init__(inner, config, target)
         self._shape = (0, 0)  # (depth, nodes) of the last model tree
         self._tree_cost: float | None = None  # running mean, in target passes
 
@@ -165,22 +154,24 @@ class HybridTreeDrafter(HybridDrafter):
             return True
         return self._accepted >= self._tree_cost
 
-    def propose_tree(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
-                     max_nodes: int | None = None):
-        from s2d.drafting.tree import DraftTree
+    def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
+                generator: torch.Generator | None) -> Draft:
+        raise NotImplementedError("lookup+ a tree method drafts trees: call propose_tree")
 
+    def propose_tree(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
+                     max_nodes: int | None = None) -> DraftTree:
         cap = self.config.lookup_tokens if max_nodes is None else min(max_nodes, self.config.lookup_tokens)
         tokens = self._choose(context, cap)
         if self.last_kind == "lookup":
             ids = torch.tensor(tokens, dtype=torch.long)
             probs = None
             if not params.greedy:
-                vocab = self.model.model.cfg.vocab_size
+                vocab = self.inner.draft_model.cfg.vocab_size
                 probs = torch.zeros(len(tokens), vocab).index_put_((torch.arange(len(tokens)), ids),
                                                                    torch.ones(len(tokens)))
             return DraftTree(ids, list(range(-1, len(tokens) - 1)), probs, [LOOKUP_EXIT] * len(tokens))
         if self.last_kind == "model":
-            tree = self.model.propose_tree(context, params, generator, max_nodes)
+            tree = self.inner.propose_tree(context, params, generator, max_nodes)
             self._shape = (max(tree.depths, default=0), len(tree))
             return tree
         return DraftTree.empty()

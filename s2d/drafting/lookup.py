@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from s2d.drafting.base import Draft
+from s2d.drafting.base import Draft, Drafter
 from s2d.sampling import SamplingParams
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(Drafter):
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
-
-    def reset(self) -> None:
-        pass
-
-    def feedback(self, num_proposed: int, num_accepted: int) -> None:
-        pass
 
     def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
                 generator: torch.Generator | None) -> Draft:

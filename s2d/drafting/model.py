@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from s2d.drafting.base import Draft, common_prefix
+from s2d.drafting.base import Draft, Drafter, common_prefix
+from s2d.drafting.cost import draft_cost_ratio
 from s2d.drafting.length import DraftLength
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams, check_finite_logits, probabilities, sample
 
 
-class ModelDrafter:
+class ModelDrafter(Drafter):
     """The plain reference: every token through every layer. ``SortedDrafter`` with one exit must agree."""
 
     def __init__(self, model: Transformer, length: DraftLength | None = None) -> None:
@@ -26,6 +27,13 @@ class ModelDrafter:
 
     def feedback(self, num_proposed: int, num_accepted: int) -> None:
         self.length.update(num_proposed, num_accepted)
+
+    @property
+    def draft_model(self) -> Transformer:
+        return self.model
+
+    def token_cost(self, target: Transformer) -> float:
+        return draft_cost_ratio(self.model, self.model.cfg.num_layers, target)
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
         """Append tokens to the cache; returns logits [V] after the last one."""

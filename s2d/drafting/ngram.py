@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from s2d.drafting.base import Draft
+from s2d.drafting.base import Draft, Drafter
 from s2d.sampling import SamplingParams
 
 
@@ -80,7 +80,7 @@ class NgramIndex:
         return None
 
 
-class NgramDrafter:
+class NgramDrafter(Drafter):
     """Drafts by copying what followed the longest earlier match of the context's tail (one-hot q)."""
 
     def __init__(self, config: NgramConfig = NgramConfig()) -> None:
@@ -89,9 +89,6 @@ class NgramDrafter:
 
     def reset(self) -> None:
         self.index.reset()
-
-    def feedback(self, num_proposed: int, num_accepted: int) -> None:
-        pass
 
     def lookup(self, context: list[int], max_tokens: int) -> tuple[list[int], int]:
         """Up to ``max_tokens`` copied tokens and the match length behind the first (0: none)."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from s2d.drafting.base import Draft, Drafter
+from s2d.drafting.base import Draft, Drafter, DrafterWrapper
 from s2d.model import native
 from s2d.sampling import SamplingParams
 
@@ -82,7 +82,7 @@ def truncated(draft: Draft, n: int) -> Draft:
     return Draft(draft.tokens[:n], probs, draft.exits[:n])
 
 
-class OverlapDrafter:
+class OverlapDrafter(DrafterWrapper):
     """Runs a chain drafter (a model drafter: ``SortedDrafter``, ``ModelDrafter``) overlapped with verification.
 
     The engine calls ``speculate(context_with_draft, ...)`` around its target pass; ``propose`` then
@@ -90,27 +90,14 @@ class OverlapDrafter:
     """
 
     def __init__(self, inner: Drafter, threads: OverlapThreads | None) -> None:
-        if hasattr(inner, "propose_tree"):
+        if inner.grows_trees:
             raise ValueError("overlap drafts chains; a tree drafter cannot be overlapped")
-        self.inner = inner
+        super().__init__(inner)
         self.threads = threads  # None: sequential (one core)
         self._ready: Speculation | None = None
         self._generator: torch.Generator | None = None  # the draft's draws (sampling), seeded per sequence
         self.speculations = 0  # speculations run (kept across requests: measurements read them)
         self.used = 0  # speculated drafts that became the next step's draft
-
-    # What HybridDrafter.bind_target and Engine read of a model drafter (its model, exits, head).
-    @property
-    def model(self):
-        return getattr(self.inner, "model", None)
-
-    @property
-    def config(self):
-        return getattr(self.inner, "config", None)
-
-    @property
-    def head(self):
-        return getattr(self.inner, "head", None)
 
     @property
     def overlapped(self) -> bool:
@@ -120,14 +107,6 @@ class OverlapDrafter:
         self.inner.reset()
         self._ready = None
         self._generator = None
-
-    def feedback(self, num_proposed: int, num_accepted: int) -> None:
-        self.inner.feedback(num_proposed, num_accepted)
-
-    def observe(self, hidden: torch.Tensor) -> None:
-        """The target's hidden state [C] after a pass, for an inner drafter that reads it (steering)."""
-        if (observe := getattr(self.inner, "observe", None)) is not None:
-            observe(hidden)
 
     def _draft_generator(self, params: SamplingParams, generator: torch.Generator | None) -> torch.Generator | None:
         """The generator of every draft draw of this sequence (None under greedy: nothing is drawn).

@@ -320,7 +320,10 @@ class RefinedDrafter(SortedDrafter):
 
     def __init__(self, model: Transformer, exit_layers: int, corpus: CorpusNgram | None,
                  table: RefineTable | None = None, length: DraftLength | None = None, stop_threshold: float = 0.0,
-                 vocab: list[int] | None = None, weights: RefineWeights | None = None) -> None:
+                 vocab: list[int] | None = None, weights: RefineWeights | None = None,
+                 target: Transformer | None = None, behind_lookup: bool = False) -> None:
+        """``target``: the target served (its calibrated weights); ``behind_lookup``: drafting only where
+        lookup has nothing (``lookup+refine-exit-E``), which has weights of its own."""
         super().__init__(model, SortedConfig((exit_layers,), (0.0,), stop_threshold), length, vocab=vocab)
         if corpus is not None and corpus.vocab_size != model.cfg.vocab_size:
             raise ValueError(f"the n-gram model counts {corpus.vocab_size} tokens, the draft has {model.cfg.vocab_size}")
@@ -328,11 +331,13 @@ class RefinedDrafter(SortedDrafter):
         self.exit_layers = exit_layers
         self.table = table or RefineTable({}, {}, {})
         self.fixed = weights  # explicit weights win over the table (tests, calibration)
-        self.behind_lookup = False  # set by build_drafter for lookup+refine-exit-E: that kind's weights
+        self.behind_lookup = behind_lookup
         self.fingerprint: str | None = None  # the bound target's
-        self.weights = weights or self.table.lookup(None, exit_layers)
+        self.weights = weights or self.table.lookup(None, exit_layers, behind_lookup)
         self.context_ngram = ContextNgram(model.cfg.vocab_size)
         self._ids = None if self.head_ids is None else self.head_ids.cpu().numpy()  # subset index -> token id
+        if target is not None:
+            self.bind_target(target)
 
     def bind_target(self, target: Transformer) -> None:
         """Serve ``target``: its calibrated weights (else the pooled default, else DEFAULT_WEIGHTS)."""

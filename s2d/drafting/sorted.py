@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from s2d.drafting.base import Draft, common_prefix
+from s2d.drafting.base import Draft, Drafter, common_prefix
+from s2d.drafting.cost import draft_cost_ratio
 from s2d.drafting.gates import ExitGates, GateRunner
 from s2d.drafting.length import DraftLength
 from s2d.drafting.vocab import subset_head
@@ -56,7 +57,7 @@ def confidence_and_q(logits: Tensor, params: SamplingParams) -> tuple[float, Ten
     return float(conf), q
 
 
-class SortedDrafter:
+class SortedDrafter(Drafter):
     def __init__(self, model: Transformer, config: SortedConfig, length: DraftLength | None = None,
                  gates: ExitGates | None = None, vocab: list[int] | None = None) -> None:
         if config.exits[-1] > model.cfg.num_layers:
@@ -82,6 +83,15 @@ class SortedDrafter:
 
     def feedback(self, num_proposed: int, num_accepted: int) -> None:
         self.length.update(num_proposed, num_accepted)
+
+    @property
+    def draft_model(self) -> Transformer:
+        return self.model
+
+    def token_cost(self, target: Transformer) -> float:
+        """A token from the first exit (the one most tokens leave at), over a target pass."""
+        return draft_cost_ratio(self.model, self.config.exits[0], target,
+                                None if self.head is None else self.head.shape[0])
 
     def _enter(self, tokens: list[int]) -> None:
         """Run new tokens through the layers of the first exit."""

@@ -141,7 +141,9 @@ class SteeredDrafter(SortedDrafter):
     """One exit of the sorted draft, its read-out moved by the served target's steering vector."""
 
     def __init__(self, model: Transformer, exit_layers: int, maps: SteeringMaps, length: DraftLength | None = None,
-                 stop_threshold: float = 0.0, vocab: list[int] | None = None) -> None:
+                 stop_threshold: float = 0.0, vocab: list[int] | None = None,
+                 target: Transformer | None = None) -> None:
+        """``target``: the target served (its map is looked up now); None: unsteered until ``bind_target``."""
         super().__init__(model, SortedConfig((exit_layers,), (0.0,), stop_threshold), length, vocab=vocab)
         self.maps = maps
         self.exit_layers = exit_layers
@@ -150,6 +152,8 @@ class SteeredDrafter(SortedDrafter):
         # The last observed target state [Ct], turned into ``steer`` when the draft next reads out: inside
         # s2d most steps are lookup steps that never read the draft, so the product waits until one does.
         self.observed: Tensor | None = None
+        if target is not None:
+            self.bind_target(target)
 
     def bind_target(self, target: Transformer) -> None:
         """Serve ``target``: its map (a ValueError when the draft has none for it)."""

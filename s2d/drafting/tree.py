@@ -39,85 +39,19 @@ costs a few rows of a small model; it keeps the draft's cache a plain prefix (no
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from s2d.drafting.base import common_prefix
+from s2d.drafting.base import DraftTree, Drafter, ancestor_mask, common_prefix, row_depths
+from s2d.drafting.cost import draft_cost_ratio
 from s2d.drafting.vocab import subset_head
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
 from s2d.sampling import NONFINITE, SamplingParams, probabilities
-
-
-@dataclass
-class DraftTree:
-    tokens: Tensor  # [N] long, node tokens in topological order
-    parents: list[int]  # [N] parent node index, -1 for a child of the root
-    probs: Tensor | None = None  # [N, V] the q each node was drawn from (its parent's); None = greedy
-    exits: list[int] = field(default_factory=list)  # [N] the exit that drafted each node
-
-    def __len__(self) -> int:
-        return self.tokens.numel()
-
-    @classmethod
-    def empty(cls) -> "DraftTree":
-        return cls(torch.empty(0, dtype=torch.long), [])
-
-    @property
-    def depths(self) -> list[int]:
-        """Each node's depth below the root (a child of the root: 1)."""
-        return [d + 1 for d in row_depths(self.parents)]
-
-    def children(self, node: int) -> list[int]:
-        """Children of ``node`` (-1: the root), in draw order."""
-        return [i for i, parent in enumerate(self.parents) if parent == node]
-
-    def preorder(self) -> "DraftTree":
-        """The same tree in depth-first order, first children first.
-
-        Why: the path of first children (the draft's own greedy chain) then lies in consecutive
-        cache slots right after the root, exactly where a chain pass puts it, so the most likely path
-        is verified in the layout the chain method is known to reproduce bit for bit.
-        """
-        kids = {}
-        for i, parent in enumerate(self.parents):
-            kids.setdefault(parent, []).append(i)
-        order: list[int] = []
-        stack = list(reversed(kids.get(-1, [])))
-        while stack:
-            node = stack.pop()
-            order.append(node)
-            stack.extend(reversed(kids.get(node, [])))
-        new_index = {old: new for new, old in enumerate(order)}
-        parents = [new_index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in order]
-        return DraftTree(self.tokens[order], parents,
-                         None if self.probs is None else self.probs[order], [self.exits[i] for i in order])
-
-    def block_mask(self) -> Tensor:
-        """[N+1, N+1] bool for the verification block (root first): True where a row may attend."""
-        return ancestor_mask([-1] + [p + 1 for p in self.parents])
-
-
-def row_depths(parents: list[int]) -> list[int]:
-    """parents [T] (-1: none; each before its children) -> each row's distance from its top ancestor."""
-    depth: list[int] = []
-    for parent in parents:
-        depth.append(0 if parent < 0 else depth[parent] + 1)
-    return depth
-
-
-def ancestor_mask(parents: list[int]) -> Tensor:
-    """parents [T] (-1: none; each before its children) -> [T, T] bool: ancestor-or-self."""
-    t = len(parents)
-    mask = torch.eye(t, dtype=torch.bool)
-    for i, parent in enumerate(parents):
-        if parent >= 0:
-            mask[i] |= mask[parent]
-    return mask
 
 
 @dataclass(frozen=True)
@@ -156,8 +90,10 @@ TreeMode = Literal["dynamic", "fixed", "beam"]
 TREE_MODES: tuple[TreeMode, ...] = ("dynamic", "fixed", "beam")
 
 
-class TreeDrafter:
+class TreeDrafter(Drafter):
     """Grows a token tree with one exit of a sorted draft (dynamic, of a fixed shape, or by beams)."""
+
+    grows_trees = True
 
     def __init__(self, model: Transformer, exit_layers: int, shape: TreeShape = TreeShape(),
                  vocab: list[int] | None = None, mode: TreeMode = "dynamic") -> None:
@@ -176,8 +112,13 @@ class TreeDrafter:
         self.cache.truncate(0)
         self.cached = []
 
-    def feedback(self, num_proposed: int, num_accepted: int) -> None:
-        pass
+    @property
+    def draft_model(self) -> Transformer:
+        return self.model
+
+    def token_cost(self, target: Transformer) -> float:
+        """One level of the tree: one pass of the exit's layers and (subset) head, over a target pass."""
+        return draft_cost_ratio(self.model, self.exit, target, None if self.head is None else self.head.shape[0])
 
     def _sync(self, context: list[int]) -> None:
         """The draft's cache holds exactly ``context`` (the root included)."""

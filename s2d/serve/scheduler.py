@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens
 from s2d.drafting.base import Drafter
-from s2d.engine import DecodeState, Engine
+from s2d.decode import DecodeState, decode_step, prefill
+from s2d.engine import Engine
 from s2d.model.cache import KVCache
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams
@@ -109,9 +110,7 @@ class TargetPool:
         """
         if fresh or method not in slot.drafters:
             opts = self.options(method)
-            drafter = build_drafter(method, self.draft, opts)
-            if drafter is not None and hasattr(drafter, "bind_target"):
-                drafter.bind_target(self.engine.target)
+            drafter = build_drafter(method, self.draft, opts, self.engine.target)
             slot.drafters[method] = (drafter, engine_draft_tokens(method, opts))
         return slot.drafters[method]
 
@@ -208,7 +207,7 @@ class Scheduler:
         try:
             seeded = r.params.seed is not None and not r.params.greedy
             drafter, k = pool.drafter(job.slot, r.method, fresh=seeded)
-            job.state = pool.engine.begin(r.prompt, r.params, r.max_new_tokens, job.slot.cache, drafter, k)
+            job.state = prefill(pool.engine.target, r.prompt, r.params, r.max_new_tokens, job.slot.cache, drafter, k)
         except Exception as err:  # a drafter that cannot be built, a prompt the engine refuses
             self._end(job, Event("error", error=err))
             return False
@@ -222,7 +221,7 @@ class Scheduler:
         engine = self.pools[job.request.target].engine
         state = job.state
         try:
-            emitted = engine.step(state)
+            emitted = decode_step(engine.target, state, engine.eos)
             state.stats.elapsed_s = time.perf_counter() - job.submitted_at
             delta, stopped = job.text.push(state.output)
         except Exception as err:  # non-finite logits, a tokenizer failure: this request ends, others go on

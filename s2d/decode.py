@@ -1,0 +1,263 @@
+"""One sequence's decoding, stateless: prefill, then steps of draft -> verify (one target pass) -> accept.
+
+Everything a sequence changes lives in its ``DecodeState`` (its cache, drafter, generator, statistics);
+the target's weights are only read. So whoever owns caches (the ``Engine`` its one, a server's
+scheduler one per slot) calls ``prefill`` and ``decode_step`` here, and the step itself is one function.
+
+A step always verifies a tree (``DraftTree``): a chain is the tree of one path, which is verified with
+the chain rules and no tree mask (the same pass, and the same random draws, as plain speculative
+decoding), and a branching tree with its ancestor mask and recursive rejection sampling. Then, the
+same for both: the cache keeps the accepted path (a truncate for a chain, one gather for a tree), the
+statistics count the pass, and the drafter hears the verdict and sees the target's hidden state.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from s2d.drafting.base import Drafter, DraftTree
+from s2d.model.cache import KVCache
+from s2d.model.config import CheckpointError
+from s2d.model.llama import Transformer
+from s2d.sampling import SamplingParams, check_finite_logits, probabilities, sample
+from s2d.verify import verify_greedy, verify_stochastic, verify_tree_greedy, verify_tree_stochastic
+
+
+class InputError(ValueError):
+    """A request the engine refuses (empty or too-long prompt, bad limits); nothing was changed."""
+
+
+def as_token_ids(prompt: object) -> list[int]:
+    """A prompt as a list of ints: a list/tuple of ints or a 1-D integer tensor; anything else is refused."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise TypeError(f"prompt tensor must hold integer token ids, not {prompt.dtype}")
+        if prompt.dim() != 1:
+            raise InputError(f"prompt tensor must be 1-D (one sequence of token ids), got shape {tuple(prompt.shape)}")
+        return prompt.tolist()
+    if isinstance(prompt, (str, bytes)):
+        raise TypeError("prompt must be token ids, not text: pass tokenizer(text).input_ids")
+    if not isinstance(prompt, (list, tuple)):
+        hint = " (pass its .input_ids)" if hasattr(prompt, "input_ids") else ""
+        raise TypeError(f"prompt must be a list of token ids or a 1-D tensor, not {type(prompt).__name__}{hint}")
+    ids = []
+    for token in prompt:
+        try:
+            if isinstance(token, bool):
+                raise TypeError
+            ids.append(operator.index(token))  # ints, numpy ints, 0-d integer tensors; not floats
+        except TypeError:
+            raise TypeError(f"prompt must hold integer token ids, found {token!r} ({type(token).__name__})") from None
+    return ids
+
+
+def add_by_position(into: list[int], add: list[int]) -> None:
+    """into[i] += add[i], growing ``into`` as needed: per-draft-position counts, merged one way everywhere."""
+    into.extend([0] * (len(add) - len(into)))
+    for i, v in enumerate(add):
+        into[i] += v
+
+
+def add_histogram(into: dict, add: dict) -> None:
+    """into[k] += add[k] for every key: exit histograms, merged one way everywhere."""
+    for k, v in add.items():
+        into[k] = into.get(k, 0) + v
+
+
+@dataclass
+class DecodeStats:
+    target_passes: int = 0  # verification passes (prefill excluded)
+    new_tokens: int = 0
+    proposed: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens accepted
+    accepted_at: list[int] = field(default_factory=list)  # [i]: times draft position i was accepted
+    proposed_at: list[int] = field(default_factory=list)  # [i]: times draft position i was proposed
+    exit_counts: dict[int, int] = field(default_factory=dict)  # exit layer -> draft tokens it produced (0: lookup)
+    elapsed_s: float = 0.0
+    draft_s: float = 0.0  # time spent proposing drafts
+    verify_s: float = 0.0  # time spent in target passes (prefill excluded)
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens emitted per target pass (1.0 for plain decoding)."""
+        return self.new_tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+    def record(self, proposed_at: list[int], num_accepted: int, exits: list[int]) -> None:
+        """One target pass: draft tokens proposed per position (a chain: 1 each; a tree: nodes per
+        depth), how many were accepted (a prefix, or a root-to-leaf path), each token's exit."""
+        self.target_passes += 1
+        self.proposed += sum(proposed_at)
+        self.accepted += num_accepted
+        add_by_position(self.proposed_at, proposed_at)
+        add_by_position(self.accepted_at, [1] * num_accepted)
+        add_histogram(self.exit_counts, {e: exits.count(e) for e in set(exits)})
+
+    def merge(self, other: "DecodeStats") -> None:
+        """Add another run's statistics to these (totals across requests)."""
+        for attr in ("target_passes", "new_tokens", "proposed", "accepted", "elapsed_s", "draft_s", "verify_s"):
+            setattr(self, attr, getattr(self, attr) + getattr(other, attr))
+        add_by_position(self.proposed_at, other.proposed_at)
+        add_by_position(self.accepted_at, other.accepted_at)
+        add_histogram(self.exit_counts, other.exit_counts)
+
+
+@dataclass
+class DecodeState:
+    """Everything one sequence's decoding needs between steps."""
+
+    tokens: list[int]  # prompt + output so far; the target cache holds all but the last
+    prompt_len: int
+    max_new_tokens: int
+    params: SamplingParams
+    cache: KVCache  # this sequence's target cache (the Engine's own, or a slot of a pool)
+    generator: torch.Generator
+    drafter: Drafter | None = None  # this sequence's drafter: its cache and adaptive state are per sequence
+    num_draft_tokens: int = 1  # the most tokens the drafter may propose per step
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    finished: bool = False
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+
+
+@torch.inference_mode()
+def prefill(target: Transformer, prompt: list[int], params: SamplingParams, max_new_tokens: int, cache: KVCache,
+            drafter: Drafter | None, num_draft_tokens: int) -> DecodeState:
+    """Validate a request and run all prompt tokens but the last through the target into ``cache``.
+
+    ``drafter`` must be this sequence's (its state is reset) and bound to ``target``.
+    """
+    prompt = as_token_ids(prompt)
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, not {type(max_new_tokens).__name__}")
+    if not prompt:
+        raise InputError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    vocab = target.cfg.vocab_size
+    if min(prompt) < 0 or max(prompt) >= vocab:
+        raise InputError(f"prompt holds token ids outside the vocabulary [0, {vocab})")
+    limit = cache.capacity
+    if len(prompt) + max_new_tokens > limit:
+        raise InputError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds "
+                         f"the model's context of {limit} tokens")
+    cache.truncate(0)
+    if drafter is not None:
+        drafter.reset()
+    if len(prompt) > 1:
+        device = target.device
+        ids = torch.tensor([prompt[:-1]], device=device)
+        hidden = target.run_layers(target.embed_tokens(ids), torch.arange(len(prompt) - 1, device=device), cache)
+        if drafter is not None:
+            drafter.observe(hidden[0, -1])  # the row that chose the prompt's last token (s2d-steer)
+    return DecodeState(list(prompt), len(prompt), max_new_tokens, params, cache, params.generator(target.device),
+                       drafter, num_draft_tokens)
+
+
+@torch.inference_mode()
+def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozenset[int]) -> list[int]:
+    """One target pass: returns the tokens it emitted (accepted draft tokens + one from the target)."""
+    if state.finished:
+        raise InputError("this sequence is finished")
+    drafter = state.drafter
+    remaining = state.max_new_tokens - len(state.output)
+    budget = min(state.num_draft_tokens, remaining - 1)  # the target's token always comes on top
+    t0 = time.perf_counter()
+    tree = DraftTree.empty()
+    if drafter is not None and budget > 0:
+        tree = drafter.propose_tree(state.tokens, state.params, state.generator, max_nodes=budget)
+    t1 = time.perf_counter()
+
+    device = target.device
+    base = state.cache.length  # == len(state.tokens) - 1
+    chain = tree.is_chain
+    tokens = tree.tokens.to(device)
+    block = torch.cat([torch.tensor([state.tokens[-1]], device=device), tokens])
+    if chain:
+        positions, mask = torch.arange(base, base + block.numel(), device=device), None
+    else:
+        positions, mask = torch.tensor([0] + tree.depths, device=device) + base, tree.block_mask().to(device)
+    # A drafter may draft the next step during the pass, as if this chain will be accepted whole (overlap.py).
+    next_cap = min(state.num_draft_tokens, remaining - len(tree) - 2)
+    speculation = drafter.speculate(state.tokens + tokens.tolist(), next_cap, state.params, state.generator) \
+        if drafter is not None and chain and next_cap >= 1 else nullcontext()
+    with speculation:
+        out, hidden = _target_pass(target, state, block, positions, mask)
+    state.stats.draft_s += t1 - t0
+    state.stats.verify_s += time.perf_counter() - t1
+
+    path, next_token = _verdict(tree, tokens, out, state)
+    if chain:
+        state.cache.truncate(base + 1 + len(path))
+    else:  # the accepted path's entries become the contiguous prefix after the root (one gather)
+        state.cache.compact(base, torch.tensor([base] + [base + 1 + i for i in path]))
+    per_depth = [0] * max(tree.depths, default=0)
+    for d in tree.depths:
+        per_depth[d - 1] += 1
+    state.stats.record(per_depth, len(path), tree.exits)
+    if drafter is not None:
+        drafter.feedback(len(tree), len(path))
+        drafter.observe(hidden[1 + path[-1] if path else 0])  # the row that chose the step's last token
+
+    emitted = tokens[path].tolist() + [next_token] if path else [next_token]
+    for i, token in enumerate(emitted):
+        if token in eos:
+            emitted = emitted[: i + 1]
+            state.finished = True
+            break
+    state.tokens.extend(emitted)
+    state.stats.new_tokens += len(emitted)
+    if len(state.output) >= state.max_new_tokens:
+        state.finished = True
+    return emitted
+
+
+def _target_pass(target: Transformer, state: DecodeState, block: Tensor, positions: Tensor,
+                 mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One target pass over ``block`` [T]: (the argmax after each row [T] (greedy) or probabilities
+    [T, V], the last layer's hidden states [T, C], which a steered drafter reads)."""
+    try:  # non-finite logits raise CheckpointError (the greedy pass checks them itself)
+        hidden = target.run_layers(target.embed_tokens(block[None]), positions, state.cache, block_mask=mask)[0]
+        if state.params.greedy:
+            return target.argmax(hidden), hidden
+        logits = target.logits(hidden)
+        check_finite_logits(logits, "target")
+        return probabilities(logits, state.params), hidden
+    except CheckpointError:
+        state.finished = True  # the cache now holds this pass: the sequence cannot go on
+        raise
+
+
+def _verdict(tree: DraftTree, tokens: Tensor, out: Tensor, state: DecodeState) -> tuple[list[int], int]:
+    """(accepted nodes, root to leaf; the target's next token). ``out``: argmax [N+1] or probabilities [N+1, V]."""
+    if tree.is_chain:
+        if state.params.greedy:
+            verdict = verify_greedy(tokens, out)
+        elif len(tree):
+            verdict = verify_stochastic(tokens, tree.probs, out, state.generator)
+        else:  # a plain sampling step
+            return [], int(sample(out[-1], state.generator))
+        return list(range(verdict.num_accepted)), verdict.next_token
+    ids = tokens.tolist()
+    if state.params.greedy:
+        tree_verdict = verify_tree_greedy(ids, tree.parents, out)
+    elif tree.probs is not None:
+        tree_verdict = verify_tree_stochastic(ids, tree.parents, tree.probs, out, state.generator)
+    else:  # a greedy-drafted tree carries no q: sample plainly from the root's row
+        return [], int(sample(out[0], state.generator))
+    return tree_verdict.path, tree_verdict.next_token
