@@ -235,9 +235,10 @@ def test_concurrent_requests_equal_sequential(live, family):
 def test_full_queue_answers_503(family, monkeypatch):
     tokenizer, models, draft = family
     live = LiveServer(Server(tokenizer, {"a": models["a"]}, draft, ServerConfig(max_slots=1, max_waiting=1)))
-    engine = live.server.pools["a"].engine
-    step = engine.step
-    monkeypatch.setattr(engine, "step", lambda state: (time.sleep(0.02), step(state))[1])
+    from s2d.serve import scheduler
+
+    step = scheduler.decode_step
+    monkeypatch.setattr(scheduler, "decode_step", lambda *a: (time.sleep(0.02), step(*a))[1])
     try:
         def ask(_) -> int:
             body = {"model": "a", "prompt": "w", "max_tokens": 20, "temperature": 0, "method": "ar"}
@@ -252,9 +253,10 @@ def test_full_queue_answers_503(family, monkeypatch):
 
 
 def test_disconnect_stops_generation(live, monkeypatch):
-    engine = live.server.pools["a"].engine
-    step = engine.step
-    monkeypatch.setattr(engine, "step", lambda state: (time.sleep(0.01), step(state))[1])  # >= 4 s for 400 tokens
+    from s2d.serve import scheduler
+
+    step = scheduler.decode_step
+    monkeypatch.setattr(scheduler, "decode_step", lambda *a: (time.sleep(0.01), step(*a))[1])  # >= 4 s for 400 tokens
     cancelled = live.server.scheduler.cancelled
     with httpx.stream("POST", live.url + "/v1/completions",
                       json={"model": "a", "prompt": "q", "max_tokens": 400, "temperature": 0, "stream": True,
