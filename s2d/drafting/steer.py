@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,19 +39,19 @@ from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
 
 STEER_FILE = "s2d_steer.safetensors"
+_FINGERPRINTS: "weakref.WeakKeyDictionary[Transformer, str]" = weakref.WeakKeyDictionary()  # computed once per model
 
 
 def target_fingerprint(target: Transformer) -> str:
     """A short id of a target's weights: its shape and a strided sample of its LM head (dtype-independent)."""
-    cached = getattr(target, "_steer_fingerprint", None)
-    if cached is not None:
+    if (cached := _FINGERPRINTS.get(target)) is not None:
         return cached
     cfg = target.cfg
     sample = target.lm_head.weight.detach().flatten()[::61].to(torch.bfloat16).view(torch.int16).cpu().numpy()
     h = hashlib.sha1(f"{cfg.vocab_size}:{cfg.hidden_size}:{cfg.num_layers}:".encode())
     h.update(sample.tobytes())
-    target._steer_fingerprint = h.hexdigest()[:16]
-    return target._steer_fingerprint
+    _FINGERPRINTS[target] = fingerprint = h.hexdigest()[:16]
+    return fingerprint
 
 
 def steering_vector(matrix: Tensor, hidden: Tensor, eps: float = 1e-6) -> Tensor:
