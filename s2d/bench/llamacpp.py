@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from s2d.bench.registry import Generation, MethodContext, MethodSkipped, register
+from s2d.bench.base import Generation, MethodContext, MethodSkipped
 from s2d.model.config import CheckpointError, ModelConfig
 from s2d.model.loading import resolve_checkpoint
 from s2d.sampling import SamplingParams
@@ -129,12 +129,9 @@ class LlamaCppMethod:
         return proposed_at, accepted_at
 
 
-@register("llamacpp", help="llama.cpp (llama-cpp-python) plain decoding of the target exported to GGUF")
 def llamacpp(ctx: MethodContext) -> LlamaCppMethod:
     return LlamaCppMethod(ctx)
 
 
-@register("llamacpp-lookup",
-          help="llama-cpp-python's prompt lookup drafter (LlamaPromptLookupDecoding; --prompt-lookup-num-tokens)")
 def llamacpp_lookup(ctx: MethodContext) -> LlamaCppMethod:
     return LlamaCppMethod(ctx, lookup_tokens=ctx.options.prompt_lookup_num_tokens)

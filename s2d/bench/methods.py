@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from s2d.bench.registry import Generation, MethodContext, MethodSkipped, register
+from s2d.bench.base import Generation, MethodContext, MethodSkipped
 from s2d.drafting.base import Drafter
 from s2d.engine import Engine
 from s2d.loading import check_same_tokenizer, check_same_vocab, load_model, load_tokenizer
@@ -73,8 +73,6 @@ def ours(ctx: MethodContext, name: str) -> EngineMethod:
     return engine_method(ctx, drafter, engine_draft_tokens(name, options))
 
 
-@register("s2d-cal", needs_draft=True,
-          help="s2d with the per-target calibration stored beside the draft (`s2d calibrate`); defaults without one")
 def s2d_calibrated(ctx: MethodContext) -> EngineMethod:
     from s2d.calibrate import load_calibration, stored_options
     from s2d.drafting import build_drafter, default_options, engine_draft_tokens

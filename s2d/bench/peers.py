@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from s2d.bench.methods import tokenizer
-from s2d.bench.registry import Generation, MethodContext, MethodSkipped, register
+from s2d.bench.base import Generation, MethodContext, MethodSkipped
 from s2d.loading import check_same_tokenizer
 from s2d.model.config import CheckpointError, ModelConfig
 from s2d.model.loading import DTYPES, resolve_checkpoint
@@ -77,7 +77,6 @@ class HFMethod:
         return Generation(out[0, len(prompt):].tolist(), elapsed, self.passes)
 
 
-@register("hf-ar", help="transformers generate(), plain decoding")
 def hf_ar(ctx: MethodContext) -> HFMethod:
     return HFMethod(ctx)
 
@@ -94,8 +93,6 @@ def assistant_layers(ctx: MethodContext) -> int | None:
     return want
 
 
-@register("hf-assisted", needs_draft=True,
-          help="transformers assisted generation with --draft as assistant_model (--assistant-exit for sorted drafts)")
 def hf_assisted(ctx: MethodContext) -> HFMethod:
     assert ctx.draft is not None
     if ctx.draft.resolve() == ctx.target.resolve():
@@ -111,6 +108,5 @@ def hf_assisted(ctx: MethodContext) -> HFMethod:
     return HFMethod(ctx, assistant_model=assistant)
 
 
-@register("hf-pld", help="transformers prompt lookup decoding (prompt_lookup_num_tokens)")
 def hf_pld(ctx: MethodContext) -> HFMethod:
     return HFMethod(ctx, prompt_lookup_num_tokens=ctx.options.prompt_lookup_num_tokens)

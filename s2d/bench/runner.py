@@ -19,7 +19,7 @@ from s2d.bench.methods import tokenizer
 from s2d.bench.metrics import BASELINE, mark_greedy_identical
 from s2d.bench.questions import PromptBuilder, Question, fit_context, load_questions
 from s2d.bench.records import QuestionRecord, TurnRecord
-from s2d.bench.registry import (Method, MethodContext, MethodOptions, MethodSkipped, ModelStore, build_method,
+from s2d.bench.registry import (Runner, MethodContext, MethodOptions, MethodSkipped, ModelStore, build_method,
                                 parse_methods, resolve)
 from s2d.model.config import ModelConfig
 from s2d.model.loading import resolve_checkpoint
@@ -94,7 +94,7 @@ def context_budget(cfg: BenchConfig, target: Path) -> int:
     return context - cfg.max_new_tokens
 
 
-def run_conversation(method: Method, builder: PromptBuilder, question: Question, cfg: BenchConfig,
+def run_conversation(method: Runner, builder: PromptBuilder, question: Question, cfg: BenchConfig,
                      index: int, budget: int) -> list[TurnRecord]:
     turns: list[TurnRecord] = []
     for j in range(len(question.turns)):
@@ -123,7 +123,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchOutcome:
         ctx = MethodContext(path, cfg.draft, cfg.options, models)
         budget = context_budget(cfg, path)
         builder = PromptBuilder(tokenizer(ctx, path))
-        built: dict[str, Method] = {}
+        built: dict[str, Runner] = {}
         for m in methods:
             bar.set_postfix_str(f"{name}: loading {m}")
             try:
