@@ -188,10 +188,11 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
     chain = tree.is_chain
     tokens = tree.tokens.to(device)
     block = torch.cat([torch.tensor([state.tokens[-1]], device=device), tokens])
+    depths = list(range(1, len(tree) + 1)) if chain else tree.depths
     if chain:
         positions, mask = torch.arange(base, base + block.numel(), device=device), None
     else:
-        positions, mask = torch.tensor([0] + tree.depths, device=device) + base, tree.block_mask().to(device)
+        positions, mask = torch.tensor([0] + depths, device=device) + base, tree.block_mask().to(device)
     # A drafter may draft the next step during the pass, as if this chain will be accepted whole (overlap.py).
     next_cap = min(state.num_draft_tokens, remaining - len(tree) - 2)
     speculation = drafter.speculate(state.tokens + tokens.tolist(), next_cap, state.params, state.generator) \
@@ -201,20 +202,21 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
     state.stats.draft_s += t1 - t0
     state.stats.verify_s += time.perf_counter() - t1
 
-    path, next_token = _verdict(tree, tokens, out, state)
+    path, next_token = _verdict(tree, chain, tokens, out, state)
     if chain:
         state.cache.truncate(base + 1 + len(path))
     else:  # the accepted path's entries become the contiguous prefix after the root (one gather)
         state.cache.compact(base, torch.tensor([base] + [base + 1 + i for i in path]))
-    per_depth = [0] * max(tree.depths, default=0)
-    for d in tree.depths:
+    per_depth = [0] * max(depths, default=0)  # draft tokens proposed at each depth (a chain: 1 each)
+    for d in depths:
         per_depth[d - 1] += 1
     state.stats.record(per_depth, len(path), tree.exits)
     if drafter is not None:
         drafter.feedback(len(tree), len(path))
         drafter.observe(hidden[1 + path[-1] if path else 0])  # the row that chose the step's last token
 
-    emitted = tokens[path].tolist() + [next_token] if path else [next_token]
+    ids = tokens.tolist()
+    emitted = [ids[i] for i in path] + [next_token]
     for i, token in enumerate(emitted):
         if token in eos:
             emitted = emitted[: i + 1]
@@ -243,9 +245,9 @@ def _target_pass(target: Transformer, state: DecodeState, block: Tensor, positio
         raise
 
 
-def _verdict(tree: DraftTree, tokens: Tensor, out: Tensor, state: DecodeState) -> tuple[list[int], int]:
+def _verdict(tree: DraftTree, chain: bool, tokens: Tensor, out: Tensor, state: DecodeState) -> tuple[list[int], int]:
     """(accepted nodes, root to leaf; the target's next token). ``out``: argmax [N+1] or probabilities [N+1, V]."""
-    if tree.is_chain:
+    if chain:
         if state.params.greedy:
             verdict = verify_greedy(tokens, out)
         elif len(tree):
