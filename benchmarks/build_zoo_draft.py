@@ -1,6 +1,9 @@
-"""Rebuild ``benchmarks/zoo-draft``: the sorted draft for the zoo family (zoo-s, zoo-m, zoo-l).
+"""Rebuild the sorted draft for the zoo family (zoo-s, zoo-m, zoo-l): the package ships it, as built
+here, in ``s2d/data/default/draft`` (the benchmark draft; stored once, not in ``benchmarks/``).
 
     python benchmarks/build_zoo_draft.py ../shared/zoo        # about 40 minutes on 2 CPU cores
+    # -> runs/zoo-draft/draft (--out); to ship it: copy it into s2d/data/default/draft without
+    #    build_info.json and the train_log_*.jsonl files
     python benchmarks/build_zoo_draft.py ../shared/zoo --soft-only   # stage 1 alone (for the MAT table)
 
 The draft: the first 3 of zoo-s's 4 layers (with its embeddings, final norm and tied head), exits after
@@ -65,7 +68,8 @@ def main() -> int:
     ap.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]),
                     help="the Python 3.11 standard library (default: this interpreter's)")
     ap.add_argument("--work", type=Path, default=Path("runs/zoo-draft"), help="training runs (checkpoints, logs)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/zoo-draft"))
+    ap.add_argument("--out", type=Path, default=Path("runs/zoo-draft/draft"),
+                    help="the built draft (default: runs/zoo-draft/draft, outside the source tree)")
     ap.add_argument("--soft-steps", type=int, default=160)
     ap.add_argument("--distill-steps", type=int, default=65)
     ap.add_argument("--soft-minutes", type=float, default=16, help="stage 1 time guard (training minutes)")

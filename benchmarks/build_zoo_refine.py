@@ -1,6 +1,9 @@
-"""Write what ``s2d-refine`` reads beside ``benchmarks/zoo-draft``, in place (a few minutes on 2 cores):
+"""Write what ``s2d-refine`` reads beside a copy of the zoo draft, in place (a few minutes on 2 cores):
 
-    python benchmarks/build_zoo_refine.py ../shared/zoo
+    mkdir -p runs/zoo-draft && cp -r s2d/data/default/draft runs/zoo-draft/draft   # or build_zoo_draft.py's output
+    python benchmarks/build_zoo_refine.py ../shared/zoo   # --draft runs/zoo-draft/draft (the default)
+
+(The shipped draft carries neither file: they are written into a copy, outside the package.)
 
 1. ``s2d_ngram.npz``: the n-grams (orders 1-3, pruned below 2 occurrences) of the draft's training text,
    the zoo corpus (this interpreter's standard library, site-packages excluded, files <= 400 kB) minus the
@@ -10,7 +13,7 @@
    targets' own greedy continuations (128 tokens) of ``benchmarks/calibration/*.jsonl`` (not the benchmark
    prompts), as ``s2d calibrate-refine`` does.
 
-Equivalent commands: ``s2d train-draft --objective ngram --init benchmarks/zoo-draft --out NEW --data STDLIB
+Equivalent commands: ``s2d train-draft --objective ngram --init s2d/data/default/draft --out NEW --data STDLIB
 --exclude-dir site-packages --exclude-from ../shared/zoo/split.json --max-file-bytes 400000`` (into a copy),
 then ``s2d calibrate-refine --draft NEW --target ../shared/zoo/zoo-s ... --prompts benchmarks/calibration/*.jsonl``.
 """
@@ -33,7 +36,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("zoo", type=Path, help="the zoo directory (../shared/zoo)")
     ap.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
-    ap.add_argument("--draft", type=Path, default=Path("benchmarks/zoo-draft"))
+    ap.add_argument("--draft", type=Path, default=Path("runs/zoo-draft/draft"))
     ap.add_argument("--prompts", type=Path, nargs="+",
                     default=sorted(Path("benchmarks/calibration").glob("*.jsonl")))
     ap.add_argument("--new-tokens", type=int, default=128)

@@ -1,8 +1,8 @@
 """Choose what ``--method s2d`` means by measurement, on prompts the benchmark never uses.
 
-    python benchmarks/choose_default.py --zoo ../shared/zoo --draft benchmarks/zoo-draft \
+    python benchmarks/choose_default.py --zoo ../shared/zoo --draft s2d/data/default/draft \
         --prompts benchmarks/calibration/stdlib_heldout.jsonl,benchmarks/calibration/third_party.jsonl \
-        --out benchmarks/choose_default.json
+        --out runs/choose_default.json
 
 Every candidate configuration (a method of ``s2d.drafting.methods`` and its knobs) decodes every
 calibration prompt on every target, greedy, bf16, ignoring EOS, all candidates on one prompt before the
@@ -135,6 +135,7 @@ def main() -> None:
               + " | ".join(cells) + " | |")
     print(f"\ndefault: {best} (score {scores[best]:.3f})")
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # runs/ by default: records stay out of the tree
         args.out.write_text(json.dumps(results, indent=1) + "\n")
         print(f"wrote {args.out}")
 

@@ -1,6 +1,6 @@
 """Issue 2 benchmark: our runtime and vanilla speculative decoding against transformers.
 
-    python benchmarks/core_speed.py --zoo ../shared/zoo [--limit N] [--out benchmarks/core_speed.json]
+    python benchmarks/core_speed.py --zoo ../shared/zoo [--limit N] [--out runs/core_speed.json]
 
 Target zoo-l, draft zoo-s, bfloat16, greedy, 128 new tokens, prompts from code_suite.jsonl.
 Every method runs on the same prompt before moving to the next prompt, so machine noise spreads
@@ -114,6 +114,7 @@ def main() -> None:
               f"{r['mean_accepted_tokens']:.2f} | {r['greedy_identical']:.0%} |")
     print(f"ours/hf plain: {rows['ar']['vs_hf_ar']:.2f}x; ours sd / hf assisted: {rows['sd']['vs_hf_assisted']:.2f}x")
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # runs/ by default: records stay out of the tree
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 

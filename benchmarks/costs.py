@@ -1,7 +1,7 @@
 """What bounds speculative speedup here: forward-pass costs of targets and draft exits, and where they go.
 
-    python benchmarks/costs.py --zoo ../shared/zoo --draft benchmarks/zoo-draft [--context 400] [--out F]
-    python benchmarks/costs.py --models runs/llama-1b-shape --draft benchmarks/zoo-draft --sizes 1,6,16
+    python benchmarks/costs.py --zoo ../shared/zoo --draft s2d/data/default/draft [--context 400] [--out F]
+    python benchmarks/costs.py --models runs/llama-1b-shape --draft s2d/data/default/draft --sizes 1,6,16
 
 For each target: the time of one greedy verification pass over 1 new token and over k new tokens
 at a fixed context length (sizes timed round-robin, so machine drift does not bend their ratios), through the native runtime and through the torch reference path (``--reference``);
@@ -202,6 +202,7 @@ def main() -> None:
         if one:
             print(f"- / {name} one-token pass: " + ", ".join(f"{k}: {v / one:.3f}" for k, v in report["draft"].items()))
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # runs/ by default: records stay out of the tree
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 

@@ -1,8 +1,8 @@
 """Greedy mean accepted tokens (MAT) of every exit of a sorted draft against every zoo target.
 
-    python benchmarks/draft_mat.py --zoo ../shared/zoo --draft benchmarks/zoo-draft --label distill \
-        --exits 1,2,3 --out benchmarks/draft_mat.json
-    python benchmarks/draft_mat.py --report benchmarks/draft_mat.json   # markdown tables
+    python benchmarks/draft_mat.py --zoo ../shared/zoo --draft s2d/data/default/draft --label distill \
+        --exits 1,2,3 --out runs/draft_mat.json
+    python benchmarks/draft_mat.py --report runs/draft_mat.json   # markdown tables
 
 Exit E of a draft is ``load_model(draft, num_layers=E)``: its first E layers through the shared final
 norm and head, drafting alone (no cascade), 5 tokens per step, 128 new tokens, greedy. The untrained
@@ -94,7 +94,7 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=20, help="of code_suite.jsonl's 60 (0 = all)")
     ap.add_argument("--num-draft-tokens", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/draft_mat.json"))
+    ap.add_argument("--out", type=Path, default=Path("runs/draft_mat.json"))
     ap.add_argument("--report", type=Path, help="print the markdown tables of a results file and exit")
     args = ap.parse_args()
     if args.report:
@@ -117,6 +117,7 @@ def main() -> int:
     results[args.label] = {"draft": str(args.draft), "question_ids": [p["question_id"] for p in prompts],
                            "num_draft_tokens": args.num_draft_tokens, "max_new_tokens": args.max_new_tokens,
                            "mat": mat}
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # runs/ by default: records stay out of the tree
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(report({args.label: results[args.label]}))
     return 0

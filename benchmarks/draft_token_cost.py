@@ -1,7 +1,7 @@
 """What one draft token costs against a target's one-token pass, with the draft's full head and with
 heads over its most frequent tokens (the draft_vocab option, s2d_draft_vocab.json beside the draft).
 
-    python benchmarks/draft_token_cost.py --zoo ../shared/zoo --draft benchmarks/zoo-draft [--target zoo-l]
+    python benchmarks/draft_token_cost.py --zoo ../shared/zoo --draft s2d/data/default/draft [--target zoo-l]
 
 Median of 300 calls each, context 400 tokens, bf16: exit 1's layer and its head (the argmax and its
 probability, as greedy drafting runs them), and the target's greedy one-token pass, back to back.

@@ -1,7 +1,7 @@
 """llama.cpp's own binaries on the bench's prompts: plain decoding (llama-completion) and llama-lookup.
 
     python benchmarks/llamacpp_binaries.py --tool ../shared/tools/llamacpp.sh --zoo ../shared/zoo \
-        --questions ../shared/zoo/code_suite.jsonl --limit-per-category 5 --out benchmarks/llamacpp_code.json
+        --questions ../shared/zoo/code_suite.jsonl --limit-per-category 5 --out runs/llamacpp_code.json
 
 The bench's ``llamacpp``/``llamacpp-lookup`` peers go through llama-cpp-python, whose per-token
 Python (sampling, logits copies) makes it slower than llama.cpp itself; users who pick llama.cpp run
@@ -70,6 +70,7 @@ def main() -> None:
                   f"tok/s, llama-lookup {report['targets'][target]['lookup']['mean_tokens_per_s']:.1f} tok/s "
                   f"({len(rows)} prompts)", flush=True)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # runs/ by default: records stay out of the tree
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 

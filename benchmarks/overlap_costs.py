@@ -1,8 +1,8 @@
 """The cost model of overlapped drafting (s2d-overlap): what a target pass and a draft token cost on 1 and 2
 native threads, alone and while the other runs concurrently on its own thread.
 
-    flock /tmp/s2d-cpu.lock python benchmarks/overlap_costs.py --zoo ../shared/zoo --draft benchmarks/zoo-draft \
-        --out benchmarks/overlap_costs.json
+    flock /tmp/s2d-cpu.lock python benchmarks/overlap_costs.py --zoo ../shared/zoo --draft s2d/data/default/draft \
+        --out runs/overlap_costs.json
 
 For each target: one greedy verification pass over 1 and over k new tokens (context 400, bf16); for the
 draft: one token through the layers of exit 1, 2, 3 and its head (the s2d default's 2048-token head where
@@ -157,6 +157,7 @@ def main() -> None:
         out["targets"][name] = row
         print(json.dumps({name: row}, indent=1), flush=True)
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # runs/ by default: records stay out of the tree
         args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 

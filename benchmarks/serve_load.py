@@ -1,7 +1,7 @@
 """Load on `s2d serve`: concurrent OpenAI clients, mixed targets, streaming and not, over loopback.
 
-    python benchmarks/serve_load.py --zoo ../shared/zoo --draft benchmarks/zoo-draft [--clients 8]
-        [--requests 25] [--max-tokens 64] [--out benchmarks/serve_load.json]
+    python benchmarks/serve_load.py --zoo ../shared/zoo --draft s2d/data/default/draft [--clients 8]
+        [--requests 25] [--max-tokens 64] [--out runs/serve_load.json]
 
 Starts `s2d serve` on the zoo's three targets with the draft (a subprocess on 127.0.0.1), then:
 1. sequential: every distinct (target, prompt) once, one request at a time: the expected texts;
@@ -73,7 +73,7 @@ def ask(client: openai.OpenAI, target: str, prompt: str, max_tokens: int, stream
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", type=Path, default=Path("../shared/zoo"))
-    ap.add_argument("--draft", type=Path, default=Path("benchmarks/zoo-draft"))
+    ap.add_argument("--draft", type=Path, default=Path("s2d/data/default/draft"))
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=25, help="per client")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -164,6 +164,7 @@ def main() -> int:
     }
     print(json.dumps(report, indent=1))
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # runs/ by default: records stay out of the tree
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     ok = not failures and report["identical_to_sequential"] == len(jobs)
     return 0 if ok else 1
