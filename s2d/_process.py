@@ -2,8 +2,8 @@
 
 glibc serves large allocations (above a dynamic threshold, at most 32 MB) with fresh ``mmap`` pages
 and returns freed memory to the kernel, so every prefill's temporaries (activations, attention
-scores) are faulted in anew: measured on a 2-core VM, a 250-token zoo-l prefill took 2.1 s instead
-of 36 ms, 1500 tokens 2.5 s instead of 0.17 s. Raising the mmap threshold to 64 MB and never
+scores) are faulted in anew: on a VM with slow page faults that made prefill tens of times slower
+(benchmarks/RESULTS.md, "Measurements behind the code"). Raising the mmap threshold to 64 MB and never
 trimming keeps freed blocks in the heap for the next call (the usual remedy inference servers get
 from jemalloc or tcmalloc). The cost: the resident size stays at its peak. ``S2D_MALLOC_TUNE=0``
 leaves malloc alone.

@@ -62,10 +62,9 @@ def _cpu_lacks_bf16() -> bool:
 
 
 # CPUs without native bf16 (no AVX512-BF16/AMX, e.g. AVX2-only x86) multiply a bf16 matrix by
-# M > 1 rows about M times as slowly as by one row (measured on an AVX2 EPYC, 576x1536: 0.12 ms at
-# M=1, 0.68 ms at M=6, 44 ms at M=400). Passes over a few tokens go to the native runtime there
-# (s2d/model/native); longer ones (prefill) upcast the weight to float32 for torch's float32 GEMM
-# (exact, ~7x faster than its bf16 path at 400 rows).
+# M > 1 rows about M times as slowly as by one row. Passes over a few tokens go to the native runtime
+# there (s2d/model/native); longer ones (prefill) upcast the weight to float32 for torch's float32 GEMM
+# (exact, and far faster than its bf16 path). Measured: benchmarks/RESULTS.md, "Measurements behind the code".
 CPU_BF16_UPCAST = _cpu_lacks_bf16()
 UPCAST_MIN_ROWS = 8
 
@@ -150,8 +149,9 @@ class Transformer(nn.Module):
                   dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache, by default in the weights' dtype, except on CPU without the native runtime.
 
-        Why: torch's CPU attention kernel is ~7x slower for one bfloat16 query than for one float32
-        query (measured: 530 us vs 70 us over 1300 keys), so the torch path keeps a float32 cache;
+        Why: torch's CPU attention kernel is several times slower for one bfloat16 query than for one
+        float32 query (benchmarks/RESULTS.md, "Measurements behind the code"), so the torch path keeps
+        a float32 cache;
         the native runtime reads a bf16 cache at half the memory traffic. Either holds the same
         values: keys and values are rounded to the model's dtype before they are stored.
         """

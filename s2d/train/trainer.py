@@ -355,7 +355,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> TrainResult:
     per_rank = cfg.batch_size // dist.world
     autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast)
     if main and cfg.autocast and torch.device(cfg.device).type == "cpu" and CPU_BF16_UPCAST:
-        # Measured on an AVX2-only EPYC: one SoFT step of the zoo draft took > 6 minutes under autocast.
+        # On an AVX2-only EPYC one SoFT step of the zoo draft took minutes under autocast
+        # (benchmarks/RESULTS.md, "Measurements behind the code").
         warnings.warn("bfloat16 autocast on a CPU without native bfloat16 (no AVX512-BF16/AMX) is very slow; "
                       "train in float32 with --no-autocast (autocast=False)", stacklevel=2)
     status: Status = "completed"

@@ -60,7 +60,8 @@ inline void cpu_relax() { _mm_pause(); }
 
 // A waiting loop's step: pause, and every so often give the core away. On a machine with more
 // runnable threads than cores (another process compiling, a second benchmark), pure spinning would
-// burn the time slice the thread we wait for needs: passes became ~100x slower without this.
+// burn the time slice the thread we wait for needs: passes became orders of magnitude slower without
+// this (benchmarks/RESULTS.md, "Measurements behind the code").
 inline void spin_wait(int& spins) {
   cpu_relax();
   if (++spins % 256 == 0) std::this_thread::yield();
@@ -69,8 +70,8 @@ inline void spin_wait(int& spins) {
 // ---------------------------------------------------------------------------------------------
 // The OpenMP runtime torch itself runs on (libgomp), when the caller hands us its path: running our
 // passes on torch's own thread team means no second set of spinning threads competes with torch's
-// (measured: a torch argmax right after a pass took 4-6 ms instead of 40 us while our own workers
-// spun), and the team is hot for both.
+// (a torch argmax right after a pass took many times longer while our workers spun: benchmarks/RESULTS.md,
+// "Measurements behind the code"), and the team is hot for both.
 struct OpenMP {
   void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel
   int (*thread_num)() = nullptr;                                           // omp_get_thread_num
@@ -190,8 +191,9 @@ class Pool {
   }
 
   // Long enough to bridge the calls of one decoding step (a draft token's layers, then its head), short
-  // enough to leave the core to torch's own threads soon after: a worker spinning for 2 ms made a
-  // torch argmax over [6, 8192] (an OpenMP region) take 4-6 ms instead of 40 us.
+  // enough to leave the core to torch's own threads soon after: a worker spinning for milliseconds
+  // made a torch argmax (an OpenMP region) many times slower (benchmarks/RESULTS.md, "Measurements behind
+  // the code").
   static constexpr std::chrono::microseconds kSpin{100};
 
   int n_;
