@@ -4,8 +4,11 @@
 compiler (``$CXX`` or g++; a few seconds, no torch headers) into ``~/.cache/s2d/native`` (or
 ``$S2D_CACHE/native``), keyed by the source and the compiler, so it is built once per machine and
 never twice. One binary serves every x86-64 CPU: it picks AVX512-BF16 or AVX2 code at run time.
-Where it cannot be built or run (no compiler, no AVX2, not x86-64), models use the torch reference
-path with a one-time warning; ``S2D_NATIVE=0`` turns it off, and ``S2D_NATIVE_ISA=avx2`` keeps a
+A cached library is loaded only when the hash and size recorded after its build still match (a
+damaged one is rebuilt, never loaded: that would kill the process); a build runs at most
+``$S2D_NATIVE_BUILD_TIMEOUT`` seconds (300), and waits at most twice that for another process's build.
+Where it cannot be built or run (no compiler, a compiler that hangs or fails, no AVX2, not x86-64),
+models use the torch reference path with one line on stderr; ``S2D_NATIVE=0`` turns it off, and ``S2D_NATIVE_ISA=avx2`` keeps a
 runtime created afterwards on its AVX2 code even where AVX512-BF16 is available (``avx512``: without
 AMX tiles; tests run every level the CPU has). Passes run on torch's own OpenMP thread team (libgomp)
 where torch uses one, else on the runtime's own threads (``S2D_NATIVE_POOL=own`` forces those).
@@ -29,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-import warnings
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,17 +85,94 @@ def library_path(compiler: str) -> Path:
     return cache_dir() / f"libs2d_runtime-{digest.hexdigest()[:16]}.so"
 
 
-def build(compiler: str, out: Path) -> None:
-    """Compile runtime.cpp into ``out`` atomically (a temporary file, then a rename)."""
+def build_timeout() -> float:
+    """Seconds a build (and a wait for another process's build) may take: ``$S2D_NATIVE_BUILD_TIMEOUT``."""
+    raw = os.environ.get("S2D_NATIVE_BUILD_TIMEOUT", "300")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise RuntimeError(f"S2D_NATIVE_BUILD_TIMEOUT must be a number of seconds > 0, got {raw!r}")
+    return seconds
+
+
+def _record_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _fingerprint(lib: Path) -> str:
+    data = lib.read_bytes()
+    return f"{hashlib.sha256(data).hexdigest()} {len(data)}"
+
+
+def verified(lib: Path) -> bool:
+    """Whether ``lib`` is the library a finished build wrote (its record matches its bytes).
+
+    Loading a truncated or overwritten .so kills the process with SIGBUS/SIGSEGV and no message, so a
+    library is loaded only when the hash and size recorded after its build still match.
+    """
+    try:
+        return lib.is_file() and _record_path(lib).read_text().strip() == _fingerprint(lib)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def build(compiler: str, out: Path, timeout: float | None = None) -> None:
+    """Compile runtime.cpp into ``out`` atomically, then record its hash (the record last: see ``verified``)."""
+    timeout = build_timeout() if timeout is None else timeout
     out.parent.mkdir(parents=True, exist_ok=True)
     print("s2d: building the native CPU runtime (once per machine, a few seconds)...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
         cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w", str(SOURCES[0]), "-o", str(tmp_out)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+        # Its own session, so a compiler that hangs is killed with every process it started.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            raise RuntimeError(f"{compiler} did not finish building within {timeout:g} s "
+                               "(S2D_NATIVE_BUILD_TIMEOUT)") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed (exit {proc.returncode}) on {SOURCES[0].name}: {stderr[-500:]}")
+        record = Path(tmp) / "record"
+        record.write_text(_fingerprint(tmp_out) + "\n")
+        _record_path(out).unlink(missing_ok=True)  # no moment where an old record vouches for new bytes
         os.replace(tmp_out, out)
+        os.replace(record, _record_path(out))
+
+
+def _lock(lock_file, timeout: float) -> None:
+    """Take the build lock, waiting at most ``timeout`` seconds for another process's build."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"another process held the build lock {lock_file.name} for over {timeout:g} s "
+                                   "(S2D_NATIVE_BUILD_TIMEOUT)") from None
+            time.sleep(0.1)
+
+
+def ensure_built(compiler: str) -> Path:
+    """The verified library for ``compiler``, built (or rebuilt, when damaged) under the build lock."""
+    path = library_path(compiler)
+    if verified(path):
+        return path
+    timeout = build_timeout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Processes starting together (a server and a bench, test workers) build it once: the first holds
+    # the lock and builds; the others wait (a bounded time), then find the verified library there.
+    with open(path.parent / ".build.lock", "w") as lock:
+        _lock(lock, 2 * timeout)  # its build's time limit, and then some
+        if not verified(path):
+            build(compiler, path, timeout)
+    return path
 
 
 @functools.cache
@@ -106,15 +186,7 @@ def library() -> ctypes.CDLL | None:
     try:
         if compiler is None:
             raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
-        path = library_path(compiler)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Processes starting together (a server and a bench, test workers) build it once: the
-            # first holds the lock and builds; the others wait, then find the library there.
-            with open(path.parent / ".build.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not path.exists():
-                    build(compiler, path)
+        path = ensure_built(compiler)
         lib = ctypes.CDLL(str(path))
         for name, (args, res) in _SIGNATURES.items():
             fn = getattr(lib, name)
@@ -125,7 +197,10 @@ def library() -> ctypes.CDLL | None:
             lib.s2d_use_openmp(str(gomp).encode())
         return lib
     except Exception as err:  # slower, still correct
-        warnings.warn(f"s2d: the native CPU runtime is unavailable ({err}); using torch's slower path", stacklevel=2)
+        # One line on stderr, whatever the warning filters say (a hidden fallback looks like a slowdown).
+        reason = " ".join(str(err).split())[-600:]
+        print(f"s2d: the native CPU runtime is unavailable ({reason}); using torch's slower path",
+              file=sys.stderr, flush=True)
         return None
 
 
