@@ -35,11 +35,12 @@ def total_variation(counts: torch.Tensor, dist: torch.Tensor) -> float:
     return 0.5 * float((counts / counts.sum() - dist).abs().sum())
 
 
-def exact_two_tokens(target: Transformer, prompt: list[int]) -> torch.Tensor:
-    """The target's exact P(x1, x2 | prompt) by enumeration, flattened: index x1 * V + x2 (small vocabularies)."""
+def exact_two_tokens(target: Transformer, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's exact P(x1 | prompt) and P(x1, x2 | prompt) by enumeration (small vocabularies), the second
+    flattened: index x1 * V + x2."""
     n, vocab = len(prompt), target.cfg.vocab_size
     with torch.no_grad():
         p1 = target(torch.tensor([prompt]), torch.arange(n), target.new_cache())[0, -1].softmax(-1)
         seqs = torch.tensor([prompt + [a] for a in range(vocab)])
         p2 = target(seqs, torch.arange(n + 1), target.new_cache(batch=vocab))[:, -1].softmax(-1)
-    return (p1[:, None] * p2).reshape(-1)
+    return p1, (p1[:, None] * p2).reshape(-1)

@@ -21,20 +21,18 @@ from s2d.model.loading import load_model
 from s2d.model.tiny import write_random_checkpoint
 from s2d.sampling import SamplingParams
 from s2d.train.refine import Positions, accepted, calibrate_refine, grid_search
+from stats import chi2_critical, exact_two_tokens, lumped_chi2, pearson_chi2
 from tinymodels import small_vocab_model
-
-from test_hybrid import chi2_critical
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 30 + "for i in range(10):\n    print(i)\n" * 30
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
+def family(tmp_path_factory, tiny_checkpoint, sorted_draft_checkpoint):
     """A tiny target and a 3-exit draft (byte tokenizer) with an n-gram file of TEXT beside the draft."""
     root = tmp_path_factory.mktemp("refine")
-    target = write_random_checkpoint(root / "target", num_layers=2, seed=41)
-    draft = write_random_checkpoint(root / "draft", num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2,
-                                    intermediate_size=96, seed=42, s2d_exits=[1, 2, 3])
+    target = tiny_checkpoint(num_layers=2, seed=41)
+    draft = sorted_draft_checkpoint(seed=42, into=root / "draft")  # a copy: the n-gram file is written beside it
     stream = np.frombuffer(TEXT.encode(), np.uint8).astype(np.int64)
     CorpusNgram.build(stream, 257, min_count=1).save(draft / NGRAM_FILE)
     return {"target": target, "draft": draft, "root": root}
@@ -144,8 +142,7 @@ def test_sampled_q_is_the_distribution_drawn_from():
         counts[int(drafter.propose(context, 1, params, g).tokens[0])] += 1
     keep = q > 0
     assert counts[~keep].sum() == 0
-    expected = q[keep] * n
-    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    chi2 = pearson_chi2(counts[keep], q[keep] * n)
     assert chi2 < chi2_critical(int(keep.sum()) - 1), chi2
 
 
@@ -155,11 +152,7 @@ def test_sampled_output_is_distributed_like_the_target():
     draft = small_vocab_model(3, seed=4, exits=(1, 2, 3), head_scale=4.0)
     corpus = CorpusNgram.build(np.random.default_rng(2).integers(0, 8, 400), 8, min_count=1)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
-    with torch.no_grad():  # exact P(x1, x2 | prompt) of the target, by enumeration
-        p1 = target(torch.tensor([prompt]), torch.arange(8), target.new_cache())[0, -1].softmax(-1)
-        seqs = torch.tensor([prompt + [a] for a in range(8)])
-        p2 = target(seqs, torch.arange(9), target.new_cache(batch=8))[:, -1].softmax(-1)
-    exact = (p1[:, None] * p2).reshape(-1)
+    _, exact = exact_two_tokens(target, prompt)  # exact P(x1, x2 | prompt) of the target
     drafter = RefinedDrafter(draft, 2, corpus, weights=RefineWeights(1.0, 1.0, 3))
     engine = Engine(target, drafter, 3, eos_token_ids=())
     n = 3000
@@ -167,13 +160,8 @@ def test_sampled_output_is_distributed_like_the_target():
     for i in range(n):
         out = engine.generate(prompt, SamplingParams(temperature=1.0, seed=i), 2).output
         counts[out[0] * 8 + out[1]] += 1
-    expected = exact * n
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    keep = exp > 0
-    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    assert stat < chi2_critical(int(keep.sum()) - 1), stat
+    stat, df = lumped_chi2(counts, exact * n)
+    assert stat < chi2_critical(df), stat
 
 
 def test_grid_search_measures_chains_and_prefers_what_helps():

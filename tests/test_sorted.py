@@ -11,16 +11,15 @@ from s2d.engine import Engine, MultiTargetEngine
 from s2d.model.loading import load_model
 from s2d.model.tiny import write_random_checkpoint
 from s2d.sampling import SamplingParams
+from stats import exact_two_tokens, total_variation
 from tinymodels import small_vocab_model
 
 PROMPT = [7, 3, 9, 7, 3, 1, 12, 40, 41, 42]
 
 
 @pytest.fixture(scope="module")
-def sorted_draft(tmp_path_factory):
-    path = write_random_checkpoint(tmp_path_factory.mktemp("sorted"), num_layers=3, hidden_size=48, num_heads=4,
-                                   num_kv_heads=2, intermediate_size=96, seed=5, s2d_exits=[1, 2, 3])
-    return load_model(path, dtype="float32")
+def sorted_draft(sorted_draft_checkpoint):
+    return load_model(sorted_draft_checkpoint(seed=5), dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +133,7 @@ def test_sampled_s2d_output_is_distributed_like_the_target():
     draft = small_vocab_model(3, seed=2, exits=(1, 2, 3))
     prompt = [1, 2, 3]
     params = SamplingParams(temperature=1.0)
-    with torch.no_grad():  # exact P(x1, x2 | prompt) of the target, by enumeration
-        p1 = target(torch.tensor([prompt]), torch.arange(3), target.new_cache())[0, -1].softmax(-1)
-        seqs = torch.tensor([prompt + [a] for a in range(8)])
-        p2 = target(seqs, torch.arange(4), target.new_cache(batch=8))[:, -1].softmax(-1)
-    exact = (p1[:, None] * p2).reshape(-1)
+    p1, exact = exact_two_tokens(target, prompt)  # exact P(x1 | prompt) and P(x1, x2 | prompt) of the target
     drafter = SortedDrafter(draft, SortedConfig((1, 2, 3), (0.85, 0.9, 0.0)))
     engine = Engine(target, drafter, 3, eos_token_ids=())
     n = 4000
@@ -149,7 +144,7 @@ def test_sampled_s2d_output_is_distributed_like_the_target():
         counts[state.output[0] * 8 + state.output[1]] += 1
         exits |= set(state.stats.exit_counts)
     assert len(exits) >= 2
-    tv = 0.5 * float((counts / n - exact).abs().sum())
+    tv = total_variation(counts, exact)
     # Reference: the draft's own first-exit distribution, what an unverified draft would give.
     with torch.no_grad():
         cache = draft.new_cache()
