@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from s2d.model.config import CheckpointError, ModelConfig
-from s2d.model.loading import read_safetensors, resolve_checkpoint
+from s2d.model.loading import check_finite, expected_shapes, read_safetensors, resolve_checkpoint
 from s2d.train.export import check_exit
 
 GGUF_DTYPES = ("bfloat16", "float16", "float32")
@@ -252,7 +252,10 @@ def export_gguf(model: str | Path, out: str | Path, exit_layers: int | None = No
     name = directory.name + (f"-exit{exit_layers}" if cfg.exits else "")
     cfg = replace(cfg, num_layers=exit_layers, exits=())
     vocab = read_vocab(directory, cfg.vocab_size)
-    tensors = gguf_tensors(read_safetensors(directory), cfg, arch)
+    state = read_safetensors(directory)
+    # Every value of every tensor written (those of the exit's layers): a NaN exported is garbage later.
+    check_finite({k: state[k] for k in expected_shapes(cfg) if k in state}, directory, sample=False)
+    tensors = gguf_tensors(state, cfg, arch)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

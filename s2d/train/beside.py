@@ -19,7 +19,7 @@ from s2d.train.data import DataConfig
 def write_draft_with(draft: str | Path, out: str | Path, data: DataConfig, command: str,
                      add: Callable[[Path], dict], needs_exits: bool = True) -> dict:
     """Copy ``draft`` to ``out`` and let ``add(folder)`` write beside it; returns what ``add`` returns."""
-    from s2d.model.loading import check_checkpoint
+    from s2d.model.loading import check_checkpoint, check_finite, read_safetensors
     from s2d.outputs import check_not_input, check_output_dir, marked_by, swap_in, temporary_sibling, write_marker
 
     draft, out = Path(draft), Path(out)
@@ -28,6 +28,8 @@ def write_draft_with(draft: str | Path, out: str | Path, data: DataConfig, comma
     draft, cfg = check_checkpoint(draft)
     if needs_exits and len(cfg.exits) < 2:
         raise CheckpointError(f"{draft} is not a sorted draft with several exits (config 's2d_exits')")
+    # Every value, before anything is written: a diverged draft copied to --out would read as completed.
+    check_finite(read_safetensors(draft), draft, sample=False)
     tmp = temporary_sibling(out)
     try:
         for f in draft.iterdir():
