@@ -19,7 +19,6 @@ from s2d.drafting.sorted import SortedConfig, SortedDrafter
 from s2d.drafting.steer import SteeredDrafter, SteeringMaps, target_fingerprint
 from s2d.engine import Engine
 from s2d.model.loading import load_model
-from s2d.model.tiny import write_random_checkpoint
 from s2d.sampling import SamplingParams
 from tinymodels import small_vocab_model
 
@@ -27,13 +26,11 @@ EXITS = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
+def family(tmp_path_factory, tiny_checkpoint, sorted_draft_checkpoint):
     """Two targets and a 3-exit draft with steering maps for both and an n-gram model beside it."""
     root = tmp_path_factory.mktemp("contract")
-    targets = [load_model(write_random_checkpoint(root / f"t{i}", num_layers=2, seed=50 + i), dtype="float32")
-               for i in range(2)]
-    draft_dir = write_random_checkpoint(root / "draft", num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2,
-                                        intermediate_size=96, seed=52, s2d_exits=list(EXITS))
+    targets = [load_model(tiny_checkpoint(num_layers=2, seed=50 + i), dtype="float32") for i in range(2)]
+    draft_dir = sorted_draft_checkpoint(seed=52, into=root / "draft")  # a copy: maps and n-grams go beside it
     draft = load_model(draft_dir, dtype="float32")
     maps = SteeringMaps(draft.cfg.hidden_size)
     g = torch.Generator().manual_seed(0)
