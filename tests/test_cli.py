@@ -9,14 +9,9 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
+from clitools import run
 from s2d.cli import main
 from s2d.model.tiny import write_random_checkpoint
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generate_json(capsys, checkpoints):

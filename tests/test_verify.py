@@ -12,6 +12,7 @@ import torch
 
 from s2d.sampling import SamplingParams, probabilities
 from s2d.verify import verify_greedy, verify_stochastic
+from stats import total_variation
 
 V = 10
 
@@ -65,10 +66,6 @@ def speculative_pairs(p_logits, q_logits, params: SamplingParams, k: int, n: int
     return out
 
 
-def tv(counts: torch.Tensor, dist: torch.Tensor) -> float:
-    return 0.5 * float((counts / counts.sum() - dist).abs().sum())
-
-
 CASES = [  # (k, temperature, top_p, kind)
     (1, 1.0, 1.0, "random"), (2, 0.7, 1.0, "random"), (3, 1.3, 0.9, "random"), (4, 1.0, 0.8, "random"),
     (2, 1.0, 1.0, "same"), (3, 1.0, 1.0, "disjoint"),
@@ -86,8 +83,8 @@ def test_rejection_sampler_output_converges_to_target(k, temperature, top_p, kin
     reference = (q_table[0][:, None] * q_table).reshape(-1)
     pairs = speculative_pairs(p_logits, q_logits, params, k, n=12000, seed=100 + k)
     counts = torch.bincount(pairs, minlength=V * V).float()
-    small = tv(torch.bincount(pairs[:1200], minlength=V * V).float(), exact)
-    large = tv(counts, exact)
+    small = total_variation(torch.bincount(pairs[:1200], minlength=V * V).float(), exact)
+    large = total_variation(counts, exact)
     # Expected TV of 12000 samples over <=100 cells is ~0.03; with 1200 samples ~0.1.
     assert large < 0.05
     assert large < small
