@@ -281,10 +281,42 @@ def stage_tokenizer(build: Build, split: dict[str, Any]) -> Path:
                                         pad_token=EOS_TOKEN, model_max_length=cfg.recipe.max_positions)
     tmp = temporary_sibling(out)
     tokenizer.save_pretrained(tmp)
+    keep_user_files(build, TOKENIZER_DIR, tmp, out)
     swap_in(tmp, out)
     build.finish("tokenizer", vocab_size=len(tokenizer), documents=len(docs))
     say(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens ({TOKENIZER_DIR}/)")
     return out
+
+
+def keep_user_files(build: Build, stage: str, tmp: Path, dest: Path) -> None:
+    """Before the rebuilt stage folder ``tmp`` replaces ``dest``: put in it what the user added to ``dest``.
+
+    A stage's files are those it writes now and those its last build recorded (build.json's ``files``);
+    anything else in ``dest`` is the user's and is kept, as every other command keeps it. Entries are
+    hard-linked (copied across filesystems), never moved, so a failure before the swap loses nothing.
+    """
+    written = sorted(p.name for p in tmp.iterdir())
+    ours = set(written) | set(build.record["stages"].get(stage, {}).get("files", ()))
+    if dest.is_dir():
+        for entry in sorted(dest.iterdir()):
+            if entry.name in ours:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry, tmp / entry.name)
+            say(f"{stage}: kept {entry.name}, which s2d did not write there")
+    build.record["stages"].setdefault(stage, {})["files"] = written  # saved when the stage finishes
+
+
+def _link_or_copy(src: Path | str, dst: Path | str) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def matmul_params(layers: int, size: TargetSize, vocab: int, heads_applied: int = 1) -> int:
@@ -421,6 +453,7 @@ def export(build: Build, train_cfg, result, dest: Path, split: dict[str, Any], i
         if beside is not None:
             info.update(beside(tmp))
         _write_json(tmp / INFO_FILE, info)
+        keep_user_files(build, dest.name, tmp, dest)
         swap_in(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
