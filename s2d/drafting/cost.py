@@ -3,9 +3,8 @@
 On CPUs (and GPUs at batch 1) a decoding pass reads every weight it uses once, so its time is close
 to its bytes over the memory bandwidth, plus a fixed cost per call (Python, dispatch), expressed
 here in bytes at ~40 GB/s: ~80 us per draft token, ~200 us per target pass. A deterministic
-estimate: no timing. Measured on the zoo (benchmarks/costs.py, AMX Xeon), exit 1 (exit 2) of the zoo
-draft over a zoo-l/-m/-s one-token pass: 0.10/0.21/0.55 (0.13/0.27/0.71); estimated: 0.11/0.19/0.46
-(0.14/0.24/0.59).
+estimate: no timing. How it compares with measured costs on the zoo: benchmarks/RESULTS.md,
+"Measurements behind the code".
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ class DraftOptions:
     schedule: str = "fixed"  # "fixed" | "heuristic" (+2 after full acceptance, -1 otherwise)
     exit_thresholds: tuple[float, ...] = ()  # s2d-*: per exit; () = 0.5, ..., 0.5, 0
     stop_threshold: float = 0.0  # end a draft after a token whose confidence is below this
-    # lookup: most tokens copied per step; 12 was best of 8, 12, 16, 24 on the calibration prompts once
-    # blocks of 13 rows got cheap (benchmarks/choose_lookup_tokens.json)
+    # lookup: most tokens copied per step; the best of those tried on the calibration prompts once blocks of
+    # 13 rows got cheap (benchmarks/RESULTS.md, "Passes over many rows", longer lookup drafts)
     lookup_tokens: int = 12
     min_lookup: int = 2  # lookup+M: copied tokens needed to skip the model for a step
     lookup_max_n: int = 4  # lookup: longest suffix matched
@@ -84,7 +84,7 @@ class DraftOptions:
         return HybridConfig(self.min_lookup, self.lookup_tokens, self.ngram, gamma=self.verify_growth)
 
 
-# What `s2d` means besides its drafters: the knobs measured with it (benchmarks/choose_default.json);
+# What `s2d` means besides its drafters: the knobs measured with it (benchmarks/RESULTS.md, "Choosing the default");
 # the draft's head over its 2048 most frequent tokens where the draft ships a ranking (vocab.py).
 DEFAULT_S2D_OPTIONS = MappingProxyType({"num_draft_tokens": 3, "min_lookup": 1, "verify_growth": 0.12})
 DEFAULT_S2D_VOCAB = 2048
@@ -408,11 +408,11 @@ def resolve_default(draft: Transformer | None, options: DraftOptions | None = No
     return resolve_exit(DEFAULT_S2D, draft, options)
 
 
-# How dear a verification row is decides how long drafts should be (RESULTS.md, "defaults by instruction set"):
+# How dear a verification row is decides how long drafts should be:
 # with AMX tiles (or on a GPU, or on torch's path) a pass over many new tokens costs little more than one, and
 # the knobs above were measured there; the native runtime's vector products (AVX512-BF16, AVX2) are
 # compute-bound past a few rows, so there lookup copies fewer tokens and, on AVX2, the cost-aware switch
-# charges more per drafted token (benchmarks/choose_default_avx2.json, _avx512.json).
+# charges more per drafted token (chosen with benchmarks/choose_default.py; RESULTS.md, "Defaults by instruction set").
 ROW_COST_KNOBS: dict[str, dict[str, float | int]] = {
     "AVX2": {"lookup_tokens": 6, "verify_growth": 0.3},
     "AVX512-BF16": {"lookup_tokens": 8},

@@ -16,11 +16,12 @@ top-k (0 elsewhere) and returns exactly that q' as the Draft's probs, so verific
 The weights (w_ctx, w_corpus, k) are calibrated per target (``s2d/train/refine.py``: the target's own
 greedy continuations of calibration prompts, the weights maximising the tokens a greedy chain gets
 accepted) and stored beside the draft in ``s2d_refine.json``; the drafter picks its target's entry by
-the target's fingerprint when the engine binds it, else the file's pooled default, else
+the target's fingerprint when the drafter is built for it, else the file's pooled default, else
 ``DEFAULT_WEIGHTS``.
 
 All scoring is numpy on the float32 logits the native runtime returns: a torch op between two
-runtime calls costs ~1.5 ms (torch's OpenMP team wakes and competes with the runtime's threads).
+runtime calls wakes torch's OpenMP team, which competes with the runtime's threads (what it cost:
+benchmarks/RESULTS.md, "Measurements behind the code").
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class RefineWeights:
             raise ValueError(f"refine k must be an integer >= 1, got {self.k!r}")
 
 
-# Without a calibration: the middle of what calibrations chose on the zoo (benchmarks/zoo-draft/s2d_refine.json).
+# Without a calibration: the middle of what calibrations chose on the zoo (benchmarks/RESULTS.md, "`s2d-refine`").
 DEFAULT_WEIGHTS = RefineWeights(w_ctx=0.2, w_corpus=0.2, k=8)
 
 

@@ -6,12 +6,12 @@ the draft's residual stream for every token of the next block: at the exit the d
 before its final norm and head, ``h_exit + A_t rmsnorm(h_target)`` (A_t: [draft hidden, target
 hidden], one per target and exit). One sorted draft then bends toward whichever target it serves.
 
-Why at the exit, not at the layers' input: measured on the zoo (zoo-l, exit 2, 192-384 training
-sequences), a map at the input of the draft's layers had not yet beaten the unsteered draft after
-the training a user can afford on a CPU (its vector also enters the draft's KV cache, so a block's
-steering would outlive the block), while the map at the exit raised teacher-forced agreement with the
-target's argmax from 59.1% to 61.5% at once; and there the draft's cache stays exactly the unsteered
-draft's, so a zero map reproduces the plain exit bit for bit.
+Why at the exit, not at the layers' input: measured on the zoo, a map at the input of the draft's
+layers had not yet beaten the unsteered draft after the training a user can afford on a CPU (its
+vector also enters the draft's KV cache, so a block's steering would outlive the block), while the
+map at the exit raised teacher-forced agreement with the target's argmax at once (benchmarks/RESULTS.md,
+"`s2d-steer`" and "Measurements behind the code"); and there the draft's cache stays exactly the
+unsteered draft's, so a zero map reproduces the plain exit bit for bit.
 
 The maps are trained with the draft frozen (``s2d train-draft --objective steer``, ``train/steer.py``)
 and stored beside the draft in ``s2d_steer.safetensors``; the draft itself still loads as a plain
@@ -63,8 +63,8 @@ def decode_steering_vector(matrix: Tensor, hidden: Tensor, eps: float) -> Tensor
     """``steering_vector`` for one row [Ct] in the decode loop: [Cd] float32.
 
     On CPU the product goes through the native runtime's own kernel: torch's matrix-vector product
-    opens an OpenMP region between two runtime passes, and on 2 cores that cost 1.5-6 ms a step in
-    thread contention (measured), more than the whole zoo-s pass.
+    opens an OpenMP region between two runtime passes, and on 2 cores the thread contention cost more
+    than the whole zoo-s pass (benchmarks/RESULTS.md, "Measurements behind the code").
     """
     u = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=eps)[None]
     if matrix.device.type == "cpu" and native.library() is not None:

@@ -179,7 +179,7 @@ class TreeDrafter(Drafter):
         scores: list[float] = []  # cumulative log q of each node
         for level in range(self.shape.depth):
             # Scored in numpy: a torch op between two runtime calls wakes torch's thread team, which
-            # then competes with the runtime's (measured: ~1.5 ms for a log-sum-exp over 3 x 2048).
+            # then competes with the runtime's (RESULTS.md, "Measurements behind the code").
             logits = self._level_logits(grow).numpy()
             top = top_indices(logits, k)
             values = (np.take_along_axis(logits, top, -1) - log_normaliser(logits)).tolist()
