@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -12,8 +10,8 @@ from s2d.drafting.hybrid import HybridConfig, HybridDrafter
 from s2d.drafting.ngram import NgramConfig, NgramDrafter, NgramIndex
 from s2d.engine import Engine
 from s2d.model.loading import load_model
-from s2d.model.tiny import write_random_checkpoint
 from s2d.sampling import SamplingParams
+from stats import chi2_critical, exact_two_tokens, lumped_chi2, total_variation
 from tinymodels import small_vocab_model
 
 
@@ -37,12 +35,9 @@ def test_lookup_drafts_across_passages_and_respects_min_match():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hybrid")
-    target = write_random_checkpoint(root / "target", num_layers=2, seed=21)
-    draft = write_random_checkpoint(root / "draft", num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2,
-                                    intermediate_size=96, seed=22, s2d_exits=[1, 2, 3])
-    return load_model(target, dtype="float32"), load_model(draft, dtype="float32")
+def models(tiny_checkpoint, sorted_draft_checkpoint):
+    return (load_model(tiny_checkpoint(num_layers=2, seed=21), dtype="float32"),
+            load_model(sorted_draft_checkpoint(seed=22), dtype="float32"))
 
 
 PROMPTS = [list(range(60, 80)) * 3, [7, 3, 9, 7, 3, 1, 12, 40, 41, 42]]
@@ -61,22 +56,12 @@ def test_greedy_hybrid_and_lookup_equal_plain_decoding(models, prompt):
         assert state.stats.target_passes < 40  # the repeated prompt is copied, several tokens per pass
 
 
-def chi2_critical(df: int, z: float = 3.09) -> float:
-    """Upper quantile of chi-squared with ``df`` degrees of freedom (Wilson-Hilferty; z=3.09: p=0.001)."""
-    c = 2.0 / (9.0 * df)
-    return df * (1.0 - c + z * math.sqrt(c)) ** 3
-
-
 def test_sampling_through_the_hybrid_drafter_keeps_the_target_distribution():
     """Lookup tokens are drafted with a one-hot q: the output must still be distributed as the target's."""
     target = small_vocab_model(2, seed=3, head_scale=4.0)
     draft = small_vocab_model(3, seed=4, exits=(1, 2, 3), head_scale=4.0)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]  # the tail (1, 2) was followed by 3: lookup proposes 3, 1, 2, ...
-    with torch.no_grad():  # exact P(x1, x2 | prompt) of the target, by enumeration
-        p1 = target(torch.tensor([prompt]), torch.arange(8), target.new_cache())[0, -1].softmax(-1)
-        seqs = torch.tensor([prompt + [a] for a in range(8)])
-        p2 = target(seqs, torch.arange(9), target.new_cache(batch=8))[:, -1].softmax(-1)
-    exact = (p1[:, None] * p2).reshape(-1)
+    _, exact = exact_two_tokens(target, prompt)  # exact P(x1, x2 | prompt) of the target
     hybrid = HybridDrafter(SortedDrafter(draft, SortedConfig((1, 2, 3), (0.6, 0.6, 0.0))),
                            HybridConfig(min_lookup=1, lookup_tokens=4, ngram=NgramConfig(max_n=3, min_match=1),
                                         cost_aware=False))  # both kinds of draft on every step
@@ -91,16 +76,10 @@ def test_sampling_through_the_hybrid_drafter_keeps_the_target_distribution():
         lookup_tokens += exits.get(0, 0)
         model_tokens += sum(c for e, c in exits.items() if e)
     assert lookup_tokens > n // 2 and model_tokens > n // 4  # both kinds of draft were verified
-    tv = 0.5 * float((counts / n - exact).abs().sum())
+    tv = total_variation(counts, exact)
     assert tv < 0.06, tv
-    # Goodness of fit: cells expected >= 5 times, the rest lumped into one.
-    expected = exact * n
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    keep = exp > 0
-    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    assert stat < chi2_critical(int(keep.sum()) - 1), stat
+    stat, df = lumped_chi2(counts, exact * n)  # goodness of fit
+    assert stat < chi2_critical(df), stat
 
 
 def test_cost_aware_hybrid_stops_asking_a_draft_that_does_not_pay(models):

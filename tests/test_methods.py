@@ -14,7 +14,6 @@ from s2d.drafting.gates import GATES_FILE
 from s2d.engine import Engine
 from s2d.model.config import CheckpointError
 from s2d.model.loading import load_model
-from s2d.model.tiny import write_random_checkpoint
 from s2d.sampling import SamplingParams
 from s2d.train.data import DataConfig
 from s2d.train.gates import GateTraining, train_gates
@@ -38,11 +37,10 @@ def test_method_names_parse_and_bad_ones_are_refused():
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
+def family(tmp_path_factory, tiny_checkpoint, sorted_draft_checkpoint):
     root = tmp_path_factory.mktemp("methods")
-    target = write_random_checkpoint(root / "target", num_layers=2, seed=31)
-    draft = write_random_checkpoint(root / "draft", num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2,
-                                    intermediate_size=96, seed=32, s2d_exits=[1, 2, 3])
+    target = tiny_checkpoint(num_layers=2, seed=31)
+    draft = sorted_draft_checkpoint(seed=32)  # shared and read-only: tests that add gates copy it first
     text = root / "corpus.txt"
     text.write_text("def add(a, b):\n    return a + b\n\n" * 200 + "for i in range(10):\n    print(i)\n" * 200)
     return {"target": target, "draft": draft, "corpus": text, "root": root}

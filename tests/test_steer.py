@@ -20,12 +20,9 @@ from tinymodels import small_vocab_model
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("steer")
-    target = write_random_checkpoint(root / "target", num_layers=2, seed=31)
-    draft = write_random_checkpoint(root / "draft", num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2,
-                                    intermediate_size=96, seed=32, s2d_exits=[1, 2, 3])
-    return root, load_model(target, dtype="float32"), load_model(draft, dtype="float32")
+def family(tiny_checkpoint, sorted_draft_checkpoint):
+    paths = {"target": tiny_checkpoint(num_layers=2, seed=31), "draft": sorted_draft_checkpoint(seed=32)}
+    return paths, load_model(paths["target"], dtype="float32"), load_model(paths["draft"], dtype="float32")
 
 
 def random_maps(draft, target, exits=(1, 2, 3), scale=0.5, seed=0) -> SteeringMaps:
@@ -154,7 +151,7 @@ def test_methods_need_their_maps(family, tmp_path):
 
 
 def test_training_learns_and_the_cli_writes_a_loadable_draft(family, tmp_path, capsys):
-    root, target, draft = family
+    paths, target, draft = family
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, 256, (24, 33), generator=g)
     maps, report = train_maps(draft, {"t": target}, rows[:16], (2,), SteerTraining(steps=30, batch_size=8, seq_len=32,
@@ -174,8 +171,8 @@ def test_training_learns_and_the_cli_writes_a_loadable_draft(family, tmp_path, c
     data = tmp_path / "data.txt"
     data.write_text("def f(x):\n    return x + 1\n" * 200)
     out = tmp_path / "steered"
-    rc = main(["train-draft", "--objective", "steer", "--init", str(root / "draft"), "--out", str(out), "--data",
-               str(data), "--targets", str(root / "target"), "--steps", "3", "--seq-len", "32", "--batch-size", "2",
+    rc = main(["train-draft", "--objective", "steer", "--init", str(paths["draft"]), "--out", str(out), "--data",
+               str(data), "--targets", str(paths["target"]), "--steps", "3", "--seq-len", "32", "--batch-size", "2",
                "--no-progress"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
@@ -184,7 +181,7 @@ def test_training_learns_and_the_cli_writes_a_loadable_draft(family, tmp_path, c
     drafter = build_drafter("s2d-steer", steered_draft)
     state = Engine(target, drafter, 3, eos_token_ids=()).generate(PROMPTS[0], SamplingParams(), 20)
     assert state.output == Engine(target, eos_token_ids=()).generate(PROMPTS[0], SamplingParams(), 20).output
-    assert main(["train-draft", "--objective", "steer", "--init", str(root / "draft"), "--out", str(tmp_path / "x"),
+    assert main(["train-draft", "--objective", "steer", "--init", str(paths["draft"]), "--out", str(tmp_path / "x"),
                  "--data", str(data)]) != 0
     assert "needs --targets" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
@@ -194,11 +191,11 @@ def test_multi_target_engine_uses_each_targets_map(family, tmp_path):
 
     from s2d.engine import MultiTargetEngine
 
-    root, target, _ = family
+    paths, target, _ = family
     other_path = write_random_checkpoint(tmp_path / "other", num_layers=1, hidden_size=48, seed=33)
     other = load_model(other_path, dtype="float32")
     folder = tmp_path / "draft"
-    shutil.copytree(root / "draft", folder)
+    shutil.copytree(paths["draft"], folder)
     draft = load_model(folder, dtype="float32")
     maps = random_maps(draft, target, exits=(2,), seed=1)
     maps.add(other, "other", 2, torch.ones(draft.cfg.hidden_size, other.cfg.hidden_size))
