@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from s2d.drafting import DraftOptions, build_drafter, default_options, engine_draft_tokens, sorted_exits
 from s2d.engine import Engine
-from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams
 
@@ -35,20 +34,18 @@ def load_calibration(draft: str | Path, path: Path | None = None) -> dict[str, d
     Every entry is checked here, so a hand-edited or damaged file is refused naming the file and
     the field, not met later as a crash deep in the drafter.
     """
+    from s2d.side_files import read_json, side_file
+
     path = path or calibration_path(draft)
     if not path.exists():
         return {}
-    try:
-        data = json.loads(path.read_text())
+    with side_file(path, "calibration file", "delete it or rerun `s2d calibrate`"):
+        data = read_json(path)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         for name, entry in data.items():
             stored_options(entry, where=name)
         return data
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"malformed calibration file {path}: {err}") from None
-    except OSError as err:
-        raise CheckpointError(f"cannot read calibration file {path}: {err.strerror}") from None
 
 
 def _is_number(x: object) -> bool:

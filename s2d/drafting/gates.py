@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer, rms_norm
 
 GATES_FILE = "s2d_exit_gates.safetensors"
@@ -55,22 +53,24 @@ class ExitGates:
     @classmethod
     def load(cls, directory: Path, draft: Transformer) -> "ExitGates | None":
         """The gates stored beside a draft, or None; a malformed file is a CheckpointError naming it."""
+        from s2d.side_files import side_file
+
         path = Path(directory) / GATES_FILE
         if not path.exists():
             return None
-        try:
+        with side_file(path, "exit gates", "retrain them with `s2d train-draft --objective gates`"):
             tensors = load_file(path)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read exit gates {path}: {err}") from err
-        exits = draft.cfg.exits[:-1]
-        weights, biases = {}, {}
-        for e in exits:
-            w, b = tensors.get(f"exit{e}.weight"), tensors.get(f"exit{e}.bias")
-            if w is None or b is None or w.shape != (draft.cfg.hidden_size,) or b.numel() != 1:
-                raise CheckpointError(f"{path}: no well-formed gate for exit {e} (weight [{draft.cfg.hidden_size}], "
-                                      "bias [1]); retrain with `s2d train-draft --objective gates`")
-            weights[e], biases[e] = w.float(), float(b)
-        return cls(weights, biases)
+            weights, biases = {}, {}
+            for e in draft.cfg.exits[:-1]:
+                w, b = tensors.get(f"exit{e}.weight"), tensors.get(f"exit{e}.bias")
+                # A NaN gate never (or always) lets a token exit early: refused like a missing one.
+                if (w is None or b is None or w.shape != (draft.cfg.hidden_size,) or b.numel() != 1
+                        or not (w.is_floating_point() and b.is_floating_point())
+                        or not (torch.isfinite(w).all() and torch.isfinite(b).all())):
+                    raise ValueError(f"no well-formed gate for exit {e} (finite float weight "
+                                     f"[{draft.cfg.hidden_size}], bias [1])")
+                weights[e], biases[e] = w.float(), float(b)
+            return cls(weights, biases)
 
 
 class GateRunner:

@@ -151,7 +151,9 @@ class CorpusNgram:
     @classmethod
     def load(cls, path: Path, vocab_size: int) -> "CorpusNgram":
         """Read and check ``path``; anything malformed is a CheckpointError naming the file."""
-        try:
+        from s2d.side_files import side_file
+
+        with side_file(path, "n-gram file", "rewrite it with `s2d train-draft --objective ngram`"):
             with np.load(path, allow_pickle=False) as z:
                 stored = int(z["vocab_size"])
                 arrays = {name: np.asarray(z[name]) for name in _ARRAYS}
@@ -173,8 +175,6 @@ class CorpusNgram:
                     arrays["bi_keys"].size and arrays["bi_keys"][-1] >= vocab_size ** 2:
                 raise ValueError("n-gram keys beyond the vocabulary")
             return cls(vocab_size, **arrays)
-        except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
-            raise CheckpointError(f"malformed n-gram file {path}: {err}") from None
 
 
 _ARRAYS = ("uni", "bi_keys", "bi_counts", "bi_total", "bi_types", "tri_keys", "tri_counts", "ctx_keys",
@@ -271,17 +271,17 @@ class RefineTable:
         """The calibration beside a draft; an empty table (the defaults) when there is none."""
         if directory is None or not (Path(directory) / REFINE_FILE).is_file():
             return cls({}, {}, {})
+        from s2d.side_files import read_json, side_file
+
         path = Path(directory) / REFINE_FILE
-        try:
-            raw = json.loads(path.read_text())
+        with side_file(path, "refine calibration", "rewrite it with `s2d calibrate-refine`"):
+            raw = read_json(path)
             weights = {(fp, int(e), kind): RefineWeights(**w[kind]["weights"])
                        for fp, entry in raw["targets"].items() for e, w in entry["exits"].items()
                        for kind in ("alone", "behind_lookup")}
             pooled = {(int(e.removesuffix("+lookup")), _kind(e.endswith("+lookup"))): RefineWeights(**w)
                       for e, w in raw.get("pooled", {}).items()}
             return cls(weights, pooled, raw)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"malformed refine calibration {path}: {err}") from None
 
 
 def save_refine_table(directory: Path, entries: dict[str, dict], pooled: dict[tuple[int, bool], RefineWeights],

@@ -35,7 +35,6 @@ from torch import Tensor
 from s2d.drafting.length import DraftLength
 from s2d.model import native
 from s2d.drafting.sorted import SortedConfig, SortedDrafter
-from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
 
 STEER_FILE = "s2d_steer.safetensors"
@@ -115,9 +114,11 @@ class SteeringMaps:
         if directory is None or not (Path(directory) / STEER_FILE).exists():
             return None
         path = Path(directory) / STEER_FILE
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
-        try:
+        from s2d.side_files import side_file
+
+        with side_file(path, "steering maps", "rewrite them with `s2d train-draft --objective steer`"):
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {})["s2d_steer"])
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
@@ -130,12 +131,11 @@ class SteeringMaps:
                 if fp not in targets or not exit_part.isdigit():
                     raise ValueError(f"tensor {name!r} names no stored target")
                 want = (draft_hidden, int(targets[fp]["hidden_size"]))
-                if tuple(matrix.shape) != want or not torch.isfinite(matrix).all():
-                    raise ValueError(f"tensor {name!r} must be finite and {list(want)}, got {list(matrix.shape)}")
+                if tuple(matrix.shape) != want or not matrix.is_floating_point() or not torch.isfinite(matrix).all():
+                    raise ValueError(f"tensor {name!r} must be finite floats of shape {list(want)}, got "
+                                     f"{matrix.dtype} {list(matrix.shape)}")
                 out.maps[fp, int(exit_part)] = matrix.float().contiguous()
             return out
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
-            raise CheckpointError(f"malformed steering maps {path}: {err}") from None
 
 
 class SteeredDrafter(SortedDrafter):

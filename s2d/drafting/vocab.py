@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from s2d.model.config import CheckpointError
 
 VOCAB_FILE = "s2d_draft_vocab.json"
 
@@ -45,15 +44,15 @@ def load_vocab(directory: Path | None, vocab_size: int) -> list[int] | None:
     """The ranked ids stored beside a draft, or None; a malformed file is a CheckpointError naming it."""
     if directory is None or not (Path(directory) / VOCAB_FILE).exists():
         return None
+    from s2d.side_files import read_json, side_file
+
     path = Path(directory) / VOCAB_FILE
-    try:
-        tokens = json.loads(path.read_text())["tokens"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"cannot read the draft vocabulary {path}: {err}") from err
-    if (not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < vocab_size for t in tokens)
-            or len(set(tokens)) != len(tokens)):
-        raise CheckpointError(f"{path}: 'tokens' must be distinct token ids in [0, {vocab_size})")
-    return tokens
+    with side_file(path, "draft vocabulary", "rewrite it with `s2d train-draft --objective vocab`"):
+        tokens = read_json(path)["tokens"]
+        if (not isinstance(tokens, list) or len(set(tokens)) != len(tokens)
+                or not all(type(t) is int and 0 <= t < vocab_size for t in tokens)):
+            raise ValueError(f"'tokens' must be distinct token ids in [0, {vocab_size})")
+        return tokens
 
 
 def subset_head(model, ids: list[int]) -> tuple[Tensor, Tensor]:
