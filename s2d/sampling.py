@@ -15,6 +15,9 @@ from torch import Tensor
 from s2d.model.config import CheckpointError
 
 
+TOP_P_MIN = torch.finfo(torch.float32).tiny
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
@@ -29,6 +32,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_p < TOP_P_MIN:  # compared with float32 masses it would be 0: every token dropped, NaN
+            raise ValueError(f"top_p must be at least {TOP_P_MIN:.4g} (the smallest normal float32, which already "
+                             f"keeps only the likeliest token; smaller values round to 0), got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from s2d.drafting import DraftOptions, check_method, default_options, needs_draft_model
+from s2d.drafting import DraftOptions, build_drafter, check_method, default_options, needs_draft_model
 from s2d.engine import Engine
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
@@ -77,17 +78,27 @@ class Metrics:
 
 
 class Server:
-    """Targets sharing a tokenizer (and a draft), behind one scheduler."""
+    """Targets sharing a vocabulary (and a draft), behind one scheduler."""
 
     def __init__(self, tokenizer, targets: dict[str, Transformer], draft: Transformer | None,
                  config: ServerConfig = ServerConfig(),
                  options: Callable[[str, str], DraftOptions] | None = None) -> None:
-        """``options(target, method)``: the drafting knobs of a target with a method (default: the method's)."""
+        """``tokenizer``: one for every target, or ``{target: tokenizer}`` (each target's own chat template
+        and decoding). ``options(target, method)``: the drafting knobs of a target with a method (default:
+        the method's)."""
         check_method(config.method)
         if needs_draft_model(config.method) and draft is None:
             raise ValueError(f"method {config.method} needs a draft model")
-        self.tokenizer, self.draft, self.config = tokenizer, draft, config
+        self.tokenizers = dict(tokenizer) if isinstance(tokenizer, dict) else {name: tokenizer for name in targets}
+        if missing := [name for name in targets if name not in self.tokenizers]:
+            raise ValueError(f"no tokenizer for target {missing[0]!r}")
+        self.tokenizer, self.draft, self.config = self.tokenizers[next(iter(targets))], draft, config
         options = options or (lambda target, method: default_options(method, draft))
+        for name, model in targets.items():  # the default method's side files: refused now, not at every request
+            try:
+                build_drafter(config.method, draft, options(name, config.method), model)
+            except ValueError as err:
+                raise ValueError(f"method {config.method} cannot serve {name}: {err}") from None
         self.pools = {name: TargetPool(Engine(model, None), draft, lambda m, n=name: options(n, m), config.max_slots)
                       for name, model in targets.items()}
         self.scheduler = Scheduler(self.pools, config.max_waiting)
@@ -109,8 +120,10 @@ class Server:
             raise APIError(400, f"method {method!r} needs a draft model; this server has none", "method")
         try:
             params = SamplingParams(req.temperature, req.top_k, req.top_p, req.seed)
-        except ValueError as err:
-            raise APIError(400, str(err)) from None
+        except ValueError as err:  # each of SamplingParams' messages starts with the field's name
+            field = str(err).split()[0]
+            raise APIError(400, str(err), field if field in ("temperature", "top_k", "top_p", "seed") else None) \
+                from None
         prompt = self._prompt_ids(req)
         if not prompt:
             raise APIError(400, "the prompt is empty", "prompt" if isinstance(req, p.CompletionRequest) else "messages")
@@ -130,21 +143,22 @@ class Server:
         return Request(req.model, prompt, params, max_tokens, method, tuple(req.stop or ()))
 
     def _prompt_ids(self, req) -> list[int]:
+        tokenizer = self.tokenizers[req.model]
         if isinstance(req, p.CompletionRequest):
             prompt = req.prompt
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
                 return list(prompt)
             text = prompt if isinstance(prompt, str) else "".join(prompt)
-            return self.tokenizer(text).input_ids
-        if not getattr(self.tokenizer, "chat_template", None):
+            return tokenizer(text).input_ids
+        if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, f"{req.model} has no chat template (not a chat model): use /v1/completions",
                            "messages")
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # the template is the checkpoint's own Jinja code: it may raise anything
             raise APIError(400, f"the chat template failed on these messages: {err}", "messages") from None
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return tokenizer(text, add_special_tokens=False).input_ids
 
     def usage(self, job: Job) -> dict:
         stats, n = job.state.stats, len(job.request.prompt)
@@ -168,6 +182,56 @@ def error_status(err: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(err).__name__}: {err}")
 
 
+class Guard:
+    """Authentication and body size before any handler, and every /v1/ request counted by the status its
+    client got: a stream that failed after its 200 header by its error event's status (``state.s2d_status``),
+    an internal error by 500. Plain ASGI: FastAPI's ``@app.middleware`` wrapper hides the client's
+    disconnect from handlers, and a non-streaming request would then generate on for nobody."""
+
+    def __init__(self, app: ASGIApp, server: Server) -> None:
+        self.app, self.server = app, server
+
+    def authorized(self, request: HTTPRequest) -> bool:
+        key = self.server.config.api_key
+        if not key:
+            return True
+        given = request.headers.get("authorization", "")
+        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request, path = HTTPRequest(scope), scope["path"]
+        state = scope.setdefault("state", {})
+        status = 500  # what ServerErrorMiddleware answers when the app raises
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            error = None
+            length = request.headers.get("content-length")
+            if (path.startswith("/v1/") or path == "/metrics") and not self.authorized(request):
+                error = APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", None,
+                                 "invalid_api_key")
+            elif length is not None and length.isdigit() and int(length) > self.server.config.max_body_bytes:
+                error = APIError(413, f"the request body is {length} bytes; the limit is "
+                                      f"{self.server.config.max_body_bytes}")
+            if error is not None:
+                await JSONResponse(error.body(), error.status)(scope, receive, sending)
+            else:
+                await self.app(scope, receive, sending)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            if path.startswith("/v1/"):
+                self.server.metrics.requests.labels(path, str(state.get("s2d_status", status))).inc()
+
+
 def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -176,33 +240,8 @@ def create_app(server: Server) -> FastAPI:
         server.scheduler.stop()
 
     app = FastAPI(title="s2d", lifespan=lifespan)
+    app.add_middleware(Guard, server=server)
     metrics = server.metrics
-
-    def authorized(request: HTTPRequest) -> bool:
-        key = server.config.api_key
-        if not key:
-            return True
-        given = request.headers.get("authorization", "")
-        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())
-
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        """Authentication and body size before any handler; every OpenAI-shaped error counted."""
-        path = request.url.path
-        try:
-            if (path.startswith("/v1/") or path == "/metrics") and not authorized(request):
-                raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", None,
-                               "invalid_api_key")
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > server.config.max_body_bytes:
-                raise APIError(413, f"the request body is {length} bytes; the limit is "
-                                    f"{server.config.max_body_bytes}")
-            response = await call_next(request)
-        except APIError as err:
-            response = JSONResponse(err.body(), err.status)
-        if path.startswith("/v1/"):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, err: APIError):
@@ -253,7 +292,7 @@ def create_app(server: Server) -> FastAPI:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = Job(job_request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                  TextStream(server.tokenizer, job_request.stop))
+                  TextStream(server.tokenizers[req.model], job_request.stop))
         try:
             server.scheduler.submit(job)
         except QueueFullError as err:
@@ -294,6 +333,10 @@ def create_app(server: Server) -> FastAPI:
             def chunk(choices: list[dict], usage: dict | None = None) -> str:
                 return p.sse(p.response(kind, rid, req.model, created, choices, usage, True))
 
+            def failed(error: APIError) -> str:
+                request.state.s2d_status = error.status  # what /metrics counts: the 200 header was a promise
+                return p.sse(error.body())
+
             try:
                 if kind == "chat":
                     yield chunk([p.choice(kind, None, None, True, first=True)])
@@ -301,7 +344,7 @@ def create_app(server: Server) -> FastAPI:
                     if ev.kind == "text":
                         yield chunk([p.choice(kind, ev.text, None, True)])
                     elif ev.kind == "error":
-                        yield p.sse(error_status(ev.error).body())
+                        yield failed(error_status(ev.error))
                         break
                     else:
                         metrics.finished(job)
@@ -309,6 +352,12 @@ def create_app(server: Server) -> FastAPI:
                         if include_usage:
                             yield chunk([], server.usage(job))
                         break
+                else:
+                    request.state.s2d_status = 499  # the client went away mid-stream
+                yield p.sse("[DONE]")
+            except Exception as err:  # a bug: an error event in the OpenAI shape, not a cut-off stream
+                log.exception("internal error in a stream on %s", request.url.path)
+                yield failed(APIError(500, f"internal error: {type(err).__name__}: {err}"))
                 yield p.sse("[DONE]")
             finally:  # the client went away mid-stream (the response is cancelled): stop generating
                 job.cancel()

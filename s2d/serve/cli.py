@@ -49,6 +49,10 @@ def run_serve(args: argparse.Namespace) -> int:
     check_device(args.device, "--device")
     targets = parse_targets(args.target)
     tokenizer, models, draft = load_family(targets, args.draft, args.dtype, args.device)
+    if len(targets) > 1:  # one vocabulary (load_family checked), but each target's own chat template and specials
+        from s2d.model.loading import load_tokenizer
+
+        tokenizer = {name: load_tokenizer(path) for name, path in targets.items()}
     method = default_method(args.method, draft)
 
     def options(target: str, m: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any, Literal
@@ -11,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # Fields clients send that change nothing here (bookkeeping), accepted and ignored.
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
+
+# What one request may ask of the scheduler thread, which serves every request: the stop strings are
+# checked at each step of the sequence (time linear in their total length).
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 512
+MAX_JSON_DEPTH = 32  # a chat request needs 4 (body, messages, a message, content parts)
 
 
 class APIError(Exception):
@@ -62,10 +69,12 @@ class _Common(BaseModel):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if (longest := max(map(len, stops), default=0)) > MAX_STOP_CHARS:
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters, got {longest}")
         return stops
 
     def refuse_unsupported(self) -> None:
@@ -132,8 +141,11 @@ def parse_body(raw: bytes, model: type[BaseModel]):
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise APIError(400, f"the request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    check_values(data)
     try:
         return model.model_validate(data)
     except ValidationError as err:
@@ -142,6 +154,38 @@ def parse_body(raw: bytes, model: type[BaseModel]):
         what = "unsupported field" if first["type"] == "extra_forbidden" else first["msg"]
         more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
         raise APIError(400, f"{where}: {what}{more}", where or None) from None
+
+
+def check_values(data: dict) -> None:
+    """Refuse what JSON parsers accept but nothing downstream can use, naming the field: nesting deeper
+    than MAX_JSON_DEPTH, NaN/Infinity (and numbers that overflow to them) and strings that are not valid
+    Unicode (lone surrogates from ``\\ud800`` escapes, which every tokenizer rejects). Iterative: the
+    depth check must not itself recurse."""
+    todo: list[tuple[object, tuple, int]] = [(data, (), 1)]
+    while todo:
+        value, path, depth = todo.pop()
+        where = ".".join(map(str, path)) or None
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise APIError(400, f"{where}: the request body nests deeper than {MAX_JSON_DEPTH} levels", where)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key, path + (key,))
+                todo.append((item, path + (key,), depth + 1))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise APIError(400, f"{where}: {value} is not allowed (numbers must be finite)", where)
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: tuple) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        where = ".".join(map(str, path)) or None
+        raise APIError(400, f"{where}: the text is not valid Unicode ({err.reason} at character {err.start})",
+                       where) from None
 
 
 def new_id(prefix: str) -> str:

@@ -13,6 +13,8 @@ class TextStream:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self._longest = max(map(len, self.stop), default=0)
+        self._borders = [_borders(s) for s in self.stop]
         self.sent = ""  # text released so far
         self._text = ""  # the whole output's text at the last push
 
@@ -22,12 +24,15 @@ class TextStream:
         self._text = text
         if self.stop:
             # Only text past what was released can hold a new match (the released text held none).
-            start = max(0, len(self.sent) - max(map(len, self.stop)) + 1)
+            start = max(0, len(self.sent) - self._longest + 1)
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 return self._release(text[:min(hits)]), True
         stable = text.rstrip("\ufffd")
-        hold = max((n for s in self.stop for n in range(1, len(s)) if stable.endswith(s[:n])), default=0)
+        # Held back: the longest tail that is a proper prefix of a stop string. Each step costs time
+        # linear in the stop strings' lengths (the scheduler thread runs it for every sequence).
+        hold = max((_prefix_tail(stable[max(0, len(stable) - len(s) + 1):], s, b)
+                    for s, b in zip(self.stop, self._borders)), default=0)
         return self._release(stable[:len(stable) - hold]), False
 
     def flush(self) -> str:
@@ -40,3 +45,28 @@ class TextStream:
         delta = text[len(self.sent):]
         self.sent = text
         return delta
+
+
+def _borders(s: str) -> list[int]:
+    """KMP's failure function: ``b[i]`` is the longest proper prefix of ``s[:i + 1]`` that is also its suffix."""
+    b, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = b[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        b[i] = k
+    return b
+
+
+def _prefix_tail(tail: str, s: str, borders: list[int]) -> int:
+    """The length of the longest suffix of ``tail`` (shorter than ``s``) that is a prefix of ``s``: O(len(tail))."""
+    if not tail or s[0] not in tail:
+        return 0
+    k = 0
+    for c in tail:
+        while k and s[k] != c:
+            k = borders[k - 1]
+        if s[k] == c:
+            k += 1
+    return k
