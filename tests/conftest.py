@@ -1,8 +1,8 @@
 """Fixtures shared by the test modules: tiny random checkpoints (written once per session) and copies of them.
 
 Checkpoint folders are session-scoped and shared: a test or fixture that writes into a checkpoint (side files,
-edited weights) works on a copy (``copy_of``, or ``sorted_draft_checkpoint(seed, into=...)``). Loaded models are
-left to each module (module scope), since tests may edit a model object they were given."""
+edited weights) works on a copy (``copy_of``, or ``shutil.copytree``). Loaded models are left to each module
+(module scope), since tests may edit a model object they were given."""
 
 from __future__ import annotations
 
@@ -56,13 +56,16 @@ def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def sorted_draft_checkpoint(tiny_checkpoint) -> Callable[..., Path]:
-    """The 3-exit sorted draft's folder for a weight seed. Without ``into`` it is the shared, read-only folder;
-    with ``into`` a private copy there, for callers that add side files (n-gram model, steering maps, gates)."""
-    def make(seed: int = 5, into: Path | None = None) -> Path:
-        shared = tiny_checkpoint(seed=seed, **SORTED_DRAFT)
-        return shared if into is None else Path(shutil.copytree(shared, into))
-    return make
+def sorted_draft_dir(tiny_checkpoint) -> Path:
+    """The 3-exit sorted draft that the drafting tests share. Session scope is safe: it is read, never written;
+    tests that add side files beside it (n-gram model, steering maps, gates) copy it first."""
+    return tiny_checkpoint(seed=5, **SORTED_DRAFT)
+
+
+@pytest.fixture(scope="session")
+def small_target_dir(tiny_checkpoint) -> Path:
+    """A 2-layer target for the sorted draft (same byte tokenizer). Session scope is safe: it is only read."""
+    return tiny_checkpoint(num_layers=2, seed=31)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ wrappers forward every hook, drafters of another vocabulary are refused, and the
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,11 @@ EXITS = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory, tiny_checkpoint, sorted_draft_checkpoint):
+def family(tmp_path_factory, tiny_checkpoint, sorted_draft_dir):
     """Two targets and a 3-exit draft with steering maps for both and an n-gram model beside it."""
     root = tmp_path_factory.mktemp("contract")
     targets = [load_model(tiny_checkpoint(num_layers=2, seed=50 + i), dtype="float32") for i in range(2)]
-    draft_dir = sorted_draft_checkpoint(seed=52, into=root / "draft")  # a copy: maps and n-grams go beside it
+    draft_dir = Path(shutil.copytree(sorted_draft_dir, root / "draft"))  # a copy: maps and n-grams go beside it
     draft = load_model(draft_dir, dtype="float32")
     maps = SteeringMaps(draft.cfg.hidden_size)
     g = torch.Generator().manual_seed(0)

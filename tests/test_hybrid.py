@@ -35,9 +35,8 @@ def test_lookup_drafts_across_passages_and_respects_min_match():
 
 
 @pytest.fixture(scope="module")
-def models(tiny_checkpoint, sorted_draft_checkpoint):
-    return (load_model(tiny_checkpoint(num_layers=2, seed=21), dtype="float32"),
-            load_model(sorted_draft_checkpoint(seed=22), dtype="float32"))
+def models(small_target_dir, sorted_draft_dir):
+    return load_model(small_target_dir, dtype="float32"), load_model(sorted_draft_dir, dtype="float32")
 
 
 PROMPTS = [list(range(60, 80)) * 3, [7, 3, 9, 7, 3, 1, 12, 40, 41, 42]]

@@ -37,10 +37,9 @@ def test_method_names_parse_and_bad_ones_are_refused():
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory, tiny_checkpoint, sorted_draft_checkpoint):
+def family(tmp_path_factory, small_target_dir, sorted_draft_dir):
     root = tmp_path_factory.mktemp("methods")
-    target = tiny_checkpoint(num_layers=2, seed=31)
-    draft = sorted_draft_checkpoint(seed=32)  # shared and read-only: tests that add gates copy it first
+    target, draft = small_target_dir, sorted_draft_dir  # shared and read-only: tests that add gates copy the draft
     text = root / "corpus.txt"
     text.write_text("def add(a, b):\n    return a + b\n\n" * 200 + "for i in range(10):\n    print(i)\n" * 200)
     return {"target": target, "draft": draft, "corpus": text, "root": root}

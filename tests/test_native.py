@@ -28,7 +28,7 @@ def isa(request, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory, sorted_draft_checkpoint):
+def family(tmp_path_factory, sorted_draft_dir):
     """Tiny checkpoints with what the runtime must handle: GQA, qkv bias, odd sizes, a sorted draft."""
     root = tmp_path_factory.mktemp("native")
     return {
@@ -41,7 +41,7 @@ def family(tmp_path_factory, sorted_draft_checkpoint):
         # contexts past one attention chunk (256 keys)
         "long": write_random_checkpoint(root / "long", num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=2,
                                         intermediate_size=96, max_positions=1024, seed=13),
-        "draft": sorted_draft_checkpoint(seed=5),
+        "draft": sorted_draft_dir,
     }
 
 

@@ -28,9 +28,9 @@ TWO = OverlapThreads(target=1, draft=1)  # the 2-core split (conftest runs torch
 
 
 @pytest.fixture(scope="module")
-def models(tiny_checkpoint, sorted_draft_checkpoint):
-    return (load_model(tiny_checkpoint(num_layers=3, seed=41), dtype="float32"),
-            load_model(sorted_draft_checkpoint(seed=42), dtype="float32"))
+def models(checkpoints, sorted_draft_dir):
+    # The session's 3-layer target: these tests have always run a target as deep as the draft.
+    return load_model(checkpoints["target"], dtype="float32"), load_model(sorted_draft_dir, dtype="float32")
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,11 +30,11 @@ TEXT = "def add(a, b):\n    return a + b\n\n" * 30 + "for i in range(10):\n    p
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory, tiny_checkpoint, sorted_draft_checkpoint):
+def family(tmp_path_factory, small_target_dir, sorted_draft_dir):
     """A tiny target and a 3-exit draft (byte tokenizer) with an n-gram file of TEXT beside the draft."""
     root = tmp_path_factory.mktemp("refine")
-    target = tiny_checkpoint(num_layers=2, seed=41)
-    draft = sorted_draft_checkpoint(seed=42, into=root / "draft")  # a copy: the n-gram file is written beside it
+    target = small_target_dir
+    draft = Path(shutil.copytree(sorted_draft_dir, root / "draft"))  # a copy: the n-gram file is written beside it
     stream = np.frombuffer(TEXT.encode(), np.uint8).astype(np.int64)
     CorpusNgram.build(stream, 257, min_count=1).save(draft / NGRAM_FILE)
     return {"target": target, "draft": draft, "root": root}

@@ -18,8 +18,8 @@ PROMPT = [7, 3, 9, 7, 3, 1, 12, 40, 41, 42]
 
 
 @pytest.fixture(scope="module")
-def sorted_draft(sorted_draft_checkpoint):
-    return load_model(sorted_draft_checkpoint(seed=5), dtype="float32")
+def sorted_draft(sorted_draft_dir):
+    return load_model(sorted_draft_dir, dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from tinymodels import small_vocab_model
 
 
 @pytest.fixture(scope="module")
-def family(tiny_checkpoint, sorted_draft_checkpoint):
-    paths = {"target": tiny_checkpoint(num_layers=2, seed=31), "draft": sorted_draft_checkpoint(seed=32)}
+def family(small_target_dir, sorted_draft_dir):
+    paths = {"target": small_target_dir, "draft": sorted_draft_dir}
     return paths, load_model(paths["target"], dtype="float32"), load_model(paths["draft"], dtype="float32")
 
 
