@@ -28,14 +28,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, checkpoints):
     root = tmp_path_factory.mktemp("train_runs")
     src = root / "src"
     src.mkdir()
     for i in range(8):
         body = "".join(f"    if x > {j}:\n        return f{i}(x - {j * i})\n" for j in range(12))
         (src / f"m{i}.py").write_text(f"def f{i}(x):\n{body}    return {i}\n")
-    return {"target": write_random_checkpoint(root / "target", num_layers=3, seed=1),
+    return {"target": checkpoints["target"],  # only read: the runs init from it and check it is left as it was
             "small": write_random_checkpoint(root / "small", num_layers=2, seed=4), "src": src}
 
 

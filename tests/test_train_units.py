@@ -19,13 +19,13 @@ from s2d.train.losses import TeacherMixture, divergence, soft_loss
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, checkpoints):
     root = tmp_path_factory.mktemp("train_units")
     src = root / "src"
     (src / "pkg").mkdir(parents=True)
     for i in range(6):
         (src / "pkg" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 20)
-    return {"target": write_random_checkpoint(root / "target", num_layers=3, seed=1), "src": src, "root": root}
+    return {"target": checkpoints["target"], "src": src, "root": root}  # the target is only read
 
 
 # ---- losses -------------------------------------------------------------------------------------
