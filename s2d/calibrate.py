@@ -29,7 +29,10 @@ def calibration_path(draft: str | Path) -> Path:
 
 
 def load_calibration(draft: str | Path, path: Path | None = None) -> dict[str, dict]:
-    """{target name: {num_draft_tokens, exit_thresholds, stop_threshold, tokens_per_s}}; {} if none.
+    """{target key: {name, num_draft_tokens, exit_thresholds, stop_threshold, tokens_per_s}}; {} if none.
+
+    Keys are the targets' fingerprints (``calibration_key``); files written before that are keyed by
+    the target's name (``calibration_entry`` reads both).
 
     Every entry is checked here, so a hand-edited or damaged file is refused naming the file and
     the field, not met later as a crash deep in the drafter.
@@ -85,10 +88,40 @@ def check_calibration_run(max_new_tokens: int) -> None:
                          f"{max(DRAFT_LENGTHS)} tokens and verify them, so it needs at least {need}")
 
 
-def save_calibration(path: Path, target_name: str, entry: dict) -> None:
-    """Merge one target's entry into the file, atomically (a crash never leaves half a file)."""
+def calibration_key(target: Transformer) -> str:
+    """What a target's calibration is stored under: its weights' fingerprint (the key of steering maps and
+    refine tables), so the same model under another name finds it and another model under the name does not."""
+    from s2d.drafting.steer import target_fingerprint
+
+    return target_fingerprint(target)
+
+
+def calibration_entry(data: dict[str, dict], target: Transformer | None, name: str) -> dict:
+    """The stored entry for ``target`` (served as ``name``): by fingerprint; else one an older s2d stored by
+    name (an entry without a "name" field), read as it was then; {} if none."""
+    if target is not None and isinstance(entry := data.get(calibration_key(target)), dict):
+        return entry
+    legacy = data.get(name)
+    if isinstance(legacy, dict) and "name" not in legacy:
+        return legacy
+    if target is None:  # no model to fingerprint: the entry calibrated under this name
+        return next((e for e in data.values() if isinstance(e, dict) and e.get("name") == name), {})
+    return {}
+
+
+def save_calibration(path: Path, target_name: str, entry: dict, target: Transformer | None = None) -> None:
+    """Merge one target's entry into the file, atomically (a crash never leaves half a file).
+
+    With ``target``, the entry is keyed by its fingerprint (and replaces an older entry stored under
+    ``target_name``); without, by the name, as older files were.
+    """
     data = load_calibration("", path) if path.exists() else {}
-    data[target_name] = entry
+    if target is None:
+        data[target_name] = entry
+    else:
+        if isinstance(data.get(target_name), dict) and "name" not in data[target_name]:
+            del data[target_name]  # superseded: this name's calibration is now the model's
+        data[calibration_key(target)] = {"name": target_name, **entry}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)

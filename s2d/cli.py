@@ -128,15 +128,18 @@ def empty_answer_hint(tokenizer, chat: bool) -> str:
     return hint + "; --ignore-eos generates past it"
 
 
-def draft_options(args: argparse.Namespace, method: str, draft_path: str | None, target_name: str, draft=None):
-    """Per-target drafting knobs: explicit flags win over a stored calibration, which wins over defaults."""
+def draft_options(args: argparse.Namespace, method: str, draft_path: str | None, target_name: str, draft=None,
+                  target=None):
+    """Per-target drafting knobs: explicit flags win over a stored calibration (``target``'s, else the one
+    stored under ``target_name``), which wins over defaults."""
     from dataclasses import replace
 
-    from s2d.calibrate import load_calibration, stored_options
+    from s2d.calibrate import calibration_entry, load_calibration, stored_options
 
     from s2d.drafting import default_options
 
-    entry = load_calibration(draft_path).get(target_name, {}) if draft_path and method == "s2d" else {}
+    use = draft_path and method == "s2d"
+    entry = calibration_entry(load_calibration(draft_path), target, target_name) if use else {}
     stored = stored_options(entry, base=default_options(method, draft))
     flags = {"num_draft_tokens": args.num_draft_tokens, "exit_thresholds": args.exit_thresholds or None,
              "stop_threshold": args.stop_threshold, "tree_top_k": args.tree_top_k, "tree_depth": args.tree_depth,
@@ -186,7 +189,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if method == "s2d" and draft is not None and len(draft.cfg.exits) < 2:
         print("s2d: the draft has no exits (config 's2d_exits'): --method s2d runs as lookup + the whole draft "
               "(vanilla speculative decoding); a sorted draft comes from `s2d train-draft`", file=sys.stderr)
-    options = {name: draft_options(args, method, draft_path, name, draft) for name in targets}
+    options = {name: draft_options(args, method, draft_path, name, draft, models[name]) for name in targets}
     engine = MultiTargetEngine(models, draft, method, options, eos_token_ids=() if args.ignore_eos else None)
     ids = prompt_ids(tokenizer, prompt, chat, args.system, targets[use])
     states: list = []
@@ -276,7 +279,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ids = [tokenizer(p).input_ids for p in prompts]
     for name, model in models.items():
         result = calibrate(model, draft, ids, args.max_new_tokens, desc=f"calibrate {name}")
-        save_calibration(out, name, result)
+        save_calibration(out, name, result, model)
         print(f"{name}: exit {result['exit']}, draft length {result['num_draft_tokens']}, "
               f"stop {result['stop_threshold']} -> {result['tokens_per_s']:.1f} tokens/s")
     print(f"saved to {out}")

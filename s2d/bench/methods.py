@@ -74,12 +74,13 @@ def ours(ctx: MethodContext, name: str) -> EngineMethod:
 
 
 def s2d_calibrated(ctx: MethodContext) -> EngineMethod:
-    from s2d.calibrate import load_calibration, stored_options
+    from s2d.calibrate import calibration_entry, load_calibration, stored_options
     from s2d.drafting import build_drafter, default_options, engine_draft_tokens
 
     assert ctx.draft is not None
     draft = draft_model(ctx)
-    options = stored_options(load_calibration(ctx.draft).get(ctx.target.name, {}), ctx.options.num_draft_tokens,
+    entry = calibration_entry(load_calibration(ctx.draft), target_model(ctx), ctx.target.name)
+    options = stored_options(entry, ctx.options.num_draft_tokens,
                              base=default_options("s2d", draft))
     drafter = build_drafter("s2d", draft, options, target_model(ctx))
     return engine_method(ctx, drafter, engine_draft_tokens("s2d", options))

@@ -56,7 +56,7 @@ def run_serve(args: argparse.Namespace) -> int:
     method = default_method(args.method, draft)
 
     def options(target: str, m: str):
-        return draft_options(args, m, args.draft, target, draft)
+        return draft_options(args, m, args.draft, target, draft, models[target])
 
     for name in targets:  # refuse bad drafting flags or a bad calibration now, not at the first request
         options(name, method)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -77,8 +77,29 @@ def walk_files(root: Path, cfg: DataConfig) -> Iterator[Path]:
             yield path
 
 
+def within_context(data: DataConfig, max_positions: int) -> DataConfig:
+    """``data`` packed into rows a model of ``max_positions`` positions can run (a row is seq_len + 1 tokens).
+
+    For objectives that only read positions (gates, steering): a shorter row gives as many positions.
+    """
+    return data if data.seq_len < max_positions else replace(data, seq_len=max(2, max_positions - 1))
+
+
+def read_text_file(path: Path, strict: bool = False) -> str:
+    """A training file's text. A binary file (a NUL byte in its first 8 KiB, as git and grep decide) is
+    refused rather than trained on as mojibake; other undecodable bytes become U+FFFD (``strict``: refused)."""
+    data = path.read_bytes()
+    if (nul := data.find(b"\0", 0, 8192)) >= 0:
+        raise ValueError(f"training data {path} is a binary file (a NUL byte at offset {nul}), not text; "
+                         "give text files, JSONL, or folders of them")
+    try:
+        return data.decode("utf-8", errors="strict" if strict else "replace")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"training data {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def _jsonl_documents(path: Path) -> Iterator[Document]:
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_file(path, strict=True).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -101,12 +122,12 @@ def read_documents(cfg: DataConfig) -> list[Document]:
     for root in cfg.paths:
         if root.is_dir():
             for path in walk_files(root, cfg):
-                text = path.read_text(encoding="utf-8", errors="replace")
+                text = read_text_file(path)
                 docs.append(Document(path.relative_to(root).as_posix(), text))
         elif root.suffix in JSONL_SUFFIXES:
             docs.extend(_jsonl_documents(root))
         else:
-            docs.append(Document(root.name, root.read_text(encoding="utf-8", errors="replace")))
+            docs.append(Document(root.name, read_text_file(root)))
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise ValueError(f"no training text found in {', '.join(map(str, cfg.paths))} (glob {cfg.glob!r})")

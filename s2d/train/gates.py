@@ -46,8 +46,10 @@ def train_gates(cfg: GateTraining, progress: bool = True) -> dict:
     if len(draft.cfg.exits) < 2:
         raise CheckpointError(f"{cfg.draft} is not a sorted draft with several exits (config 's2d_exits'); "
                               "exit gates decide between exits")
+    from s2d.train.data import within_context
+
     tokenizer = load_tokenizer(cfg.draft)
-    rows = load_packed(cfg.data, tokenizer).rows.long()
+    rows = load_packed(within_context(cfg.data, draft.cfg.max_positions), tokenizer).rows.long()
     order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     per_row = rows.shape[1]
     needed = min(rows.shape[0], -(-cfg.positions // per_row))

@@ -264,8 +264,10 @@ def ngram_draft(draft: str | Path, out: str | Path, data: DataConfig, min_count:
 def read_calibration_prompts(paths: list[Path], limit: int | None = None) -> list[str]:
     from s2d.cli import read_prompts
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--limit must be an integer >= 1 (the prompts to use), got {limit!r}")
     prompts = [p for path in paths for p in read_prompts(path, 2**31)]
-    return prompts[:limit] if limit else prompts
+    return prompts[:limit]
 
 
 def add_calibrate_refine(sub: argparse._SubParsersAction) -> None:

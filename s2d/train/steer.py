@@ -160,7 +160,7 @@ def train_steering_into(draft_dir: str | Path, out: str | Path, target_paths: tu
     from s2d.drafting.methods import default_exit
     from s2d.model.loading import load_model, load_tokenizer
     from s2d.train.beside import write_draft_with
-    from s2d.train.data import load_packed
+    from s2d.train.data import load_packed, within_context
     from s2d.train.teachers import check_tokenizers
 
     if not target_paths:
@@ -176,10 +176,14 @@ def train_steering_into(draft_dir: str | Path, out: str | Path, target_paths: tu
         targets = {Path(p).name: load_model(p, dtype=target_dtype) for p in target_paths}
         if len(targets) != len(target_paths):
             raise ValueError("two --targets share a directory name; the maps are reported by name")
-        rows = load_packed(replace(data, seq_len=cfg.seq_len), tokenizer).rows
+        # Rows every model can run: a draft or target whose context is shorter than seq_len sets it.
+        context = min(m.cfg.max_positions for m in (draft, *targets.values()))
+        packing = within_context(replace(data, seq_len=cfg.seq_len), context)
+        rows = load_packed(packing, tokenizer).rows
+        fit = replace(cfg, seq_len=packing.seq_len)
         held = rows[-min(16, max(1, rows.shape[0] // 10)):]
         train = rows[: rows.shape[0] - held.shape[0]] if rows.shape[0] > held.shape[0] else rows
-        cfg_fit = replace(cfg, batch_size=min(cfg.batch_size, train.shape[0]))
+        cfg_fit = replace(fit, batch_size=min(fit.batch_size, train.shape[0]))
         maps, report = train_maps(draft, targets, train, tuple(chosen), cfg_fit, held, progress)
         maps.save(folder)
         return {"exits": list(chosen), **report}
