@@ -63,6 +63,15 @@ def sorted_draft_dir(tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sorted_draft_checkpoint(sorted_draft_dir) -> Callable[..., Path]:
+    """The sorted draft's folder: without ``into`` the shared read-only one (``sorted_draft_dir``), with ``into``
+    a private copy there, for a test that adds or damages side files."""
+    def make(into: Path | None = None) -> Path:
+        return sorted_draft_dir if into is None else Path(shutil.copytree(sorted_draft_dir, into))
+    return make
+
+
+@pytest.fixture(scope="session")
 def small_target_dir(tiny_checkpoint) -> Path:
     """A 2-layer target for the sorted draft (same byte tokenizer). Session scope is safe: it is only read."""
     return tiny_checkpoint(num_layers=2, seed=31)
