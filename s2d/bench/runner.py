@@ -52,6 +52,10 @@ class BenchConfig:
             raise BenchError("--warmup must be >= 0 and --repeats >= 1")
         if self.options.num_draft_tokens is not None and self.options.num_draft_tokens < 1:
             raise BenchError("--num-draft-tokens must be >= 1")
+        try:  # the sampling numbers generate and the server refuse, refused before any model loads
+            self.sampling(0, 0)
+        except ValueError as err:
+            raise BenchError(str(err)) from None
         # Raises a clear BenchError for unknown methods and draft methods without --draft.
         parse_methods(",".join(self.methods), self.draft is not None)
         if 0 < self.temperature < 1e-20 and any(m.startswith("hf-") for m in self.methods):
