@@ -26,7 +26,8 @@ def side_file(path: Path | str, what: str, remedy: str = "") -> Iterator[None]:
         yield
     except CheckpointError:
         raise
-    except Exception as err:  # the block only reads and checks this file: every failure is the file's
+    # The block only reads and checks this file, so every failure in it is the file's.
+    except Exception as err:  # noqa: BLE001
         reason = " ".join(str(err).split())[:300] or type(err).__name__
         hint = f"; {remedy}" if remedy else ""
         raise CheckpointError(f"malformed {what} {path}: {reason}{hint}") from None

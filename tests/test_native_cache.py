@@ -36,7 +36,7 @@ def _compiler(tmp_path: Path, body: str) -> Path:
 def _run(tmp_path: Path, compiler: Path, timeout: str = "20") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "S2D_CACHE": str(tmp_path / "cache"), "CXX": str(compiler),
            "S2D_NATIVE_BUILD_TIMEOUT": timeout, "S2D_NATIVE": "1"}
-    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
 def _copying(tmp_path: Path) -> Path:

@@ -8,7 +8,6 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
 from clitools import edit_weights, one_line_error, run
 
 BAD = "model.layers.0.mlp.down_proj.weight"

@@ -12,19 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from clitools import one_line_error, run
+from tinymodels import small_vocab_model
+
 from s2d.calibrate import CALIBRATION_FILE, calibration_entry, load_calibration, save_calibration
 from s2d.drafting.gates import GATES_FILE, ExitGates
 from s2d.drafting.refine import NGRAM_FILE, REFINE_FILE, CorpusNgram, RefineTable, RefineWeights, save_refine_table
 from s2d.drafting.steer import STEER_FILE, SteeringMaps
 from s2d.drafting.vocab import VOCAB_FILE, load_vocab, save_vocab
 from s2d.model.config import CheckpointError
-from tinymodels import small_vocab_model
 
 V, HIDDEN = 8, 32
-SORTED = dict(seed=5, num_layers=3, hidden_size=48, num_heads=4, num_kv_heads=2, intermediate_size=96,
-              s2d_exits=[1, 2, 3])  # a 3-exit sorted draft over the byte tokenizer
+SORTED = {"seed": 5, "num_layers": 3, "hidden_size": 48, "num_heads": 4, "num_kv_heads": 2,
+          "intermediate_size": 96, "s2d_exits": [1, 2, 3]}  # a 3-exit sorted draft over the byte tokenizer
 
 
 def listing(folder: Path) -> dict[str, str]:

@@ -165,7 +165,8 @@ def run_beside(args: argparse.Namespace) -> int:
         raise ValueError(f"--objective {args.objective} needs --init: the draft to work on")
     if args.objective == "gates":
         report = train_gates_into(args.init, args.out, data_from_args(args), positions=args.gate_positions,
-                                  batch_size=args.micro_batch_size, seed=args.seed)["per_exit"]
+                                  batch_size=args.micro_batch_size, seed=args.seed,
+                                  progress=not args.no_progress)["per_exit"]
     else:
         report = rank_draft_vocab(args.init, args.out, data_from_args(args))
     print(json.dumps({"out_dir": str(args.out), "status": "completed", args.objective: report}))

@@ -76,13 +76,13 @@ def train_gates(cfg: GateTraining, progress: bool = True) -> dict:
 
 
 def train_gates_into(draft: str | Path, out: str | Path, data: DataConfig, positions: int = 100_000,
-                     batch_size: int = 8, seed: int = 0) -> dict:
+                     batch_size: int = 8, seed: int = 0, progress: bool = True) -> dict:
     """Copy the sorted draft ``draft`` to ``out`` (new, empty, or an earlier output of this command) with
     trained exit gates; atomic: a failure leaves ``out`` as it was."""
     from s2d.train.beside import write_draft_with
 
     return write_draft_with(draft, out, data, "train-draft --objective gates", lambda tmp: train_gates(
-        GateTraining(tmp, data, positions=positions, batch_size=batch_size, seed=seed)))
+        GateTraining(tmp, data, positions=positions, batch_size=batch_size, seed=seed), progress=progress))
 
 
 __all__ = ["GATES_FILE", "GateTraining", "ExitGates", "train_gates", "train_gates_into"]
