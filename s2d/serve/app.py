@@ -287,8 +287,14 @@ def create_app(server: Server) -> FastAPI:
         raw = await request.body()
         if len(raw) > server.config.max_body_bytes:
             raise APIError(413, f"the request body is {len(raw)} bytes; the limit is {server.config.max_body_bytes}")
-        req = p.parse_body(raw, model)
-        job_request = server.prepare(req)
+
+        def parse() -> tuple:
+            req = p.parse_body(raw, model)
+            return req, server.prepare(req)
+
+        # Off the event loop: a body near the size limit takes ~1 s to parse, template and tokenize,
+        # which would hold every other request's responses and stream chunks.
+        req, job_request = await asyncio.to_thread(parse)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = Job(job_request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
