@@ -241,7 +241,13 @@ def training_data(cfg: ZooBuild, split: dict[str, Any]):
 def stage_split(build: Build) -> dict[str, Any]:
     cfg, path = build.cfg, build.out / SPLIT_FILE
     if build.done("split", path):
-        return json.loads(path.read_text())
+        from s2d.side_files import read_json, side_file
+
+        with side_file(path, "zoo split", "delete it to redo the split (and every stage after it)"):
+            split = read_json(path)
+            if not isinstance(split, dict) or not isinstance(split.get("validation_files"), list):
+                raise ValueError("no 'validation_files' list")
+            return split
     files = corpus_files(cfg)
     held = [f for f in files if is_held_out(f)]
     if len(held) == len(files):

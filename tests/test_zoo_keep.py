@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from s2d.model.config import CheckpointError
 from s2d.zoo import TOKENIZER_DIR, Build, ZooBuild, stage_split, stage_tokenizer
 
 
@@ -27,3 +30,16 @@ def test_rebuilding_a_stage_keeps_the_users_files(tmp_path: Path) -> None:
     assert (folder / "NOTES.md").read_text() == "mine" and (folder / "extra" / "data.txt").read_text() == "also mine"
     assert sorted(p.name for p in folder.iterdir()) == sorted([*written, "NOTES.md", "extra"])
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_a_damaged_split_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"m{i}.py").write_text(f"x = {i}\n")
+    cfg = ZooBuild(tmp_path / "family", preset="tiny", corpus=corpus, progress=False)
+    stage_split(Build(cfg))
+    split = cfg.out / "split.json"
+    split.write_text(split.read_text()[:20])  # cut short
+    with pytest.raises(CheckpointError, match=f"malformed zoo split {split}: .*redo the split"):
+        stage_split(Build(cfg))
