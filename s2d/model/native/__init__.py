@@ -28,6 +28,7 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -127,12 +128,12 @@ def build(compiler: str, out: Path, timeout: float | None = None) -> None:
         tmp_out = Path(tmp) / out.name
         cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w", str(SOURCES[0]), "-o", str(tmp_out)]
         # Its own session, so a compiler that hangs is killed with every process it started.
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
                                 start_new_session=True)
         try:
             _, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             raise RuntimeError(f"{compiler} did not finish building within {timeout:g} s "
                                "(S2D_NATIVE_BUILD_TIMEOUT)") from None
@@ -145,7 +146,7 @@ def build(compiler: str, out: Path, timeout: float | None = None) -> None:
         os.replace(record, _record_path(out))
 
 
-def _lock(lock_file, timeout: float) -> None:
+def _lock(lock_file: IO[str], timeout: float) -> None:
     """Take the build lock, waiting at most ``timeout`` seconds for another process's build."""
     deadline = time.monotonic() + timeout
     while True:
@@ -177,7 +178,7 @@ def ensure_built(compiler: str) -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded runtime, built if needed; None (with a warning) where it cannot run."""
+    """The loaded runtime, built if needed; None (with one line on stderr) where it cannot run."""
     if os.environ.get("S2D_NATIVE", "1") == "0":
         return None
     if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
