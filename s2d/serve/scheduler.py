@@ -170,7 +170,12 @@ class Scheduler:
                 self._waiting.remove(job)
                 self._end(job, Event("done", finish_reason="cancelled"))
                 continue
-            slot = self.pools[job.request.target].acquire()
+            try:
+                slot = self.pools[job.request.target].acquire()
+            except Exception as err:  # a KV cache that cannot be allocated: this request fails, not the thread
+                self._waiting.remove(job)
+                self._end(job, Event("error", error=err))
+                continue
             if slot is not None:
                 job.slot = slot
                 self._admitted += 1
@@ -234,7 +239,7 @@ class Scheduler:
         elif state.finished:
             delta += job.text.flush()
         if delta:
-            job.on_event(Event("text", delta))
+            self._emit(job, Event("text", delta))
         if not state.finished:
             return True
         hit_eos = stopped or (bool(emitted) and emitted[-1] in engine.eos)
@@ -248,7 +253,11 @@ class Scheduler:
             job.slot.busy = False  # the next begin() on it truncates the cache and resets its drafters
             job.slot = None
             self._admitted -= 1
+        self._emit(job, event)
+
+    @staticmethod
+    def _emit(job: Job, event: Event) -> None:
         try:
             job.on_event(event)
-        except Exception:  # an owner that went away must not stop the scheduler
-            pass
+        except Exception:  # an owner that went away (its event loop closed) must not stop the scheduler
+            job.cancelled = True
