@@ -256,6 +256,12 @@ def export_gguf(model: str | Path, out: str | Path, exit_layers: int | None = No
     # Every value of every tensor written (those of the exit's layers): a NaN exported is garbage later.
     check_finite({k: state[k] for k in expected_shapes(cfg) if k in state}, directory, sample=False)
     tensors = gguf_tensors(state, cfg, arch)
+    if dtype == "float16":  # finite weights beyond float16's range would be written as inf
+        limit = torch.finfo(torch.float16).max
+        for tensor_name, t in tensors.items():
+            if t.ndim > 1 and (big := float(t.detach().abs().max())) > limit:
+                raise CheckpointError(f"{directory}: tensor {tensor_name} holds {big:g}, beyond float16's range "
+                                      f"({limit:g}); export with --dtype bfloat16 or float32")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

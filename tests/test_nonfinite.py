@@ -52,3 +52,12 @@ def test_a_deeper_exit_left_nan_does_not_block_exporting_a_shallower_one(tiny_ch
     code, _, err = run(capsys, "export-gguf", "--model", src, "--exit", 2, "--out", tmp_path / "e2.gguf")
     assert code == 2 and "model.layers.1.mlp.down_proj.weight" in one_line_error(err, "export-gguf")
     assert not (tmp_path / "e2.gguf").exists()
+
+
+def test_weights_beyond_float16_are_not_exported_as_inf(copy_of, tmp_path, capsys):
+    src = copy_of("draft")
+    edit_weights(src, lambda s: s[BAD].__setitem__((0, 0), 1e6))
+    out = tmp_path / "h.gguf"
+    code, _, err = run(capsys, "export-gguf", "--model", src, "--out", out, "--dtype", "float16")
+    assert code == 2 and "beyond float16's range" in one_line_error(err, "export-gguf") and not out.exists()
+    assert run(capsys, "export-gguf", "--model", src, "--out", out, "--dtype", "bfloat16")[0] == 0
