@@ -127,7 +127,7 @@ def main() -> int:
         shutil.copy2(args.work / name / "train_log.jsonl", args.out / f"train_log_{name}.jsonl")
     # Stage 3: the exit gates of s2d-gate (logistic probes on the draft's activations, minutes), trained
     # on the same corpus (seq_len 512); stage 4: the vocabulary ranking. Both written beside the draft.
-    from s2d.train.beside import add_gates_and_vocab
+    from s2d.train.gates import add_gates_and_vocab
 
     info.update(add_gates_and_vocab(args.out, data, gate_positions=200_000, dtype="bfloat16",
                                     progress=not args.no_progress))

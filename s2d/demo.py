@@ -27,22 +27,22 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from s2d.drafting import build_drafter, default_options, engine_draft_tokens
+    from s2d.drafting import build_drafter, engine_draft_tokens
     from s2d.engine import Engine
-    from s2d.loading import EMBEDDED, embedded_family, load_family
+    from s2d.model.loading import EMBEDDED
+    from s2d.resolve import choose, load
     from s2d.sampling import SamplingParams
 
     if not 1 <= args.prompts <= 4 or args.max_new_tokens < 1:
         raise ValueError("--prompts must be 1-4 and --max-new-tokens >= 1")
-    family, draft_dir = embedded_family()
-    tokenizer, targets, draft = load_family({n: str(p) for n, p in family.items()}, str(draft_dir), args.dtype, "cpu",
-                                            fast_tokenizer=True)
+    family = load(choose("s2d demo", None, None, "s2d", "cpu"), args.dtype, fast_tokenizer=True)
+    tokenizer, targets, draft = family.tokenizer, family.models, family.draft
     rows = [json.loads(line) for line in (EMBEDDED / "prompts.jsonl").read_text().splitlines() if line.strip()]
     prompts = [tokenizer(r["text"]).input_ids for r in rows[:args.prompts]]
     greedy = SamplingParams()
     table, identical = [], True
     for name, target in targets.items():
-        options = default_options("s2d", draft)
+        options = family.options(name)
         engines = {"ar": Engine(target, eos_token_ids=()),
                    "s2d": Engine(target, build_drafter("s2d", draft, options, target),
                                  engine_draft_tokens("s2d", options),
@@ -75,7 +75,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     if not args.no_stream:
         name, target = next(iter(targets.items()))
-        options = default_options("s2d", draft)
+        options = family.options(name)
         engine = Engine(target, build_drafter("s2d", draft, options, target), engine_draft_tokens("s2d", options))
         shown = rows[-1]["text"]  # the prompt the zoo continues most plausibly
         print(f"\n{name}, s2d, streamed (the prompt's last lines, then the completion):\n"

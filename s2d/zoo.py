@@ -413,7 +413,7 @@ def stage_target(build: Build, size: str, index: int, split: dict[str, Any], tok
 
 def stage_draft(build: Build, split: dict[str, Any], cost: dict[str, float]) -> Path:
     from s2d.train import TrainConfig
-    from s2d.train.beside import add_gates_and_vocab
+    from s2d.train.gates import add_gates_and_vocab
 
     cfg, dest = build.cfg, build.out / DRAFT_DIR
     if build.done(DRAFT_DIR, dest / "model.safetensors"):
@@ -544,8 +544,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def add_zoo(sub: argparse._SubParsersAction) -> None:
-    from s2d.cli import finite_float
-    from s2d.train.cli import _ints
+    from s2d.args import finite_float, ints
 
     p = sub.add_parser("zoo", help="build a family of targets and their sorted draft from the standard library")
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True)
@@ -562,7 +561,7 @@ def add_zoo(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--corpus", type=Path, default=default_corpus(),
                    help="a directory of *.py files (default: this interpreter's standard library)")
     b.add_argument("--vocab-size", type=int, help="BPE vocabulary (default: the preset's, 8192 for zoo)")
-    b.add_argument("--draft-exits", type=_ints, default=(),
+    b.add_argument("--draft-exits", type=ints, default=(),
                    help="the draft's exits, layer counts of the smallest target (default 1,2,3 for zoo)")
     b.add_argument("--steps", type=int, help="optimizer steps of every training stage (default: the preset's, "
                                              "600 per target and 320 for the draft for zoo)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from s2d.cli import main
-from s2d.loading import EMBEDDED, embedded_family
+from s2d.model.loading import EMBEDDED, embedded_family
 
 
 def test_the_embedded_family_is_installed_and_within_budget():

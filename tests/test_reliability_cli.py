@@ -152,12 +152,12 @@ def test_a_malformed_calibration_names_the_file_and_the_field(capsys, checkpoint
 
 
 def test_ctrl_c_during_start_up_exits_quietly(capsys, checkpoints, monkeypatch):
-    import s2d.loading
+    import s2d.model.loading
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(s2d.loading, "load_family", interrupted)
+    monkeypatch.setattr(s2d.model.loading, "load_family", interrupted)
     code, out, err = run(capsys, "generate", "--target", checkpoints["target"], "--prompt", "x")
     assert code == 130 and out == "" and err == "s2d generate: interrupted\n"
     # The console script reaches main() (and its handler) before torch, which takes seconds to import.

@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 
 from s2d.engine import MultiTargetEngine
-from s2d.loading import load_family
+from s2d.model.loading import load_family
 from s2d.sampling import SamplingParams
 from s2d.serve.app import Server, ServerConfig, create_app
 from s2d.serve.scheduler import Event, Job, QueueFullError, Request, Scheduler, TargetPool

@@ -12,7 +12,7 @@ from s2d.drafting import DraftOptions, build_drafter
 from s2d.drafting.tree import (DraftTree, TreeDrafter, TreeShape, ancestor_mask, conditioned_gumbel,
                                draw_without_replacement, select_beams)
 from s2d.engine import MultiTargetEngine
-from s2d.loading import load_model
+from s2d.model.loading import load_model
 from s2d.sampling import SamplingParams
 from s2d.verify import verify_tree_greedy, verify_tree_stochastic
 

@@ -149,10 +149,10 @@ def test_a_rerun_skips_finished_stages_and_resumes_a_cut_stage(family, monkeypat
     # The draft stage dies after its training, before its gates: the next run resumes its checkpoint.
     import shutil
 
-    import s2d.train.beside
+    import s2d.train.gates
 
     shutil.rmtree(out / "draft")
-    monkeypatch.setattr(s2d.train.beside, "add_gates_and_vocab", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(s2d.train.gates, "add_gates_and_vocab", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         build_zoo(cfg)
     assert not (out / "draft").exists() and (out / "runs" / "draft" / "checkpoints").is_dir()

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from s2d.args import add_sampling_args
 from s2d.bench.errors import BenchError
 
 EXAMPLE = """examples:
@@ -50,8 +51,6 @@ def tree_shape(text: str) -> tuple[int, int, int]:
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    from s2d.cli import add_sampling_args  # s2d.cli is loaded: it is the caller
-
     p = sub.add_parser("bench", help="benchmark decoding methods and their peers: transformers, llama.cpp (Spec-Bench format)",
                        description=__doc__, epilog=method_help() + "\n\n" + EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

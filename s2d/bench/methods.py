@@ -7,7 +7,7 @@ from pathlib import Path
 from s2d.bench.base import Generation, MethodContext, MethodSkipped
 from s2d.drafting.base import Drafter
 from s2d.engine import Engine
-from s2d.loading import check_same_tokenizer, check_same_vocab, load_model, load_tokenizer
+from s2d.model.loading import check_same_tokenizer, check_same_vocab, load_model, load_tokenizer
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams
 

@@ -15,7 +15,7 @@ import torch
 
 from s2d.bench.methods import tokenizer
 from s2d.bench.base import Generation, MethodContext, MethodSkipped
-from s2d.loading import check_same_tokenizer
+from s2d.model.loading import check_same_tokenizer
 from s2d.model.config import CheckpointError, ModelConfig
 from s2d.model.loading import DTYPES, resolve_checkpoint
 from s2d.sampling import SamplingParams

@@ -1,4 +1,5 @@
-"""Load Hugging Face format checkpoints (a local directory or a hub id) into the s2d runtime."""
+"""Load Hugging Face format checkpoints (a local directory or a hub id) into the s2d runtime, and a family
+of them (targets and a draft that share one tokenizer)."""
 
 from __future__ import annotations
 
@@ -259,3 +260,61 @@ def load_tokenizer(name_or_path: str | Path):
         return AutoTokenizer.from_pretrained(directory)
     except Exception as err:  # transformers' messages span lines: one line for the CLI
         raise CheckpointError(f"cannot load a tokenizer from {directory}: {' '.join(str(err).split())}") from err
+
+
+# ---------------------------------------------------------------- a family: targets and a draft, one vocabulary
+
+
+def check_same_tokenizer(target_tok, draft_tok, target_name: str = "target", draft_name: str = "draft") -> None:
+    """Refuse a draft whose tokenizer differs from the target's: its token ids would mean other text."""
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise CheckpointError(f"{draft_name} and {target_name} have different tokenizers; "
+                              "speculative decoding needs the same vocabulary")
+
+
+def check_same_vocab(target: Transformer, draft: Transformer) -> None:
+    if target.cfg.vocab_size != draft.cfg.vocab_size:
+        raise CheckpointError(f"draft vocab_size {draft.cfg.vocab_size} != target vocab_size {target.cfg.vocab_size}")
+
+
+EMBEDDED = Path(__file__).parent.parent / "data" / "default"  # s2d/data/default/README.md
+
+
+def embedded_family() -> tuple[dict[str, Path], Path]:
+    """The family used when no --target is given: ({name: target dir}, the sorted draft's dir)."""
+    target, draft = EMBEDDED / "zoo-l", EMBEDDED / "draft"
+    if not (target / "model.safetensors").exists() or not (draft / "model.safetensors").exists():
+        raise CheckpointError(f"the embedded default models are missing from {EMBEDDED} (a partial install?); "
+                              "reinstall s2d or pass --target DIR")
+    return {"zoo-l": target}, draft
+
+
+def load_family(targets: dict[str, str], draft: str | None, dtype: str, device: str, fast_tokenizer: bool = False):
+    """Load targets (and a draft) that must share one tokenizer. Returns (tokenizer, {name: model}, draft).
+
+    ``fast_tokenizer``: encode/decode without importing transformers where that is exact
+    (s2d.model.tokenizer); for commands that need nothing else of the tokenizer.
+    """
+    from s2d.model.tokenizer import fast_tokenizer as fast
+
+    def tokenizer_of(path: str):
+        if fast_tokenizer and (tok := fast(resolve_checkpoint(path))) is not None:
+            return tok
+        return load_tokenizer(path)
+
+    models = {}
+    tokenizer = None
+    for name, path in targets.items():
+        models[name] = load_model(path, dtype=dtype, device=device)
+        tok = tokenizer_of(path)
+        if tokenizer is None:
+            tokenizer, first = tok, name
+        else:
+            check_same_tokenizer(tokenizer, tok, first, name)
+    draft_model = None
+    if draft is not None:
+        draft_model = load_model(draft, dtype=dtype, device=device)
+        check_same_tokenizer(tokenizer, tokenizer_of(draft), first, "draft")
+        for model in models.values():
+            check_same_vocab(model, draft_model)
+    return tokenizer, models, draft_model

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from s2d.model.config import CheckpointError
@@ -65,15 +64,3 @@ def rank_draft_vocab(draft: str | Path, out: str | Path, data: DataConfig) -> di
     """Copy ``draft`` to ``out`` with its tokens ranked by frequency in ``data`` (s2d_draft_vocab.json)."""
     return write_draft_with(draft, out, data, "train-draft --objective vocab", lambda folder: rank_vocab(folder, data),
                             needs_exits=False)
-
-
-def add_gates_and_vocab(draft: Path, data: DataConfig, gate_positions: int, dtype: str = "bfloat16",
-                        progress: bool = True) -> dict:
-    """In place, what a finished sorted draft gets beside it: its exit gates (s2d-gate; fitted on rows of at
-    most 512 tokens of ``data``), then its tokens ranked by frequency in ``data`` (the draft_vocab option)."""
-    from s2d.train.gates import GateTraining, train_gates
-
-    gate_data = replace(data, seq_len=min(512, data.seq_len))
-    gates = train_gates(GateTraining(Path(draft), gate_data, positions=gate_positions, batch_size=8, dtype=dtype),
-                        progress=progress)
-    return {"gates": gates["per_exit"], "vocab": rank_vocab(Path(draft), data)}

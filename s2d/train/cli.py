@@ -8,14 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+from s2d.args import finite_float, int_in, ints
 from s2d.train.losses import DIVERGENCES
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _paths(text: str) -> tuple[Path, ...]:
@@ -23,15 +17,13 @@ def _paths(text: str) -> tuple[Path, ...]:
 
 
 def add_train_draft(sub: argparse._SubParsersAction) -> None:
-    from s2d.cli import finite_float, int_in
-
     p = sub.add_parser("train-draft", help="train a sorted multi-exit draft (SoFT, multi-target distillation)",
                        description="Train one sorted draft with several exits for a family of targets. "
                                    "Re-running the same command in the same --out resumes from its last checkpoint.")
     p.add_argument("--out", type=Path, required=True, help="output directory (draft, log, checkpoints)")
     p.add_argument("--data", type=Path, nargs="+", required=True,
                    help="text files, JSONL files ('text' or Spec-Bench 'turns'), or directories of source files")
-    p.add_argument("--exits", type=_ints, help="layer counts with an exit, e.g. 1,2,3 (soft and distill)")
+    p.add_argument("--exits", type=ints, help="layer counts with an exit, e.g. 1,2,3 (soft and distill)")
     p.add_argument("--num-layers", type=int, help="K, the draft's depth (default: the deepest exit)")
     init = p.add_mutually_exclusive_group(required=True)
     init.add_argument("--init", type=Path, help="checkpoint whose first K layers (+ embeddings, norm, head) seed the draft")

@@ -12,7 +12,7 @@ with its gates to a new folder, as every writing command does: never into its in
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from tqdm import tqdm
 from s2d.drafting.gates import GATES_FILE, ExitGates, fit_gates, gate_features
 from s2d.model.config import CheckpointError
 from s2d.model.loading import load_model, load_tokenizer
+from s2d.train.beside import rank_vocab, write_draft_with
 from s2d.train.data import DataConfig, load_packed
 
 REPORT_FILE = "s2d_exit_gates.json"
@@ -79,10 +80,18 @@ def train_gates_into(draft: str | Path, out: str | Path, data: DataConfig, posit
                      batch_size: int = 8, seed: int = 0, progress: bool = True) -> dict:
     """Copy the sorted draft ``draft`` to ``out`` (new, empty, or an earlier output of this command) with
     trained exit gates; atomic: a failure leaves ``out`` as it was."""
-    from s2d.train.beside import write_draft_with
-
     return write_draft_with(draft, out, data, "train-draft --objective gates", lambda tmp: train_gates(
         GateTraining(tmp, data, positions=positions, batch_size=batch_size, seed=seed), progress=progress))
 
 
-__all__ = ["GATES_FILE", "GateTraining", "ExitGates", "train_gates", "train_gates_into"]
+def add_gates_and_vocab(draft: Path, data: DataConfig, gate_positions: int, dtype: str = "bfloat16",
+                        progress: bool = True) -> dict:
+    """In place, what a finished sorted draft gets beside it: its exit gates (s2d-gate; fitted on rows of at
+    most 512 tokens of ``data``), then its tokens ranked by frequency in ``data`` (the draft_vocab option)."""
+    gate_data = replace(data, seq_len=min(512, data.seq_len))
+    gates = train_gates(GateTraining(Path(draft), gate_data, positions=gate_positions, batch_size=8, dtype=dtype),
+                        progress=progress)
+    return {"gates": gates["per_exit"], "vocab": rank_vocab(Path(draft), data)}
+
+
+__all__ = ["GATES_FILE", "ExitGates", "GateTraining", "add_gates_and_vocab", "train_gates", "train_gates_into"]

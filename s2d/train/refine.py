@@ -223,7 +223,7 @@ def calibrate_into(folder: Path, targets: dict[str, str], prompts: list[str], dt
     """Calibrate the draft in ``folder`` (which must hold its n-gram file) for ``targets``, writing beside it."""
     from s2d.drafting.methods import DEFAULT_S2D_VOCAB
     from s2d.drafting.vocab import load_vocab
-    from s2d.loading import load_family
+    from s2d.model.loading import load_family
 
     tokenizer, models, draft = load_family(targets, str(folder), dtype, "cpu")
     corpus = load_corpus_ngram(folder, draft.cfg.vocab_size)
@@ -262,7 +262,7 @@ def ngram_draft(draft: str | Path, out: str | Path, data: DataConfig, min_count:
 
 
 def read_calibration_prompts(paths: list[Path], limit: int | None = None) -> list[str]:
-    from s2d.cli import read_prompts
+    from s2d.args import read_prompts
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"--limit must be an integer >= 1 (the prompts to use), got {limit!r}")
@@ -287,7 +287,7 @@ def add_calibrate_refine(sub: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate_refine(args: argparse.Namespace) -> int:
-    from s2d.loading import parse_targets
+    from s2d.args import parse_targets
 
     if args.new_tokens < CHAIN + 1:
         raise ValueError(f"--new-tokens must be >= {CHAIN + 1}, got {args.new_tokens}")

@@ -7,11 +7,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from s2d.loading import check_same_tokenizer
 from s2d.model.cache import KVCache
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
-from s2d.model.loading import load_model, load_tokenizer
+from s2d.model.loading import check_same_tokenizer, load_model, load_tokenizer
 
 
 def check_tokenizers(tokenizer, targets: tuple[Path, ...], name: str = "the draft") -> None:
