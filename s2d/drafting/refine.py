@@ -276,6 +276,10 @@ class RefineTable:
         path = Path(directory) / REFINE_FILE
         with side_file(path, "refine calibration", "rewrite it with `s2d calibrate-refine`"):
             raw = read_json(path)
+            if not (isinstance(raw, dict) and isinstance(raw.get("targets"), dict)
+                    and all(isinstance(t, dict) and isinstance(t.get("exits"), dict) for t in raw["targets"].values())
+                    and isinstance(raw.get("pooled", {}), dict)):
+                raise ValueError("expected {\"targets\": {FINGERPRINT: {\"exits\": {...}}}, \"pooled\": {...}}")
             weights = {(fp, int(e), kind): RefineWeights(**w[kind]["weights"])
                        for fp, entry in raw["targets"].items() for e, w in entry["exits"].items()
                        for kind in ("alone", "behind_lookup")}
