@@ -195,6 +195,8 @@ def test_metrics_count_every_request_by_its_real_status(family, monkeypatch):
             client.completions.create(model="a", prompt="s", top_p=0)
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="nope", prompt="s")
+        for i in range(3):  # unknown paths: one label, however many a client invents
+            assert httpx.get(f"{live.url}/v1/invented-{i}").status_code == 404
         step = scheduler.decode_step
 
         def failing(*args):  # a stream has sent its 200 header by then
@@ -211,7 +213,8 @@ def test_metrics_count_every_request_by_its_real_status(family, monkeypatch):
         monkeypatch.setattr(live.server, "usage", lambda job: {}["a bug"])
         with pytest.raises(openai.InternalServerError):
             client.completions.create(model="a", prompt="s", max_tokens=2)
-        assert requests_counted(live) == {(path, "200"): 2, (path, "400"): 1, (path, "404"): 1, (path, "500"): 3}
+        assert requests_counted(live) == {(path, "200"): 2, (path, "400"): 1, (path, "404"): 1, (path, "500"): 3,
+                                          ("other", "404"): 3}
     finally:
         live.stop()
 

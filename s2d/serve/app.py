@@ -28,6 +28,7 @@ from s2d.serve.text import TextStream
 log = logging.getLogger("s2d.serve")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions")  # /metrics labels; any other path: "other"
 
 
 @dataclass
@@ -228,8 +229,9 @@ class Guard:
             status = 500
             raise
         finally:
-            if path.startswith("/v1/"):
-                self.server.metrics.requests.labels(path, str(state.get("s2d_status", status))).inc()
+            if path.startswith("/v1/"):  # unknown paths share one label: a client cannot grow /metrics
+                endpoint = path if path in ENDPOINTS else "other"
+                self.server.metrics.requests.labels(endpoint, str(state.get("s2d_status", status))).inc()
 
 
 def create_app(server: Server) -> FastAPI:
