@@ -149,6 +149,12 @@ def test_allowed_circles_still_exist():
     assert not stale, f"these allowed circles are gone; remove them from ALLOWED: {stale}"
 
 
+def test_the_root_command_is_imported_by_none_and_its_helpers_are_a_leaf():
+    graph = import_graph()
+    assert [m for m, deps in graph.items() if "s2d.cli" in deps] == []
+    assert graph["s2d.args"] == set()
+
+
 def test_the_rules_on_a_small_package(tmp_path):
     files = {
         "__init__.py": "from pkg.sub import thing\n",  # the re-export pattern: no cycle with sub's imports
