@@ -14,8 +14,8 @@ import pytest
 from clitools import one_line_error, run
 from test_serve import CHAT_TEMPLATE, LiveServer, error_of, reference
 
-from s2d.model.loading import load_family
 from s2d.model.config import CheckpointError
+from s2d.model.loading import load_family
 from s2d.sampling import TOP_P_MIN, SamplingParams
 from s2d.serve import protocol, scheduler
 from s2d.serve.app import Server, ServerConfig

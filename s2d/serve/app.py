@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from s2d.drafting import DraftOptions, build_drafter, check_method, default_options, needs_draft_model
 from s2d.engine import Engine
@@ -82,11 +83,12 @@ class Server:
     """Targets sharing a vocabulary (and a draft), behind one scheduler."""
 
     def __init__(self, tokenizer, targets: dict[str, Transformer], draft: Transformer | None,
-                 config: ServerConfig = ServerConfig(),
+                 config: ServerConfig | None = None,
                  options: Callable[[str, str], DraftOptions] | None = None) -> None:
         """``tokenizer``: one for every target, or ``{target: tokenizer}`` (each target's own chat template
         and decoding). ``options(target, method)``: the drafting knobs of a target with a method (default:
         the method's)."""
+        config = config or ServerConfig()
         check_method(config.method)
         if needs_draft_model(config.method) and draft is None:
             raise ValueError(f"method {config.method} needs a draft model")
@@ -157,7 +159,7 @@ class Server:
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as err:  # the template is the checkpoint's own Jinja code: it may raise anything
+        except Exception as err:  # noqa: BLE001 - the template is the checkpoint's own Jinja code
             raise APIError(400, f"the chat template failed on these messages: {err}", "messages") from None
         return tokenizer(text, add_special_tokens=False).input_ids
 

@@ -19,9 +19,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from s2d.decode import DecodeState, decode_step, prefill
 from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens
 from s2d.drafting.base import Drafter
-from s2d.decode import DecodeState, decode_step, prefill
 from s2d.engine import Engine
 from s2d.model.cache import KVCache
 from s2d.model.llama import Transformer
@@ -66,7 +66,7 @@ class Job:
     finished_at: float | None = None
     state: DecodeState | None = None
     cancelled: bool = False
-    slot: "Slot | None" = None
+    slot: Slot | None = None
 
     def cancel(self) -> None:
         """Stop this request at its next step (a client that went away); safe from any thread."""
@@ -172,7 +172,7 @@ class Scheduler:
                 continue
             try:
                 slot = self.pools[job.request.target].acquire()
-            except Exception as err:  # a KV cache that cannot be allocated: this request fails, not the thread
+            except Exception as err:  # noqa: BLE001 - a KV cache that cannot be allocated fails its request, not the thread
                 self._waiting.remove(job)
                 self._end(job, Event("error", error=err))
                 continue
@@ -213,7 +213,7 @@ class Scheduler:
             seeded = r.params.seed is not None and not r.params.greedy
             drafter, k = pool.drafter(job.slot, r.method, fresh=seeded)
             job.state = prefill(pool.engine.target, r.prompt, r.params, r.max_new_tokens, job.slot.cache, drafter, k)
-        except Exception as err:  # a drafter that cannot be built, a prompt the engine refuses
+        except Exception as err:  # noqa: BLE001 - a drafter that cannot be built, a prompt the engine refuses
             self._end(job, Event("error", error=err))
             return False
         return True
@@ -229,7 +229,7 @@ class Scheduler:
             emitted = decode_step(engine.target, state, engine.eos)
             state.stats.elapsed_s = time.perf_counter() - job.submitted_at
             delta, stopped = job.text.push(state.output)
-        except Exception as err:  # non-finite logits, a tokenizer failure: this request ends, others go on
+        except Exception as err:  # noqa: BLE001 - non-finite logits, a tokenizer failure: this request ends, others go on
             self._end(job, Event("error", error=err))
             return False
         if job.first_token_at is None:
@@ -259,5 +259,5 @@ class Scheduler:
     def _emit(job: Job, event: Event) -> None:
         try:
             job.on_event(event)
-        except Exception:  # an owner that went away (its event loop closed) must not stop the scheduler
+        except Exception:  # noqa: BLE001 - an owner that went away (its loop closed) must not stop the scheduler
             job.cancelled = True
