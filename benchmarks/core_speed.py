@@ -107,7 +107,7 @@ def main() -> None:
               "num_draft_tokens": args.num_draft_tokens, "dtype": "bfloat16", "threads": torch.get_num_threads(),
               "machine": {"cpu": platform.processor() or platform.machine(), "native_bf16": not CPU_BF16_UPCAST},
               "methods": rows}
-    print(f"| method | tokens/s | speedup vs own plain | MAT | greedy identical to ar |")
+    print("| method | tokens/s | speedup vs own plain | MAT | greedy identical to ar |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup_over_own_ar']:.2f}x | "

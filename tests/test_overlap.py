@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from s2d.drafting import DraftOptions, SortedConfig, SortedDrafter, build_drafter, default_options, \
+from s2d.drafting import SortedConfig, SortedDrafter, build_drafter, default_options, \
     engine_draft_tokens
 from s2d.drafting import methods
 from s2d.drafting.hybrid import HybridDrafter

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from clitools import one_line_error, run
-from test_serve import CHAT_TEMPLATE, LiveServer, error_of, reference
+from servetools import CHAT_TEMPLATE, LiveServer, error_of, reference
 
 from s2d.model.config import CheckpointError
 from s2d.model.loading import load_family

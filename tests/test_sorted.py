@@ -132,7 +132,6 @@ def test_sampled_s2d_output_is_distributed_like_the_target():
     target = small_vocab_model(2, seed=1)
     draft = small_vocab_model(3, seed=2, exits=(1, 2, 3))
     prompt = [1, 2, 3]
-    params = SamplingParams(temperature=1.0)
     p1, exact = exact_two_tokens(target, prompt)  # exact P(x1 | prompt) and P(x1, x2 | prompt) of the target
     drafter = SortedDrafter(draft, SortedConfig((1, 2, 3), (0.85, 0.9, 0.0)))
     engine = Engine(target, drafter, 3, eos_token_ids=())

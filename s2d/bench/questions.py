@@ -104,5 +104,5 @@ class PromptBuilder:
 def fit_context(prompt: list[int], budget: int) -> tuple[list[int], bool]:
     """Keep the last ``budget`` tokens (the text the answer continues); returns (ids, truncated)."""
     if budget < 1:
-        raise BenchError(f"no room for a prompt: the context is too short for --max-new-tokens")
+        raise BenchError("no room for a prompt: the context is too short for --max-new-tokens")
     return (prompt[-budget:], True) if len(prompt) > budget else (prompt, False)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from s2d.model.config import CheckpointError
+from s2d.model.config import CheckpointError, ModelConfig
 from s2d.model.loading import check_checkpoint, check_finite, expected_shapes, read_safetensors
 from s2d.outputs import check_not_input, check_output_dir, marked_by, swap_in, temporary_sibling, write_marker
 from s2d.train.draft import quiet_transformers
