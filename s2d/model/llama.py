@@ -8,6 +8,7 @@ written by slot, callers choose which layers run and which positions get logits.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,16 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
     return inv_freq.float()
+
+
+@dataclass
+class SequenceRows:
+    """One sequence's new rows in a pass over several sequences (``Transformer.run_layers_multi``)."""
+
+    hidden: Tensor  # [T_i, C] the rows' inputs
+    positions: Tensor  # [T_i] their RoPE positions
+    cache: KVCache  # this sequence's cache; the rows are appended after its filled length
+    block_mask: Tensor | None = None  # [T_i, T_i] bool among its rows (a tree); None: causal (a chain)
 
 
 class Block(nn.Module):
@@ -199,6 +210,38 @@ class Transformer(nn.Module):
             hidden = self._block(self.layers[i], i, hidden, cos, sin, cache, slot, mask, causal)
             cache.lengths[i] = slot + t
         return hidden
+
+    def run_layers_multi(self, seqs: list[SequenceRows], start: int = 0, end: int | None = None) -> list[Tensor]:
+        """Layers ``start .. end-1`` over the new rows of several sequences, each appended to its own cache.
+
+        On the native runtime one pass carries every row (the weights are read once for all) and each row's
+        result is bit-identical to the same row in a pass of its sequence alone. Elsewhere (torch, CUDA, a
+        cache of another layout, more rows than a native pass takes) each sequence runs its own pass: the
+        reference. Returns each sequence's hidden states [T_i, C].
+        """
+        end = self.cfg.num_layers if end is None else end
+        if not seqs:
+            return []
+        rows = [s.hidden.shape[0] for s in seqs]
+        layout = {(s.cache.k.dtype, s.cache.k.stride(), s.cache.capacity, s.cache.k.device.type) for s in seqs}
+        fast = self._native_for(seqs[0].hidden[:1]) if sum(rows) <= native.MAX_ROWS else None
+        if (fast is None or len(layout) != 1 or next(iter(layout))[3] != "cpu"
+                or any(s.hidden.dtype != self.dtype for s in seqs)):
+            return [self.run_layers(s.hidden[None], s.positions, s.cache, start, end, s.block_mask)[0] for s in seqs]
+        slots = []
+        for s in seqs:
+            slot = s.cache.lengths[start]
+            if any(s.cache.lengths[i] != slot for i in range(start, end)):
+                raise ValueError(f"layers {start}..{end - 1} hold different cache lengths: {s.cache.lengths[start:end]}")
+            if slot + s.hidden.shape[0] > s.cache.capacity:
+                raise ValueError(f"cache overflow: {slot} + {s.hidden.shape[0]} tokens > capacity {s.cache.capacity}")
+            slots.append(slot)
+        out = fast.run_layers_multi(torch.cat([s.hidden for s in seqs]), torch.cat([s.positions for s in seqs]),
+                                    [s.cache for s in seqs], rows, slots, [s.block_mask for s in seqs], start, end)
+        for s, slot, t in zip(seqs, slots, rows):
+            for i in range(start, end):
+                s.cache.lengths[i] = slot + t
+        return list(out.split(rows))
 
     def _block(self, layer: Block, index: int, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache,
                slot: int, mask: Tensor | None, causal: bool) -> Tensor:

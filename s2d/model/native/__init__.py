@@ -65,6 +65,7 @@ _SIGNATURES = {
     "s2d_model_free": ([_VP], None),
     "s2d_profile": ([_VP, _I, _VP], None),
     "s2d_run_layers": ([_VP, _VP, _I, _VP, _VP, _VP, _I, _I64, _I64, _I64, _I64, _VP, _I, _I, _I], _I),
+    "s2d_run_layers_multi": ([_VP, _VP, _I, _VP, _I, _VP, _VP, _VP, _VP, _VP, _I, _I64, _I64, _I64, _I, _I, _I], _I),
     "s2d_head": ([_VP, _VP, _I, _VP, _I64, _VP, _VP, _VP, _I], _I),
     "s2d_linear": ([_VP, _VP, _VP, _I, _I64, _I64, _I, _I, _I], None),
 }
@@ -349,6 +350,35 @@ class NativeRuntime:
         if status:
             raise ValueError(f"positions must lie in [0, {self.max_positions}), got {pos.tolist()}")
         return x.view(1, t, c)
+
+    def run_layers_multi(self, hidden: Tensor, positions: Tensor, caches: list["KVCache"], rows: list[int],
+                         slots: list[int], masks: list[Tensor | None], start: int, end: int) -> Tensor:
+        """hidden [T, C]: the rows of several sequences, ``rows[i]`` of sequence i after those before it, each
+        attending to ``caches[i]`` (written at slots ``slots[i]`` ..) and, among its rows, as ``masks[i]``
+        ([rows, rows] bool, or None: causal) allows. One pass; returns [T, C]."""
+        t, c = hidden.shape
+        x = hidden.clone(memory_format=torch.contiguous_format)
+        pos = positions.to(torch.int64).contiguous()
+        n = len(caches)
+        keep = [None if m is None else m.to(torch.uint8).contiguous() for m in masks]  # alive during the call
+        seg_rows = (ctypes.c_int * n)(*rows)
+        kcs = (ctypes.c_void_p * n)(*[cache.k.data_ptr() for cache in caches])
+        vcs = (ctypes.c_void_p * n)(*[cache.v.data_ptr() for cache in caches])
+        seg_slots = (ctypes.c_int64 * n)(*slots)
+        seg_masks = (ctypes.c_void_p * n)(*[_ptr(m) for m in keep])
+        k = caches[0].k
+        status = self.lib.s2d_run_layers_multi(self.handle, x.data_ptr(), t, pos.data_ptr(), n, seg_rows, kcs, vcs,
+                                               seg_slots, seg_masks, int(k.dtype == torch.bfloat16), k.stride(0),
+                                               k.stride(2), k.shape[3], start, end, call_threads())
+        if status == -3:
+            raise ValueError(f"cache overflow: slots {slots} + rows {rows} > capacity {k.shape[3]}")
+        if status == -2:
+            raise ValueError(f"a native pass takes 1 to {MAX_ROWS} tokens, got {t}")
+        if status == -5:
+            raise ValueError(f"the sequences' rows {rows} must each be >= 1 and add up to the pass's {t}")
+        if status:
+            raise ValueError(f"positions must lie in [0, {self.max_positions}), got {pos.tolist()}")
+        return x
 
     def logits(self, hidden: Tensor, head: Tensor | None = None) -> Tensor:
         """hidden [..., C] -> float32 logits [..., V] (``head`` [V', C]: another head, e.g. a vocabulary subset)."""

@@ -225,6 +225,17 @@ struct LayerWeights {
 
 struct Model;
 
+// One sequence's rows in a pass over several sequences (s2d_run_layers_multi): rows row0 .. row0+rows-1
+// of the pass attend only to this sequence's cache (and among themselves as its mask allows), written
+// at its slots slot .. slot+rows-1. Every cache of one pass has the same layout (strides, capacity).
+struct Segment {
+  int row0, rows;
+  void* kc;              // this sequence's key cache base
+  void* vc;
+  int64_t slot;          // its cache slot of its first new token
+  const uint8_t* mask;   // [rows, rows] 1 = may attend among its new tokens; null = causal
+};
+
 // One call's arguments, shared by all threads.
 struct Job {
   const Model* m;
@@ -243,6 +254,8 @@ struct Job {
   const void* head_w;    // the logits job's head [head_rows, C] (the model's, or a vocabulary subset)
   int64_t head_rows;
   void* top;             // non-null: the logits job also reduces each row to its top-1
+  int nseg;              // > 0: the rows belong to these sequences (kc, vc, slot, mask above unused)
+  const Segment* segs;
 };
 
 // One thread's share of one row's top-1 (the logits job); the softmax sum is kept in Scratch::top_chunks.
@@ -521,6 +534,42 @@ int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, v
   if (slot + T > capacity) return -3;
   m->job = {m, T, x, pos, kc, vc, layer_stride, head_stride, slot, capacity, mask, start, end, nullptr, nullptr, 0,
             nullptr};
+  if (m->profile) m->prof.start();
+  pool->run(m->kernels.layers[m->bf16_weights][cache_bf16 != 0], &m->job);
+  return 0;
+}
+
+// Layers [start, end) over the rows of several sequences in one pass: x [T, C] as s2d_run_layers; sequence
+// i owns the next seg_rows[i] rows, attends to its own cache (kcs[i], vcs[i]; every cache of the same layout)
+// and writes its keys and values at slots slots[i] ..; masks[i]: its [rows, rows] tree mask, or null (a
+// chain). The weights are read once for all rows; each row's result is bit-identical to the same row in a
+// pass of its sequence alone. Returns as s2d_run_layers, and -5 for segments that do not cover 1..T rows.
+int s2d_run_layers_multi(void* handle, void* x, int T, const int64_t* pos, int nseg, const int* seg_rows,
+                         void* const* kcs, void* const* vcs, const int64_t* slots, const uint8_t* const* masks,
+                         int cache_bf16, int64_t layer_stride, int64_t head_stride, int64_t capacity, int start,
+                         int end, int threads) {
+  auto* m = static_cast<s2d::Model*>(handle);
+  std::lock_guard<std::mutex> lock(m->mu);
+  s2d::Pool* pool = threads > 0 ? shared_pool(threads) : m->pool;
+  if (T < 1 || T > s2d::kMaxRows) return -2;
+  if (nseg < 1 || nseg > T) return -5;
+  for (int t = 0; t < T; ++t)
+    if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
+  static thread_local std::vector<s2d::Segment> segs;
+  segs.assign(nseg, {});
+  int row0 = 0;
+  int64_t keys = 0;
+  for (int i = 0; i < nseg; ++i) {
+    if (seg_rows[i] < 1) return -5;
+    if (slots[i] < 0 || slots[i] + seg_rows[i] > capacity) return -3;
+    segs[i] = {row0, seg_rows[i], kcs[i], vcs[i], slots[i], masks ? masks[i] : nullptr};
+    row0 += seg_rows[i];
+    keys = std::max(keys, slots[i] + seg_rows[i]);
+  }
+  if (row0 != T) return -5;
+  m->ensure_scratch(T, keys, pool->size());
+  m->job = {m, T, x, pos, kcs[0], vcs[0], layer_stride, head_stride, slots[0], capacity, nullptr, start, end, nullptr,
+            nullptr, 0, nullptr, nseg, segs.data()};
   if (m->profile) m->prof.start();
   pool->run(m->kernels.layers[m->bf16_weights][cache_bf16 != 0], &m->job);
   return 0;
