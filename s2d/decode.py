@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +24,8 @@ from torch import Tensor
 from s2d.drafting.base import Drafter, DraftTree
 from s2d.model.cache import KVCache
 from s2d.model.config import CheckpointError
-from s2d.model.llama import Transformer
+from s2d.model import native
+from s2d.model.llama import SequenceRows, Transformer
 from s2d.sampling import SamplingParams, check_finite_logits, probabilities, sample
 from s2d.verify import verify_greedy, verify_stochastic, verify_tree_greedy, verify_tree_stochastic
 
@@ -169,9 +170,24 @@ def prefill(target: Transformer, prompt: list[int], params: SamplingParams, max_
                        drafter, num_draft_tokens)
 
 
-@torch.inference_mode()
-def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozenset[int]) -> list[int]:
-    """One target pass: returns the tokens it emitted (accepted draft tokens + one from the target)."""
+@dataclass
+class Step:
+    """One sequence's step between drafting and the verdict: its draft and the block the target verifies."""
+
+    state: DecodeState
+    tree: DraftTree
+    chain: bool  # one path: verified by the chain rules, with no tree mask
+    tokens: Tensor  # [N] the draft's tokens, on the target's device
+    block: Tensor  # [N+1] the last committed token, then the draft
+    positions: Tensor  # [N+1] RoPE positions (a tree's follow its depths)
+    mask: Tensor | None  # [N+1, N+1] a tree's ancestor mask; None: causal
+    depths: list[int]  # [N] each node's depth below the root
+    remaining: int  # tokens the sequence may still emit
+    draft_s: float  # seconds spent drafting
+
+
+def draft_step(target: Transformer, state: DecodeState) -> Step:
+    """Draft this sequence's step and lay out the block its target pass verifies."""
     if state.finished:
         raise InputError("this sequence is finished")
     drafter = state.drafter
@@ -181,8 +197,7 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
     tree = DraftTree.empty()
     if drafter is not None and budget > 0:
         tree = drafter.propose_tree(state.tokens, state.params, state.generator, max_nodes=budget)
-    t1 = time.perf_counter()
-
+    draft_s = time.perf_counter() - t0
     device = target.device
     base = state.cache.length  # == len(state.tokens) - 1
     chain = tree.is_chain
@@ -193,29 +208,38 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
         positions, mask = torch.arange(base, base + block.numel(), device=device), None
     else:
         positions, mask = torch.tensor([0] + depths, device=device) + base, tree.block_mask().to(device)
-    # A drafter may draft the next step during the pass, as if this chain will be accepted whole (overlap.py).
-    next_cap = min(state.num_draft_tokens, remaining - len(tree) - 2)
-    speculation = drafter.speculate(state.tokens + tokens.tolist(), next_cap, state.params, state.generator) \
-        if drafter is not None and chain and next_cap >= 1 else nullcontext()
-    with speculation:
-        out, hidden = _target_pass(target, state, block, positions, mask)
-    state.stats.draft_s += t1 - t0
-    state.stats.verify_s += time.perf_counter() - t1
+    return Step(state, tree, chain, tokens, block, positions, mask, depths, remaining, draft_s)
 
-    path, next_token = _verdict(tree, chain, tokens, out, state)
-    if chain:
+
+def speculation(step: Step) -> AbstractContextManager:
+    """Around the target pass: a drafter may draft the next step meanwhile, as if this chain will be accepted
+    whole (overlap.py); a no-op for every other drafter."""
+    state = step.state
+    next_cap = min(state.num_draft_tokens, step.remaining - len(step.tree) - 2)
+    if state.drafter is None or not step.chain or next_cap < 1:
+        return nullcontext()
+    return state.drafter.speculate(state.tokens + step.tokens.tolist(), next_cap, state.params, state.generator)
+
+
+def commit_step(step: Step, out: Tensor, hidden: Tensor, eos: set[int] | frozenset[int]) -> list[int]:
+    """The verdict on the target's ``out`` (argmax [N+1] or probabilities [N+1, V]) and ``hidden`` [N+1, C]:
+    keep the accepted path in the cache, count the pass, tell the drafter; returns the tokens emitted."""
+    state, tree, drafter = step.state, step.tree, step.state.drafter
+    base = state.cache.length - step.block.numel()
+    path, next_token = _verdict(tree, step.chain, step.tokens, out, state)
+    if step.chain:
         state.cache.truncate(base + 1 + len(path))
     else:  # the accepted path's entries become the contiguous prefix after the root (one gather)
         state.cache.compact(base, torch.tensor([base] + [base + 1 + i for i in path]))
-    per_depth = [0] * max(depths, default=0)  # draft tokens proposed at each depth (a chain: 1 each)
-    for d in depths:
+    per_depth = [0] * max(step.depths, default=0)  # draft tokens proposed at each depth (a chain: 1 each)
+    for d in step.depths:
         per_depth[d - 1] += 1
     state.stats.record(per_depth, len(path), tree.exits)
     if drafter is not None:
         drafter.feedback(len(tree), len(path))
         drafter.observe(hidden[1 + path[-1] if path else 0])  # the row that chose the step's last token
 
-    ids = tokens.tolist()
+    ids = step.tokens.tolist()
     emitted = [ids[i] for i in path] + [next_token]
     for i, token in enumerate(emitted):
         if token in eos:
@@ -229,20 +253,86 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
     return emitted
 
 
-def _target_pass(target: Transformer, state: DecodeState, block: Tensor, positions: Tensor,
-                 mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One target pass over ``block`` [T]: (the argmax after each row [T] (greedy) or probabilities
-    [T, V], the last layer's hidden states [T, C], which a steered drafter reads)."""
-    try:  # non-finite logits raise CheckpointError (the greedy pass checks them itself)
-        hidden = target.run_layers(target.embed_tokens(block[None]), positions, state.cache, block_mask=mask)[0]
-        if state.params.greedy:
-            return target.argmax(hidden), hidden
-        logits = target.logits(hidden)
-        check_finite_logits(logits, "target")
-        return probabilities(logits, state.params), hidden
-    except CheckpointError:
-        state.finished = True  # the cache now holds this pass: the sequence cannot go on
-        raise
+@torch.inference_mode()
+def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozenset[int]) -> list[int]:
+    """One target pass: returns the tokens it emitted (accepted draft tokens + one from the target)."""
+    step = draft_step(target, state)
+    t1 = time.perf_counter()
+    with speculation(step):
+        try:
+            hidden = target.run_layers(target.embed_tokens(step.block[None]), step.positions, state.cache,
+                                       block_mask=step.mask)[0]
+            out = _read_out(target, state.params, hidden)
+        except CheckpointError:
+            state.finished = True  # the cache now holds this pass: the sequence cannot go on
+            raise
+    state.stats.draft_s += step.draft_s
+    state.stats.verify_s += time.perf_counter() - t1
+    return commit_step(step, out, hidden, eos)
+
+
+@torch.inference_mode()
+def decode_step_batch(target: Transformer, states: list[DecodeState],
+                      eos: set[int] | frozenset[int]) -> list[list[int] | CheckpointError]:
+    """One step of several sequences of one target: each drafts, then one target pass verifies every block
+    (``Transformer.run_layers_multi``: the weights read once for all rows), and each accepts and commits on
+    its own. Per sequence: the tokens it emitted, or the CheckpointError that ended it (non-finite logits);
+    a sequence's tokens are the ones it would emit stepped alone (greedy: the same rows, bit for bit; sampling:
+    its own generator). Passes carry at most ``native.MAX_ROWS`` rows: more sequences take several passes."""
+    steps = [draft_step(target, state) for state in states]
+    results: list[list[int] | CheckpointError] = []
+    group: list[Step] = []
+    for step in steps:
+        if group and sum(s.block.numel() for s in group) + step.block.numel() > native.MAX_ROWS:
+            results += _verify_group(target, group, eos)
+            group = []
+        group.append(step)
+    if group:
+        results += _verify_group(target, group, eos)
+    return results
+
+
+def _verify_group(target: Transformer, steps: list[Step], eos: set[int] | frozenset[int]
+                  ) -> list[list[int] | CheckpointError]:
+    t1 = time.perf_counter()
+    seqs = [SequenceRows(target.embed_tokens(s.block[None])[0], s.positions, s.state.cache, s.mask) for s in steps]
+    with ExitStack() as stack:
+        for s in steps:
+            stack.enter_context(speculation(s))
+        hidden = target.run_layers_multi(seqs)
+        outs: list[Tensor | CheckpointError] = []
+        greedy = [s.state.params.greedy for s in steps]
+        if all(greedy):
+            try:  # one head pass for every row; a non-finite row sends each sequence to its own check
+                outs = list(target.argmax(torch.cat(hidden)).split([h.shape[0] for h in hidden]))
+            except CheckpointError:
+                outs = []
+        for s, h in zip(steps[len(outs):], hidden[len(outs):]):
+            try:
+                outs.append(_read_out(target, s.state.params, h))
+            except CheckpointError as err:
+                outs.append(err)
+    elapsed = time.perf_counter() - t1
+    results: list[list[int] | CheckpointError] = []
+    for s, out, h in zip(steps, outs, hidden):
+        s.state.stats.draft_s += s.draft_s
+        s.state.stats.verify_s += elapsed
+        if isinstance(out, CheckpointError):
+            s.state.finished = True  # the cache holds this pass: the sequence cannot go on
+            results.append(out)
+        else:
+            results.append(commit_step(s, out, h, eos))
+    return results
+
+
+def _read_out(target: Transformer, params: SamplingParams, hidden: Tensor) -> Tensor:
+    """The target's choice after each row of ``hidden`` [T, C]: argmax [T] (greedy) or probabilities [T, V];
+    non-finite logits raise CheckpointError (the greedy head checks them itself)."""
+    if params.greedy:
+        return target.argmax(hidden)
+    logits = target.logits(hidden)
+    check_finite_logits(logits, "target")
+    return probabilities(logits, params)
 
 
 def _verdict(tree: DraftTree, chain: bool, tokens: Tensor, out: Tensor, state: DecodeState) -> tuple[list[int], int]:

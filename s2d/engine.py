@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from s2d.decode import (DecodeState, DecodeStats, InputError, add_by_position, add_histogram, as_token_ids,
-                        decode_step, prefill)
+                        decode_step, decode_step_batch, prefill)
 from s2d.drafting.base import Drafter
 from s2d.model.cache import KVCache
 from s2d.model.llama import Transformer
@@ -52,6 +52,7 @@ class Engine:
         self.num_draft_tokens = num_draft_tokens
         self.eos = frozenset(target.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self._cache: KVCache | None = None  # reused across requests: allocation is not free for big models
+        self._batch_caches: list[KVCache] = []  # the caches of a batch's other sequences, kept for the next batch
         # One operation on the cache at a time (a start, a step), from any thread; ``_owner`` is the
         # sequence the cache holds, ``_streaming`` whether a stream() holds it to its end.
         self._mutex = threading.Lock()
@@ -129,6 +130,81 @@ class Engine:
             pass
         return states[0]
 
+    def stream_batch(self, prompts: list[list[int]], params: "SamplingParams | list[SamplingParams]" = SamplingParams(),
+                     max_new_tokens: "int | list[int]" = 128, drafters: "list[Drafter | None] | None" = None,
+                     state_out: list[DecodeState] | None = None) -> Iterator[list[list[int]]]:
+        """Decode several sequences together: every step drafts for each and verifies all of them in one
+        target pass (``decode_step_batch``). Yields, per step, each sequence's new tokens (empty once it
+        has finished); the states (with stats) are appended to ``state_out``. ``params`` and
+        ``max_new_tokens`` may be one for all or one per prompt. ``drafters``: one per sequence (a drafter
+        holds one sequence's state); without them, the Engine's drafter serves a batch of one.
+
+        Each sequence's tokens are the ones ``generate`` gives it alone (greedy: bit-identical rows;
+        seeded sampling: the same draws, from its own generator)."""
+        n = len(prompts)
+        if not isinstance(prompts, (list, tuple)) or n == 0:
+            raise InputError("a batch needs a non-empty list of prompts")
+        every_params = list(params) if isinstance(params, (list, tuple)) else [params] * n
+        every_max = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+        if drafters is None:
+            if self.drafter is not None and n > 1:
+                raise ValueError("each sequence of a batch needs a drafter of its own (drafters=[...], built with "
+                                 "build_drafter(..., target=)); MultiTargetEngine.generate_batch builds them")
+            drafters = [self.drafter] * n
+        if not len(every_params) == len(every_max) == len(drafters) == n:
+            raise InputError(f"{n} prompts need as many params, max_new_tokens and drafters, got "
+                             f"{len(every_params)}, {len(every_max)}, {len(drafters)}")
+        for drafter in drafters:
+            check_drafter(self.target, drafter)
+        if len({id(d) for d in drafters if d is not None}) < sum(d is not None for d in drafters):
+            raise ValueError("two sequences of a batch share one drafter; each needs its own")
+        with self._mutex:
+            if self._streaming or (self._owner is not None and not self._owner.finished):
+                raise EngineBusyError(self._busy_message())
+            self._streaming = True
+        try:
+            t0 = time.perf_counter()
+            while len(self._batch_caches) < n - 1:
+                self._batch_caches.append(self.target.new_cache())
+            caches = [self.cache, *self._batch_caches[:n - 1]]
+            states = []
+            with self._mutex:
+                for i in range(n):
+                    try:
+                        states.append(prefill(self.target, prompts[i], every_params[i], every_max[i], caches[i],
+                                              drafters[i], self.num_draft_tokens))
+                    except (InputError, TypeError) as err:
+                        raise type(err)(f"prompt {i} of the batch: {err}") from None
+                self._owner = states[0]
+            if state_out is not None:
+                state_out.extend(states)
+            while any(not s.finished for s in states):
+                active = [i for i, s in enumerate(states) if not s.finished]
+                with self._mutex:
+                    results = decode_step_batch(self.target, [states[i] for i in active], self.eos)
+                new: list[list[int]] = [[] for _ in range(n)]
+                for i, result in zip(active, results):
+                    if isinstance(result, Exception):
+                        raise result
+                    new[i] = result
+                    states[i].stats.elapsed_s = time.perf_counter() - t0
+                yield new
+        finally:
+            with self._mutex:
+                self._streaming = False
+                if self._owner is not None:
+                    self._owner.finished = True
+
+    def generate_batch(self, prompts: list[list[int]],
+                       params: "SamplingParams | list[SamplingParams]" = SamplingParams(),
+                       max_new_tokens: "int | list[int]" = 128,
+                       drafters: "list[Drafter | None] | None" = None) -> list[DecodeState]:
+        """``stream_batch`` to the end: each sequence's final state (its output and statistics)."""
+        states: list[DecodeState] = []
+        for _ in self.stream_batch(prompts, params, max_new_tokens, drafters, states):
+            pass
+        return states
+
 
 class MultiTargetEngine:
     """Several targets sharing a tokenizer and one draft model in memory.
@@ -146,8 +222,11 @@ class MultiTargetEngine:
         if not targets:
             raise ValueError("MultiTargetEngine needs at least one target")
         self.method = method
+        self.draft = draft
         self.engines: dict[str, Engine] = {}
         self.totals: dict[str, DecodeStats] = {}
+        self.options: dict[str, DraftOptions] = {}
+        self._batch_drafters: dict[str, list[Drafter | None]] = {}  # per target, kept across batches
         for name, target in targets.items():
             if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
                 raise ValueError(f"draft vocab_size {draft.cfg.vocab_size} != target {name!r} vocab_size "
@@ -157,6 +236,8 @@ class MultiTargetEngine:
             drafter = build_drafter(method, draft, opts, target)
             self.engines[name] = Engine(target, drafter, engine_draft_tokens(method, opts), eos_token_ids)
             self.totals[name] = DecodeStats()
+            self.options[name] = opts
+            self._batch_drafters[name] = [drafter]
 
     def engine(self, name: str) -> Engine:
         if name not in self.engines:
@@ -174,6 +255,22 @@ class MultiTargetEngine:
         state = self.engine(name).generate(prompt, params, max_new_tokens)
         self._accumulate(name, state.stats)
         return state
+
+    def generate_batch(self, name: str, prompts: list[list[int]],
+                       params: "SamplingParams | list[SamplingParams]" = SamplingParams(),
+                       max_new_tokens: "int | list[int]" = 128) -> list[DecodeState]:
+        """Several sequences on one target, verified together (``Engine.stream_batch``); each sequence gets a
+        drafter of its own, built like the target's (and kept for later batches)."""
+        from s2d.drafting import build_drafter
+
+        engine = self.engine(name)
+        drafters = self._batch_drafters[name]
+        while len(drafters) < len(prompts):
+            drafters.append(build_drafter(self.method, self.draft, self.options[name], engine.target))
+        states = engine.generate_batch(prompts, params, max_new_tokens, drafters[:len(prompts)])
+        for state in states:
+            self._accumulate(name, state.stats)
+        return states
 
     def _accumulate(self, name: str, stats: DecodeStats) -> None:
         self.totals[name].merge(stats)
