@@ -273,23 +273,30 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
 
 @torch.inference_mode()
 def decode_step_batch(target: Transformer, states: list[DecodeState],
-                      eos: set[int] | frozenset[int]) -> list[list[int] | CheckpointError]:
+                      eos: set[int] | frozenset[int]) -> list[list[int] | Exception]:
     """One step of several sequences of one target: each drafts, then one target pass verifies every block
     (``Transformer.run_layers_multi``: the weights read once for all rows), and each accepts and commits on
-    its own. Per sequence: the tokens it emitted, or the CheckpointError that ended it (non-finite logits);
+    its own. Per sequence: the tokens it emitted, or the error that ended it (its drafter failed, or its
+    logits were not finite: ``state.finished``), so one sequence's failure never ends the others;
     a sequence's tokens are the ones it would emit stepped alone (greedy: the same rows, bit for bit; sampling:
     its own generator). Passes carry at most ``native.MAX_ROWS`` rows: more sequences take several passes."""
-    steps = [draft_step(target, state) for state in states]
-    results: list[list[int] | CheckpointError] = []
-    group: list[Step] = []
-    for step in steps:
-        if group and sum(s.block.numel() for s in group) + step.block.numel() > native.MAX_ROWS:
-            results += _verify_group(target, group, eos)
+    results: dict[int, list[int] | Exception] = {}
+    steps: list[tuple[int, Step]] = []
+    for i, state in enumerate(states):
+        try:
+            steps.append((i, draft_step(target, state)))
+        except Exception as err:  # noqa: BLE001 - this sequence's drafter failed; the others go on
+            state.finished = True
+            results[i] = err
+    group: list[tuple[int, Step]] = []
+    for i, step in steps:
+        if group and sum(s.block.numel() for _, s in group) + step.block.numel() > native.MAX_ROWS:
+            results.update(zip([j for j, _ in group], _verify_group(target, [s for _, s in group], eos)))
             group = []
-        group.append(step)
+        group.append((i, step))
     if group:
-        results += _verify_group(target, group, eos)
-    return results
+        results.update(zip([j for j, _ in group], _verify_group(target, [s for _, s in group], eos)))
+    return [results[i] for i in range(len(states))]
 
 
 def _verify_group(target: Transformer, steps: list[Step], eos: set[int] | frozenset[int]

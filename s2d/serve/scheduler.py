@@ -4,9 +4,11 @@ Each target has a pool of *slots*; a slot is one sequence's target KV cache and 
 caches and adaptive state), built lazily up to ``max_slots``. A request holds a slot from admission
 to its end, so sequences never share mutable state; the model weights are shared by every slot.
 
-One scheduler thread runs all model work (prefill and decode steps) round-robin over the admitted
-sequences: on a CPU the cores already serve one pass at a time, and a single thread keeps torch's
-and the native runtime's thread teams from fighting. Requests wait in a bounded FIFO (a full queue is
+One scheduler thread runs all model work (prefill and decode steps): each step takes every admitted
+sequence of one target (continuous batching: sequences join and leave between steps), each drafts, and
+one target pass verifies all their blocks (``decode_step_batch``: the weights are read once for all
+rows); the targets take turns. On a CPU the cores serve one pass at a time, and a single thread keeps
+torch's and the native runtime's thread teams from fighting. Requests wait in a bounded FIFO (a full queue is
 refused at once: the server answers 503), and a request cancelled by its client stops at its next step.
 """
 
@@ -19,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from s2d.decode import DecodeState, decode_step, prefill
+from s2d.decode import DecodeState, decode_step, decode_step_batch, prefill
 from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens
 from s2d.drafting.base import Drafter
 from s2d.engine import Engine
@@ -196,9 +198,12 @@ class Scheduler:
                     self._active.append(job)
             if not self._active:  # every admitted job failed to begin
                 continue
-            job = self._active.popleft()
-            if self._step(job):
-                self._active.append(job)
+            # Every active sequence of the target at the head of the queue, in one step; they rejoin at the
+            # back, so the targets take turns.
+            target = self._active[0].request.target
+            batch = [job for job in self._active if job.request.target == target]
+            self._active = deque(job for job in self._active if job.request.target != target)
+            self._active.extend(self._step(batch))
         with self._lock:
             pending = list(self._active) + list(self._waiting)
             self._active.clear()
@@ -218,15 +223,31 @@ class Scheduler:
             return False
         return True
 
-    def _step(self, job: Job) -> bool:
-        """One decode step of ``job``; False when it has ended."""
-        if job.cancelled:
-            self._end(job, Event("done", finish_reason="cancelled"))
-            return False
-        engine = self.pools[job.request.target].engine
+    def _step(self, jobs: list[Job]) -> list[Job]:
+        """One decode step of ``jobs`` (sequences of one target); returns those that go on."""
+        for job in jobs:
+            if job.cancelled:
+                self._end(job, Event("done", finish_reason="cancelled"))
+        jobs = [job for job in jobs if not job.cancelled]
+        if not jobs:
+            return []
+        engine = self.pools[jobs[0].request.target].engine
+        try:
+            if len(jobs) == 1:  # nothing to batch: the plain step
+                results: list[list[int] | Exception] = [decode_step(engine.target, jobs[0].state, engine.eos)]
+            else:
+                results = decode_step_batch(engine.target, [job.state for job in jobs], engine.eos)
+        except Exception as err:  # noqa: BLE001 - a failed pass ends the requests it carried; the others go on
+            results = [err] * len(jobs)
+        return [job for job, result in zip(jobs, results) if self._advance(job, result, engine)]
+
+    def _advance(self, job: Job, result: list[int] | Exception, engine: Engine) -> bool:
+        """Hand one step's tokens to ``job``'s owner; False when the request has ended."""
         state = job.state
         try:
-            emitted = decode_step(engine.target, state, engine.eos)
+            if isinstance(result, Exception):
+                raise result
+            emitted = result
             state.stats.elapsed_s = time.perf_counter() - job.submitted_at
             delta, stopped = job.text.push(state.output)
         except Exception as err:  # noqa: BLE001 - non-finite logits, a tokenizer failure: this request ends, others go on
