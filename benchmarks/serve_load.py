@@ -79,6 +79,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=24, help="distinct prompts from the zoo's code suite")
     ap.add_argument("--max-slots", type=int, default=4)
+    ap.add_argument("--targets", default=",".join(TARGETS),
+                    help="comma-separated zoo targets served (default: all three)")
+    ap.add_argument("--method", default=None, help="the server's method (default: its own, s2d with a sorted draft)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     suite = args.zoo / "code_suite.jsonl"
@@ -90,7 +93,10 @@ def main() -> int:
     port = free_port()
     cmd = [sys.executable, "-m", "s2d.cli", "serve", "--port", str(port), "--draft", str(args.draft),
            "--max-slots", str(args.max_slots), "--max-waiting", str(args.clients * 2)]
-    for name in TARGETS:
+    targets = tuple(args.targets.split(","))
+    if args.method:
+        cmd += ["--method", args.method]
+    for name in targets:
         cmd += ["--target", f"{name}={args.zoo / name}"]
     server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -106,10 +112,11 @@ def main() -> int:
                 sys.exit("serve_load: the server did not start")
             time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-        jobs = [(TARGETS[(c + i) % 3], prompts[(c * args.requests + i) % len(prompts)], i % 2 == 1)
+        jobs = [(targets[(c + i) % len(targets)], prompts[(c * args.requests + i) % len(prompts)], i % 2 == 1)
                 for c in range(args.clients) for i in range(args.requests)]
         distinct = sorted({(t, p) for t, p, _ in jobs})
-        ask(client, "zoo-l", prompts[0], 8, False)  # warm-up: the native runtime's first call
+        for name in targets:  # warm-up: the native runtime's first call on each model
+            ask(client, name, prompts[0], 8, False)
         rss_before = rss_mb(server.pid)
 
         t0 = time.perf_counter()
@@ -152,7 +159,8 @@ def main() -> int:
     seq_tokens = sum(r["tokens"] for r in sequential.values())
     report = {
         "cpu": cpu_name(), "clients": args.clients, "requests_per_client": args.requests,
-        "max_tokens": args.max_tokens, "max_slots": args.max_slots, "method": "s2d (server default)",
+        "max_tokens": args.max_tokens, "max_slots": args.max_slots, "targets": targets,
+        "method": args.method or "s2d (server default)",
         "requests": len(jobs), "succeeded": len(results), "failures": failures,
         "identical_to_sequential": sum(r["same"] for r in results),
         "latency_p50_s": percentile(lat, 0.5), "latency_p95_s": percentile(lat, 0.95),

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from s2d.drafting.base import Drafter, DraftTree
+from s2d.goodput import allocate, pass_cost
 from s2d.model.cache import KVCache
 from s2d.model.config import CheckpointError
 from s2d.model import native
@@ -186,13 +187,19 @@ class Step:
     draft_s: float  # seconds spent drafting
 
 
-def draft_step(target: Transformer, state: DecodeState) -> Step:
-    """Draft this sequence's step and lay out the block its target pass verifies."""
+def draft_cap(state: DecodeState) -> int:
+    """The most tokens ``state`` may draft this step: its method's length, within the room left."""
+    return min(state.num_draft_tokens, state.max_new_tokens - len(state.output) - 1)  # + the target's token
+
+
+def draft_step(target: Transformer, state: DecodeState, budget: int | None = None) -> Step:
+    """Draft this sequence's step (at most ``budget`` tokens; default its own cap) and lay out the block
+    its target pass verifies."""
     if state.finished:
         raise InputError("this sequence is finished")
     drafter = state.drafter
     remaining = state.max_new_tokens - len(state.output)
-    budget = min(state.num_draft_tokens, remaining - 1)  # the target's token always comes on top
+    budget = draft_cap(state) if budget is None else min(budget, draft_cap(state))
     t0 = time.perf_counter()
     tree = DraftTree.empty()
     if drafter is not None and budget > 0:
@@ -272,19 +279,31 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
 
 
 @torch.inference_mode()
-def decode_step_batch(target: Transformer, states: list[DecodeState],
-                      eos: set[int] | frozenset[int]) -> list[list[int] | Exception]:
+def decode_step_batch(target: Transformer, states: list[DecodeState], eos: set[int] | frozenset[int],
+                      goodput: bool = True) -> list[list[int] | Exception]:
     """One step of several sequences of one target: each drafts, then one target pass verifies every block
     (``Transformer.run_layers_multi``: the weights read once for all rows), and each accepts and commits on
     its own. Per sequence: the tokens it emitted, or the error that ended it (its drafter failed, or its
     logits were not finite: ``state.finished``), so one sequence's failure never ends the others;
     a sequence's tokens are the ones it would emit stepped alone (greedy: the same rows, bit for bit; sampling:
-    its own generator). Passes carry at most ``native.MAX_ROWS`` rows: more sequences take several passes."""
+    its own generator). Passes carry at most ``native.MAX_ROWS`` rows: more sequences take several passes.
+
+    ``goodput``: each sequence's draft length is chosen for the batch (``goodput.allocate``: the slots most
+    likely accepted, while they raise the batch's expected tokens per second); a seeded sampling request keeps
+    its method's length, so it draws as it does alone. False: every sequence drafts its method's length."""
+    budgets: list[int | None] = [None] * len(states)
+    if goodput and len(states) > 1:
+        free = [i for i, s in enumerate(states) if not (s.params.seed is not None and not s.params.greedy)]
+        granted = allocate([max(draft_cap(states[i]), 0) for i in free],
+                           [(states[i].stats.accepted_at, states[i].stats.proposed_at) for i in free],
+                           pass_cost(target))
+        for i, k in zip(free, granted):
+            budgets[i] = k
     results: dict[int, list[int] | Exception] = {}
     steps: list[tuple[int, Step]] = []
     for i, state in enumerate(states):
         try:
-            steps.append((i, draft_step(target, state)))
+            steps.append((i, draft_step(target, state, budgets[i])))
         except Exception as err:  # noqa: BLE001 - this sequence's drafter failed; the others go on
             state.finished = True
             results[i] = err
@@ -320,6 +339,7 @@ def _verify_group(target: Transformer, steps: list[Step], eos: set[int] | frozen
             except CheckpointError as err:
                 outs.append(err)
     elapsed = time.perf_counter() - t1
+    pass_cost(target).observe(sum(s.block.numel() for s in steps), elapsed)
     results: list[list[int] | CheckpointError] = []
     for s, out, h in zip(steps, outs, hidden):
         s.state.stats.draft_s += s.draft_s

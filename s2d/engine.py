@@ -132,7 +132,7 @@ class Engine:
 
     def stream_batch(self, prompts: list[list[int]], params: "SamplingParams | list[SamplingParams]" = SamplingParams(),
                      max_new_tokens: "int | list[int]" = 128, drafters: "list[Drafter | None] | None" = None,
-                     state_out: list[DecodeState] | None = None) -> Iterator[list[list[int]]]:
+                     state_out: list[DecodeState] | None = None, goodput: bool = True) -> Iterator[list[list[int]]]:
         """Decode several sequences together: every step drafts for each and verifies all of them in one
         target pass (``decode_step_batch``). Yields, per step, each sequence's new tokens (empty once it
         has finished); the states (with stats) are appended to ``state_out``. ``params`` and
@@ -140,7 +140,8 @@ class Engine:
         holds one sequence's state); without them, the Engine's drafter serves a batch of one.
 
         Each sequence's tokens are the ones ``generate`` gives it alone (greedy: bit-identical rows;
-        seeded sampling: the same draws, from its own generator)."""
+        seeded sampling: the same draws, from its own generator). ``goodput``: draft lengths chosen for the
+        batch (``s2d/goodput.py``); False: each sequence drafts its method's length."""
         n = len(prompts)
         if not isinstance(prompts, (list, tuple)) or n == 0:
             raise InputError("a batch needs a non-empty list of prompts")
@@ -181,7 +182,7 @@ class Engine:
             while any(not s.finished for s in states):
                 active = [i for i, s in enumerate(states) if not s.finished]
                 with self._mutex:
-                    results = decode_step_batch(self.target, [states[i] for i in active], self.eos)
+                    results = decode_step_batch(self.target, [states[i] for i in active], self.eos, goodput)
                 new: list[list[int]] = [[] for _ in range(n)]
                 for i, result in zip(active, results):
                     if isinstance(result, Exception):
@@ -197,11 +198,11 @@ class Engine:
 
     def generate_batch(self, prompts: list[list[int]],
                        params: "SamplingParams | list[SamplingParams]" = SamplingParams(),
-                       max_new_tokens: "int | list[int]" = 128,
-                       drafters: "list[Drafter | None] | None" = None) -> list[DecodeState]:
+                       max_new_tokens: "int | list[int]" = 128, drafters: "list[Drafter | None] | None" = None,
+                       goodput: bool = True) -> list[DecodeState]:
         """``stream_batch`` to the end: each sequence's final state (its output and statistics)."""
         states: list[DecodeState] = []
-        for _ in self.stream_batch(prompts, params, max_new_tokens, drafters, states):
+        for _ in self.stream_batch(prompts, params, max_new_tokens, drafters, states, goodput):
             pass
         return states
 
@@ -258,7 +259,7 @@ class MultiTargetEngine:
 
     def generate_batch(self, name: str, prompts: list[list[int]],
                        params: "SamplingParams | list[SamplingParams]" = SamplingParams(),
-                       max_new_tokens: "int | list[int]" = 128) -> list[DecodeState]:
+                       max_new_tokens: "int | list[int]" = 128, goodput: bool = True) -> list[DecodeState]:
         """Several sequences on one target, verified together (``Engine.stream_batch``); each sequence gets a
         drafter of its own, built like the target's (and kept for later batches)."""
         from s2d.drafting import build_drafter
@@ -267,7 +268,7 @@ class MultiTargetEngine:
         drafters = self._batch_drafters[name]
         while len(drafters) < len(prompts):
             drafters.append(build_drafter(self.method, self.draft, self.options[name], engine.target))
-        states = engine.generate_batch(prompts, params, max_new_tokens, drafters[:len(prompts)])
+        states = engine.generate_batch(prompts, params, max_new_tokens, drafters[:len(prompts)], goodput)
         for state in states:
             self._accumulate(name, state.stats)
         return states

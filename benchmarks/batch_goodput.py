@@ -1,0 +1,76 @@
+"""Batched decoding: tokens/s at 1, 4, 8, 16 and 32 sequences, fixed draft lengths against goodput-aware ones.
+
+    python benchmarks/batch_goodput.py --zoo ../shared/zoo --draft s2d/data/default/draft [--target zoo-l]
+        [--method s2d] [--batches 1,4,8,16,32] [--max-new-tokens 128] [--out runs/batch_goodput.json]
+
+Each batch size decodes that many code-suite prompts (cut to --prompt-chars) together with
+``MultiTargetEngine.generate_batch`` (one target pass per step for every sequence), greedy, every output
+checked against the same prompt decoded alone. Three ways per batch size, interleaved: plain decoding
+(``ar``), the method with its own fixed draft lengths, and with goodput-aware lengths (``decode_step_batch``'s
+default). Prints one JSON document; the machine's CPU is named in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from s2d.bench.results import cpu_name
+from s2d.engine import MultiTargetEngine
+from s2d.model.loading import load_model, load_tokenizer
+from s2d.sampling import SamplingParams
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoo", type=Path, default=Path("../shared/zoo"))
+    ap.add_argument("--draft", type=Path, default=Path("s2d/data/default/draft"))
+    ap.add_argument("--target", default="zoo-l")
+    ap.add_argument("--method", default="s2d")
+    ap.add_argument("--batches", default="1,4,8,16,32")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-chars", type=int, default=1500)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    suite = args.zoo / "code_suite.jsonl"
+    if not suite.is_file():
+        sys.exit(f"batch_goodput: {suite} not found; pass --zoo DIR")
+    tok = load_tokenizer(args.zoo / args.target)
+    texts = [json.loads(line)["turns"][0][:args.prompt_chars] for line in suite.read_text().splitlines() if line]
+    prompts = [tok(t).input_ids for t in texts]
+    target = load_model(args.zoo / args.target, "bfloat16")
+    draft = load_model(args.draft, "bfloat16")
+    engines = {"ar": MultiTargetEngine({"t": target}, None, "ar", eos_token_ids=()),
+               args.method: MultiTargetEngine({"t": target}, draft, args.method, eos_token_ids=())}
+    n_max = max(int(b) for b in args.batches.split(","))
+    alone = [engines["ar"].generate("t", p, SamplingParams(), args.max_new_tokens).output for p in prompts[:n_max]]
+    engines[args.method].generate_batch("t", prompts[:4], SamplingParams(), 16)  # warm-up (and the cost model)
+    rows = []
+    for n in (int(b) for b in args.batches.split(",")):
+        row = {"sequences": n}
+        for label, method, goodput in (("ar", "ar", True), ("fixed", args.method, False),
+                                       ("goodput", args.method, True)):
+            t0 = time.perf_counter()
+            states = engines[method].generate_batch("t", prompts[:n], SamplingParams(), args.max_new_tokens,
+                                                    goodput=goodput)
+            seconds = time.perf_counter() - t0
+            assert [s.output for s in states] == alone[:n], f"{label} at {n}: not the outputs decoded alone"
+            passes = sum(s.stats.target_passes for s in states)
+            row[label] = {"tokens_per_s": round(sum(len(s.output) for s in states) / seconds, 1),
+                          "mean_accepted_tokens": round(sum(len(s.output) for s in states) / passes, 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report = {"cpu": cpu_name(), "target": args.target, "method": args.method, "dtype": "bfloat16",
+              "max_new_tokens": args.max_new_tokens, "prompt_chars": args.prompt_chars, "rows": rows}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

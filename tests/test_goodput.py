@@ -1,0 +1,53 @@
+"""Goodput-aware draft lengths (issue 26, part 4): the batch's draft budget goes to the slots most likely
+accepted, while they pay for the rows they add; the pass-cost model is learned from measured passes."""
+
+from __future__ import annotations
+
+import pytest
+
+from s2d.goodput import PassCost, allocate, survival
+
+
+def cost_with(per_row: float) -> PassCost:
+    cost = PassCost()
+    for rows in (1, 8, 32):  # a line: 1 + per_row * (rows - 1) one-row passes
+        cost.observe(rows, 0.004 * (1 + per_row * (rows - 1)))
+    return cost
+
+
+def test_the_pass_cost_is_a_line_through_the_measured_passes():
+    fixed, per_row = cost_with(0.3).relative()
+    assert per_row == pytest.approx(0.3) and fixed == pytest.approx(0.7)
+    assert PassCost().relative()[1] > 0  # a prior before any pass is measured
+
+
+def test_survival_is_the_accepted_share_and_decays_past_the_statistics():
+    assert survival([9, 6], [10, 10], 0) == pytest.approx(9.5 / 11)
+    assert survival([9, 6], [10, 10], 1) == pytest.approx(6.5 / 11)
+    assert survival([9, 6], [10, 10], 2) < survival([9, 6], [10, 10], 1)
+    assert 0 < survival([], [], 0) < 1
+
+
+def test_free_rows_draft_everything_and_dear_rows_draft_nothing():
+    stats = [([8, 7, 6], [10, 10, 10])] * 4
+    assert allocate([5] * 4, stats, cost_with(0.0)) == [5] * 4
+    assert allocate([5] * 4, stats, cost_with(5.0)) == [0] * 4
+
+
+def test_the_budget_follows_acceptance():
+    good, poor = ([9, 9, 8, 8], [10, 10, 10, 10]), ([2, 1, 0, 0], [10, 10, 10, 10])
+    granted = allocate([4, 4], [good, poor], cost_with(0.15))
+    assert granted[0] > granted[1]
+    assert allocate([0, 4], [good, poor], cost_with(0.0)) == [0, 4]  # a cap of 0 stays 0
+
+
+def test_a_bigger_batch_gets_shorter_drafts_each():
+    """Rows cost the same, but in a bigger batch a row's share of the pass is worth less: per sequence the
+    budget shrinks (vLLM's batch-size-dependent draft length)."""
+    stats = ([8, 6, 5, 4, 3, 2], [10] * 6)
+    per_seq = [sum(allocate([6] * n, [stats] * n, cost_with(0.25))) / n for n in (1, 4, 16)]
+    assert per_seq[0] >= per_seq[1] >= per_seq[2] and per_seq[0] > per_seq[2]
+
+
+def test_positions_proposed_but_never_accepted():
+    assert survival([3], [10, 10, 10], 2) == pytest.approx(0.5 / 11)
