@@ -25,6 +25,8 @@ from s2d.model.llama import Transformer
 PRIOR_ROW_COST = 0.25  # a row over a one-row pass before any pass is measured (AVX512-BF16 zoo-l: ~0.2-0.3)
 FIRST_SURVIVAL = 0.6  # the chance a sequence's first draft token is accepted, before it has any statistics
 DECAY = 0.7  # each further position, past what the sequence has statistics for
+EXPLORE = 2  # slots a sequence gets regardless while it has too few statistics to be judged
+KNOWN = 4  # proposals at a position before its acceptance counts
 
 
 @dataclass
@@ -70,7 +72,7 @@ def pass_cost(target: Transformer) -> PassCost:
 def survival(accepted_at: list[int], proposed_at: list[int], position: int) -> float:
     """The chance a draft survives to ``position`` (0-based): accepted there over proposed there (each
     proposal of position i is accepted only if all before it were), smoothed; past the statistics, decaying."""
-    if position < len(proposed_at) and proposed_at[position] >= 4:
+    if position < len(proposed_at) and proposed_at[position] >= KNOWN:
         accepted = accepted_at[position] if position < len(accepted_at) else 0  # never accepted that deep
         return (accepted + 0.5) / (proposed_at[position] + 1.0)
     if position == 0:
@@ -81,11 +83,19 @@ def survival(accepted_at: list[int], proposed_at: list[int], position: int) -> f
 def allocate(caps: list[int], stats: list[tuple[list[int], list[int]]], cost: PassCost) -> list[int]:
     """Draft tokens per sequence for one batched pass: at most ``caps[i]`` for sequence i, whose
     ``stats[i]`` = (accepted_at, proposed_at); granted best slot first while the batch's expected tokens
-    over the pass's cost rise. Every sequence verifies at least its own next token (one row)."""
+    over the pass's cost rise. Every sequence verifies at least its own next token (one row).
+
+    A sequence with too few statistics to be judged gets ``EXPLORE`` slots regardless: otherwise a batch
+    that starts out judged not to pay would never draft, and so never learn that it does."""
     budget = [0] * len(caps)
     rows = len(caps)
     tokens = float(len(caps))  # each sequence's own next token
-    heap = [(-survival(*stats[i], 0), i) for i in range(len(caps)) if caps[i] > 0]
+    for i, (accepted_at, proposed_at) in enumerate(stats):
+        if not proposed_at or proposed_at[0] < KNOWN:
+            budget[i] = min(caps[i], EXPLORE)
+            rows += budget[i]
+            tokens += sum(survival(accepted_at, proposed_at, j) for j in range(budget[i]))
+    heap = [(-survival(*stats[i], budget[i]), i) for i in range(len(caps)) if budget[i] < caps[i]]
     heapq.heapify(heap)
     while heap:
         neg_gain, i = heapq.heappop(heap)

@@ -29,7 +29,7 @@ def test_survival_is_the_accepted_share_and_decays_past_the_statistics():
 
 
 def test_free_rows_draft_everything_and_dear_rows_draft_nothing():
-    stats = [([8, 7, 6], [10, 10, 10])] * 4
+    stats = [([8, 7, 6], [10, 10, 10])] * 4  # known sequences (new ones explore: see below)
     assert allocate([5] * 4, stats, cost_with(0.0)) == [5] * 4
     assert allocate([5] * 4, stats, cost_with(5.0)) == [0] * 4
 
@@ -51,3 +51,8 @@ def test_a_bigger_batch_gets_shorter_drafts_each():
 
 def test_positions_proposed_but_never_accepted():
     assert survival([3], [10, 10, 10], 2) == pytest.approx(0.5 / 11)
+
+
+def test_new_sequences_explore_so_that_a_batch_learns():
+    """Dear rows would give a new sequence nothing; it drafts a little until its acceptance is known."""
+    assert allocate([5, 5, 1], [([], []), ([1], [2]), ([], [])], cost_with(5.0)) == [2, 2, 1]
