@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from s2d.decode import (DecodeState, DecodeStats, InputError, add_by_position, add_histogram, as_token_ids,
@@ -101,11 +102,7 @@ class Engine:
     def stream(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
                state_out: list[DecodeState] | None = None) -> Iterator[list[int]]:
         """Yield the tokens of each step; the final state (with stats) is appended to ``state_out``."""
-        with self._mutex:
-            if self._streaming or (self._owner is not None and not self._owner.finished):
-                raise EngineBusyError(self._busy_message())
-            self._streaming = True
-        try:
+        with self._held():
             t0 = time.perf_counter()
             with self._mutex:
                 state = prefill(self.target, prompt, params, max_new_tokens, self.cache, self.drafter,
@@ -117,7 +114,18 @@ class Engine:
                 emitted = self.step(state)
                 state.stats.elapsed_s = time.perf_counter() - t0
                 yield emitted
-        finally:  # also when the caller stops iterating: close() (or garbage collection) runs this
+
+    @contextmanager
+    def _held(self) -> Iterator[None]:
+        """The cache for one stream or batch, to its end: refused while another sequence holds it; released
+        also when the caller stops iterating (close(), or garbage collection, runs the finally)."""
+        with self._mutex:
+            if self._streaming or (self._owner is not None and not self._owner.finished):
+                raise EngineBusyError(self._busy_message())
+            self._streaming = True
+        try:
+            yield
+        finally:
             with self._mutex:
                 self._streaming = False
                 if self._owner is not None:
@@ -159,11 +167,7 @@ class Engine:
             check_drafter(self.target, drafter)
         if len({id(d) for d in drafters if d is not None}) < sum(d is not None for d in drafters):
             raise ValueError("two sequences of a batch share one drafter; each needs its own")
-        with self._mutex:
-            if self._streaming or (self._owner is not None and not self._owner.finished):
-                raise EngineBusyError(self._busy_message())
-            self._streaming = True
-        try:
+        with self._held():
             t0 = time.perf_counter()
             while len(self._batch_caches) < n - 1:
                 self._batch_caches.append(self.target.new_cache())
@@ -190,11 +194,6 @@ class Engine:
                     new[i] = result
                     states[i].stats.elapsed_s = time.perf_counter() - t0
                 yield new
-        finally:
-            with self._mutex:
-                self._streaming = False
-                if self._owner is not None:
-                    self._owner.finished = True
 
     def generate_batch(self, prompts: list[list[int]],
                        params: "SamplingParams | list[SamplingParams]" = SamplingParams(),

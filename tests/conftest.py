@@ -105,3 +105,13 @@ def copy_of(tmp_path, checkpoints) -> Callable[..., Path]:
         shutil.copytree(checkpoints[name], out)
         return out
     return make
+
+
+@pytest.fixture(scope="module")
+def serve_family(checkpoints):
+    """The server tests' family: two targets (the draft checkpoint doubles as a second, smaller target) and one
+    draft, float32. Module-scoped: servers mutate nothing in it, but each module starts its own."""
+    from s2d.model.loading import load_family
+
+    return load_family({"a": str(checkpoints["target"]), "b": str(checkpoints["draft"])},
+                       str(checkpoints["draft"]), "float32", "cpu")

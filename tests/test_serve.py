@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 
-from s2d.model.loading import load_family
 from s2d.sampling import SamplingParams
 from s2d.serve.app import Server, ServerConfig
 from s2d.serve.scheduler import Event, Job, QueueFullError, Request, Scheduler, TargetPool
@@ -19,11 +18,8 @@ from s2d.serve.text import TextStream
 from servetools import CHAT_TEMPLATE, KEY, LiveServer, error_of, reference
 
 @pytest.fixture(scope="module")
-def family(checkpoints):
-    # Two targets (the draft checkpoint doubles as a second, smaller target) and one draft, float32.
-    tokenizer, models, draft = load_family({"a": str(checkpoints["target"]), "b": str(checkpoints["draft"])},
-                                           str(checkpoints["draft"]), "float32", "cpu")
-    return tokenizer, models, draft
+def family(serve_family):
+    return serve_family
 
 
 @pytest.fixture(scope="module")

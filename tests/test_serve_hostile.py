@@ -15,7 +15,6 @@ from clitools import one_line_error, run
 from servetools import CHAT_TEMPLATE, LiveServer, error_of, reference
 
 from s2d.model.config import CheckpointError
-from s2d.model.loading import load_family
 from s2d.sampling import TOP_P_MIN, SamplingParams
 from s2d.serve import protocol, scheduler
 from s2d.serve.app import Server, ServerConfig
@@ -26,10 +25,8 @@ STOP_AT_LIMIT = ["a" * (protocol.MAX_STOP_CHARS - 1) + c for c in "bcde"]  # the
 
 
 @pytest.fixture(scope="module")
-def family(checkpoints):
-    tokenizer, models, draft = load_family({"a": str(checkpoints["target"]), "b": str(checkpoints["draft"])},
-                                           str(checkpoints["draft"]), "float32", "cpu")
-    return tokenizer, models, draft
+def family(serve_family):
+    return serve_family
 
 
 @pytest.fixture(scope="module")
