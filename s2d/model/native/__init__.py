@@ -343,12 +343,7 @@ class NativeRuntime:
         status = self.lib.s2d_run_layers(self.handle, x.data_ptr(), t, pos.data_ptr(), k.data_ptr(), v.data_ptr(),
                                          int(k.dtype == torch.bfloat16), k.stride(0), k.stride(2), k.shape[3], slot,
                                          _ptr(mask), start, end, call_threads())
-        if status == -3:
-            raise ValueError(f"cache overflow: {slot} + {t} tokens > capacity {k.shape[3]}")
-        if status == -2:
-            raise ValueError(f"a native pass takes 1 to {MAX_ROWS} tokens, got {t}")
-        if status:
-            raise ValueError(f"positions must lie in [0, {self.max_positions}), got {pos.tolist()}")
+        self._check(status, f"{slot} + {t} tokens", k.shape[3], t, pos)
         return x.view(1, t, c)
 
     def run_layers_multi(self, hidden: Tensor, positions: Tensor, caches: list["KVCache"], rows: list[int],
@@ -370,15 +365,19 @@ class NativeRuntime:
         status = self.lib.s2d_run_layers_multi(self.handle, x.data_ptr(), t, pos.data_ptr(), n, seg_rows, kcs, vcs,
                                                seg_slots, seg_masks, int(k.dtype == torch.bfloat16), k.stride(0),
                                                k.stride(2), k.shape[3], start, end, call_threads())
-        if status == -3:
-            raise ValueError(f"cache overflow: slots {slots} + rows {rows} > capacity {k.shape[3]}")
-        if status == -2:
-            raise ValueError(f"a native pass takes 1 to {MAX_ROWS} tokens, got {t}")
         if status == -5:
             raise ValueError(f"the sequences' rows {rows} must each be >= 1 and add up to the pass's {t}")
+        self._check(status, f"slots {slots} + rows {rows}", k.shape[3], t, pos)
+        return x
+
+    def _check(self, status: int, filled: str, capacity: int, t: int, pos: Tensor) -> None:
+        """A layers call's status as the error it means (0: none)."""
+        if status == -3:
+            raise ValueError(f"cache overflow: {filled} > capacity {capacity}")
+        if status == -2:
+            raise ValueError(f"a native pass takes 1 to {MAX_ROWS} tokens, got {t}")
         if status:
             raise ValueError(f"positions must lie in [0, {self.max_positions}), got {pos.tolist()}")
-        return x
 
     def logits(self, hidden: Tensor, head: Tensor | None = None) -> Tensor:
         """hidden [..., C] -> float32 logits [..., V] (``head`` [V', C]: another head, e.g. a vocabulary subset)."""
