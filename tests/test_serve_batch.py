@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from servetools import LiveServer, reference
 
@@ -64,3 +65,34 @@ def test_sixteen_concurrent_mixed_requests_equal_each_alone(family, monkeypatch)
     assert got == expected
     assert max(sizes) >= 4  # several sequences of one target verified in one step
     assert all(not slot.busy for pool in live.server.pools.values() for slot in pool.slots)
+
+
+def test_max_draft_tokens_per_request(family):
+    """max_draft_tokens in the body caps a request's draft per step; 0 turns speculation off for it; the text
+    stays the target's own; vLLM's names for the counts come in the usage."""
+    tokenizer, models, draft = family
+    expected = reference(family, "a", "for i in range(10):", 24, "sd-exit-2")
+    live = LiveServer(Server(tokenizer, models, draft, ServerConfig(max_slots=2)))
+    try:
+        def ask(extra: dict) -> tuple[str, dict]:
+            r = httpx.post(live.url + "/v1/completions", timeout=60, json={
+                "model": "a", "prompt": "for i in range(10):", "max_tokens": 24, "temperature": 0,
+                "method": "sd-exit-2", **extra})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"], r.json()["usage"]["s2d"]
+
+        text, usage = ask({})
+        assert text == expected and len(usage["num_drafts_per_pos"]) == 5  # the method's own 5 tokens
+        assert usage["num_draft_tokens"] == usage["draft_tokens_proposed"] == sum(usage["num_drafts_per_pos"])
+        assert usage["num_accepted_tokens"] == sum(usage["num_accepted_tokens_per_pos"])
+        text, usage = ask({"max_draft_tokens": 2})
+        assert text == expected and len(usage["num_drafts_per_pos"]) == 2
+        text, usage = ask({"max_draft_tokens": 0})
+        assert text == expected and usage["num_draft_tokens"] == 0 and usage["mean_acceptance_length"] == 1.0
+        for bad in (-1, "many", 2.5):
+            r = httpx.post(live.url + "/v1/completions", timeout=60,
+                           json={"model": "a", "prompt": "x", "max_tokens": 2, "max_draft_tokens": bad})
+            assert r.status_code == 400 and "max_draft_tokens" in r.json()["error"]["message"] + str(
+                r.json()["error"].get("param")), r.text
+    finally:
+        live.stop()

@@ -143,7 +143,7 @@ class Server:
             vocab = self.pools[req.model].engine.target.cfg.vocab_size
             if min(prompt) < 0 or max(prompt) >= vocab:
                 raise APIError(400, f"prompt token ids must lie in [0, {vocab})", "prompt")
-        return Request(req.model, prompt, params, max_tokens, method, tuple(req.stop or ()))
+        return Request(req.model, prompt, params, max_tokens, method, tuple(req.stop or ()), req.max_draft_tokens)
 
     def _prompt_ids(self, req) -> list[int]:
         tokenizer = self.tokenizers[req.model]
@@ -169,7 +169,12 @@ class Server:
                 "s2d": {"method": job.request.method, "target_passes": stats.target_passes,
                         "draft_tokens_proposed": stats.proposed, "draft_tokens_accepted": stats.accepted,
                         "mean_accepted_tokens": round(stats.mean_accepted_tokens, 4),
-                        "exit_counts": {str(k): v for k, v in sorted(stats.exit_counts.items())}}}
+                        "exit_counts": {str(k): v for k, v in sorted(stats.exit_counts.items())},
+                        # vLLM's names for the same counts, and acceptance by draft position
+                        "num_draft_tokens": stats.proposed, "num_accepted_tokens": stats.accepted,
+                        "mean_acceptance_length": round(stats.mean_accepted_tokens, 4),
+                        "num_drafts_per_pos": list(stats.proposed_at),
+                        "num_accepted_tokens_per_pos": list(stats.accepted_at)}}
 
 
 def error_status(err: BaseException) -> APIError:

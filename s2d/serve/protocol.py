@@ -61,6 +61,9 @@ class _Common(BaseModel):
     logprobs: Any = None
     logit_bias: dict[str, float] | None = None
     method: str | None = None  # s2d's extension (the client's extra_body): the decoding method, e.g. ar, s2d
+    # s2d's extension: the most tokens drafted per step for this request (llama.cpp's speculative.n_max);
+    # 0 turns speculation off for it; None: the method's own
+    max_draft_tokens: int | None = Field(default=None, ge=0)
     user: str | None = None
     metadata: dict | None = None
     store: bool | None = None

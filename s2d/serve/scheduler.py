@@ -45,6 +45,7 @@ class Request:
     max_new_tokens: int
     method: str
     stop: tuple[str, ...] = ()
+    max_draft_tokens: int | None = None  # at most this many draft tokens per step; 0: no speculation
 
 
 @dataclass
@@ -217,6 +218,10 @@ class Scheduler:
         try:
             seeded = r.params.seed is not None and not r.params.greedy
             drafter, k = pool.drafter(job.slot, r.method, fresh=seeded)
+            if r.max_draft_tokens == 0:  # no speculation for this request: plain decoding
+                drafter, k = None, 1
+            elif r.max_draft_tokens is not None:
+                k = min(k, r.max_draft_tokens)
             job.state = prefill(pool.engine.target, r.prompt, r.params, r.max_new_tokens, job.slot.cache, drafter, k)
         except Exception as err:  # noqa: BLE001 - a drafter that cannot be built, a prompt the engine refuses
             self._end(job, Event("error", error=err))
