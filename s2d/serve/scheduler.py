@@ -119,7 +119,8 @@ class TargetPool:
 
 
 class Scheduler:
-    """Admits requests into free slots and steps the admitted ones round-robin, on its own thread."""
+    """Admits requests into free slots and steps every admitted sequence of one target at a time (the targets
+    take turns), on its own thread."""
 
     def __init__(self, pools: dict[str, TargetPool], max_waiting: int = 64) -> None:
         self.pools = pools
