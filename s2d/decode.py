@@ -183,7 +183,6 @@ class Step:
     positions: Tensor  # [N+1] RoPE positions (a tree's follow its depths)
     mask: Tensor | None  # [N+1, N+1] a tree's ancestor mask; None: causal
     depths: list[int]  # [N] each node's depth below the root
-    remaining: int  # tokens the sequence may still emit
     draft_s: float  # seconds spent drafting
 
 
@@ -198,7 +197,6 @@ def draft_step(target: Transformer, state: DecodeState, budget: int | None = Non
     if state.finished:
         raise InputError("this sequence is finished")
     drafter = state.drafter
-    remaining = state.max_new_tokens - len(state.output)
     budget = draft_cap(state) if budget is None else min(budget, draft_cap(state))
     t0 = time.perf_counter()
     tree = DraftTree.empty()
@@ -215,14 +213,15 @@ def draft_step(target: Transformer, state: DecodeState, budget: int | None = Non
         positions, mask = torch.arange(base, base + block.numel(), device=device), None
     else:
         positions, mask = torch.tensor([0] + depths, device=device) + base, tree.block_mask().to(device)
-    return Step(state, tree, chain, tokens, block, positions, mask, depths, remaining, draft_s)
+    return Step(state, tree, chain, tokens, block, positions, mask, depths, draft_s)
 
 
 def speculation(step: Step) -> AbstractContextManager:
     """Around the target pass: a drafter may draft the next step meanwhile, as if this chain will be accepted
     whole (overlap.py); a no-op for every other drafter."""
     state = step.state
-    next_cap = min(state.num_draft_tokens, step.remaining - len(step.tree) - 2)
+    remaining = state.max_new_tokens - len(state.output)  # tokens the sequence may still emit
+    next_cap = min(state.num_draft_tokens, remaining - len(step.tree) - 2)
     if state.drafter is None or not step.chain or next_cap < 1:
         return nullcontext()
     return state.drafter.speculate(state.tokens + step.tokens.tolist(), next_cap, state.params, state.generator)
@@ -233,7 +232,8 @@ def commit_step(step: Step, out: Tensor, hidden: Tensor, eos: set[int] | frozens
     keep the accepted path in the cache, count the pass, tell the drafter; returns the tokens emitted."""
     state, tree, drafter = step.state, step.tree, step.state.drafter
     base = state.cache.length - step.block.numel()
-    path, next_token = _verdict(tree, step.chain, step.tokens, out, state)
+    ids = step.tokens.tolist()
+    path, next_token = _verdict(step, ids, out)
     if step.chain:
         state.cache.truncate(base + 1 + len(path))
     else:  # the accepted path's entries become the contiguous prefix after the root (one gather)
@@ -246,7 +246,6 @@ def commit_step(step: Step, out: Tensor, hidden: Tensor, eos: set[int] | frozens
         drafter.feedback(len(tree), len(path))
         drafter.observe(hidden[1 + path[-1] if path else 0])  # the row that chose the step's last token
 
-    ids = step.tokens.tolist()
     emitted = [ids[i] for i in path] + [next_token]
     for i, token in enumerate(emitted):
         if token in eos:
@@ -362,9 +361,11 @@ def _read_out(target: Transformer, params: SamplingParams, hidden: Tensor) -> Te
     return probabilities(logits, params)
 
 
-def _verdict(tree: DraftTree, chain: bool, tokens: Tensor, out: Tensor, state: DecodeState) -> tuple[list[int], int]:
-    """(accepted nodes, root to leaf; the target's next token). ``out``: argmax [N+1] or probabilities [N+1, V]."""
-    if chain:
+def _verdict(step: Step, ids: list[int], out: Tensor) -> tuple[list[int], int]:
+    """(accepted nodes, root to leaf; the target's next token). ``ids``: the draft's tokens; ``out``: argmax
+    [N+1] or probabilities [N+1, V]."""
+    tree, tokens, state = step.tree, step.tokens, step.state
+    if step.chain:
         if state.params.greedy:
             verdict = verify_greedy(tokens, out)
         elif len(tree):
@@ -372,7 +373,6 @@ def _verdict(tree: DraftTree, chain: bool, tokens: Tensor, out: Tensor, state: D
         else:  # a plain sampling step
             return [], int(sample(out[-1], state.generator))
         return list(range(verdict.num_accepted)), verdict.next_token
-    ids = tokens.tolist()
     if state.params.greedy:
         tree_verdict = verify_tree_greedy(ids, tree.parents, out)
     elif tree.probs is not None:
