@@ -185,8 +185,8 @@ def test_full_queue_answers_503(family, monkeypatch):
     live = LiveServer(Server(tokenizer, {"a": models["a"]}, draft, ServerConfig(max_slots=1, max_waiting=1)))
     from s2d.serve import scheduler
 
-    step = scheduler.decode_step
-    monkeypatch.setattr(scheduler, "decode_step", lambda *a: (time.sleep(0.02), step(*a))[1])
+    step = scheduler.decode_step_batch
+    monkeypatch.setattr(scheduler, "decode_step_batch", lambda *a: (time.sleep(0.02), step(*a))[1])
     try:
         def ask(_) -> int:
             body = {"model": "a", "prompt": "w", "max_tokens": 20, "temperature": 0, "method": "ar"}
@@ -203,8 +203,9 @@ def test_full_queue_answers_503(family, monkeypatch):
 def test_disconnect_stops_generation(live, monkeypatch):
     from s2d.serve import scheduler
 
-    step = scheduler.decode_step
-    monkeypatch.setattr(scheduler, "decode_step", lambda *a: (time.sleep(0.01), step(*a))[1])  # >= 4 s for 400 tokens
+    step = scheduler.decode_step_batch
+    # >= 4 s for 400 tokens
+    monkeypatch.setattr(scheduler, "decode_step_batch", lambda *a: (time.sleep(0.01), step(*a))[1])
     cancelled = live.server.scheduler.cancelled
     with httpx.stream("POST", live.url + "/v1/completions",
                       json={"model": "a", "prompt": "q", "max_tokens": 400, "temperature": 0, "stream": True,

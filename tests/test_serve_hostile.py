@@ -147,8 +147,8 @@ def test_a_prompt_at_the_body_limit_does_not_hold_the_event_loop(live):
 
 
 def test_disconnect_cancels_a_non_streaming_request(live, monkeypatch):
-    step = scheduler.decode_step
-    monkeypatch.setattr(scheduler, "decode_step", lambda *a: (time.sleep(0.01), step(*a))[1])  # >= 4 s for 400
+    step = scheduler.decode_step_batch
+    monkeypatch.setattr(scheduler, "decode_step_batch", lambda *a: (time.sleep(0.01), step(*a))[1])  # >= 4 s for 400
     cancelled = live.server.scheduler.cancelled
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=0.5)
     start = time.perf_counter()
@@ -194,19 +194,19 @@ def test_metrics_count_every_request_by_its_real_status(family, monkeypatch):
             client.completions.create(model="nope", prompt="s")
         for i in range(3):  # unknown paths: one label, however many a client invents
             assert httpx.get(f"{live.url}/v1/invented-{i}").status_code == 404
-        step = scheduler.decode_step
+        step = scheduler.decode_step_batch
 
         def failing(*args):  # a stream has sent its 200 header by then
             raise CheckpointError("the target model computed NaN or inf logits")
 
-        monkeypatch.setattr(scheduler, "decode_step", failing)
+        monkeypatch.setattr(scheduler, "decode_step_batch", failing)
         with pytest.raises(openai.InternalServerError, match="NaN or inf"):
             client.completions.create(model="a", prompt="s", max_tokens=8, temperature=0)
         with httpx.stream("POST", live.url + path, json={**OK, "max_tokens": 8, "stream": True}) as r:
             events = [line[6:] for line in r.iter_lines() if line]
         assert r.status_code == 200 and events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["type"] == "server_error"  # an error event, not a cut-off stream
-        monkeypatch.setattr(scheduler, "decode_step", step)
+        monkeypatch.setattr(scheduler, "decode_step_batch", step)
         monkeypatch.setattr(live.server, "usage", lambda job: {}["a bug"])
         with pytest.raises(openai.InternalServerError):
             client.completions.create(model="a", prompt="s", max_tokens=2)
@@ -217,13 +217,13 @@ def test_metrics_count_every_request_by_its_real_status(family, monkeypatch):
 
 
 def test_a_stream_failing_on_bad_input_ends_with_a_400_event(live, monkeypatch):
-    step = scheduler.decode_step
-    monkeypatch.setattr(scheduler, "decode_step", lambda *a: (_ for _ in ()).throw(ValueError("bad input here")))
+    step = scheduler.decode_step_batch
+    monkeypatch.setattr(scheduler, "decode_step_batch", lambda *a: (_ for _ in ()).throw(ValueError("bad input here")))
     before = requests_counted(live).get(("/v1/completions", "400"), 0)
     chunks = live.client().completions.create(model="a", prompt="s", max_tokens=4, stream=True)
     with pytest.raises(openai.APIError, match="bad input here"):
         list(chunks)
-    monkeypatch.setattr(scheduler, "decode_step", step)
+    monkeypatch.setattr(scheduler, "decode_step_batch", step)
     assert requests_counted(live)[("/v1/completions", "400")] == before + 1
 
 

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from s2d.decode import DecodeState, decode_step, decode_step_batch, prefill
+from s2d.decode import DecodeState, decode_step_batch, prefill
 from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens
 from s2d.drafting.base import Drafter
 from s2d.engine import Engine
@@ -239,10 +239,8 @@ class Scheduler:
             return []
         engine = self.pools[jobs[0].request.target].engine
         try:
-            if len(jobs) == 1:  # nothing to batch: the plain step
-                results: list[list[int] | Exception] = [decode_step(engine.target, jobs[0].state, engine.eos)]
-            else:
-                results = decode_step_batch(engine.target, [job.state for job in jobs], engine.eos)
+            results: list[list[int] | Exception] = decode_step_batch(engine.target, [job.state for job in jobs],
+                                                                     engine.eos)
         except Exception as err:  # noqa: BLE001 - a failed pass ends the requests it carried; the others go on
             results = [err] * len(jobs)
         return [job for job, result in zip(jobs, results) if self._advance(job, result, engine)]
