@@ -9,6 +9,18 @@ where a one-token pass goes (products by stage, attention, head, and everything 
 call: Python, embedding, argmax); for the draft: one token through the layers of each exit plus the
 head, and the head alone. Ratios to the target's 1-token pass are the c of Leviathan et al.:
 expected speedup ~ MAT / (1 + k * c) * (t_1 / t_{k+1}).
+
+The ``floor`` column is the memory-bandwidth floor of a one-token pass: the time to read the bytes such a
+pass must stream (every weight it multiplies by: the layers, the final norm and the LM head; not an untied
+input embedding, of which a pass reads one row) once, on the same torch threads the runtime runs on. It is
+measured, not computed from a datasheet: ``torch.sum`` over a float32 buffer of that many bytes (at least
+64 MiB, twice this host's 32 MiB L3, so it streams from DRAM every time; a smaller model's floor is the
+64 MiB read scaled down to its bytes), filled with ones first so that every page is real memory (an
+untouched ``torch.empty`` maps the shared zero page and would read from cache). A float32 sum is far
+below the CPU's arithmetic peak, so it measures what the memory delivers. The floor is timed in the
+same rounds as the passes (round-robin with the sizes; back to back, its own run of reads in each
+round), because this host's bandwidth drifts 2-3x between minutes: ``1 tok / floor`` compares times
+taken within the same seconds. A model whose weights fit in L3 (zoo-s) can run below this floor.
 """
 
 from __future__ import annotations
@@ -25,6 +37,34 @@ from s2d.bench.results import cpu_name
 from s2d.drafting import sorted_exits
 from s2d.model import native
 from s2d.model.loading import load_model
+
+FLOOR_MIN_BYTES = 64 << 20  # twice this host's 32 MiB L3: a buffer this large cannot stay cached
+
+
+def streamed_bytes(model) -> int:
+    """Bytes of weights one decoding pass reads: every parameter but an untied input embedding (one row of
+    which is read); a tied embedding is the LM head and is read whole, once (parameters() lists it once)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head.weight is not model.embed.weight:
+        total -= model.embed.weight.numel() * model.embed.weight.element_size()
+    return total
+
+
+class Floor:
+    """Calling it reads a DRAM-resident buffer once (torch.sum, torch's current threads); ``seconds(t)``
+    scales a measured read to ``nbytes``, the bytes of the model's weights."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        # Written (ones), not torch.empty: untouched pages all map the zero page, which reads from cache.
+        self.buffer = torch.ones(max(nbytes, FLOOR_MIN_BYTES) // 4, dtype=torch.float32)
+        self.scale = nbytes / (self.buffer.numel() * 4)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+    def seconds(self, measured: float) -> float:
+        return measured * self.scale
 
 
 def timed_together(fns: dict, reps: int) -> dict:
@@ -53,38 +93,48 @@ def prefilled(model, context: int, extra: int):
     return cache, ids
 
 
+def pass_fn(model, cache, ids, context: int, new: int):
+    """One greedy pass over ``new`` tokens after ``context`` cached ones, as the engine runs it (the cache
+    truncated back to the context first, so every call sees the same context)."""
+    block, positions = ids[:, context:context + new], torch.arange(context, context + new)
+
+    @torch.inference_mode()
+    def step() -> None:
+        cache.truncate(context)
+        model.greedy(block, positions, cache)
+
+    return step
+
+
 @torch.inference_mode()
-def block_costs(model, context: int, sizes: list[int], reps: int) -> dict[int, float]:
-    """Seconds of one greedy verification pass as the engine runs it (``new`` tokens in, their argmax out)."""
+def block_costs(model, context: int, sizes: list[int], reps: int, floor: Floor | None = None) -> dict:
+    """Seconds of one greedy verification pass as the engine runs it (``new`` tokens in, their argmax out),
+    by size; with ``floor``, also its read of the weights' bytes (key "floor"), in the same rounds."""
     # One cache for all sizes (each pass truncates it back to the context): separate caches would
     # multiply the working set and push the weights out of the CPU's caches.
     cache, ids = prefilled(model, context, max(sizes))
-    steps = {}
-    for new in sizes:
-        def step(block=ids[:, context:context + new], positions=torch.arange(context, context + new)):
-            cache.truncate(context)
-            model.greedy(block, positions, cache)
-
-        steps[new] = step
-    with torch.inference_mode():
-        return timed_together(steps, reps)
+    steps = {new: pass_fn(model, cache, ids, context, new) for new in sizes}
+    if floor is not None:
+        steps["floor"] = floor
+    times = timed_together(steps, reps)
+    if floor is not None:
+        times["floor"] = floor.seconds(times["floor"])
+    return times
 
 
 @torch.inference_mode()
-def block_costs_back_to_back(model, context: int, sizes: list[int], reps: int, rounds: int = 3) -> dict[int, float]:
+def block_costs_back_to_back(model, context: int, sizes: list[int], reps: int, rounds: int = 3,
+                             floor: Floor | None = None) -> dict:
     """Seconds of a greedy pass when passes of one size follow each other (as in plain decoding): each
-    size ``reps`` times in a row, ``rounds`` rounds alternating the sizes, the best round's median."""
+    size ``reps`` times in a row, ``rounds`` rounds alternating the sizes, the best round's median; with
+    ``floor``, its reads ``reps`` times in a row in each round too (key "floor")."""
     cache, ids = prefilled(model, context, max(sizes))
-    best: dict[int, float] = {}
+    best: dict = {}
     for _ in range(rounds):
+        if floor is not None:
+            best["floor"] = min(best.get("floor", float("inf")), floor.seconds(timed(floor, reps)))
         for new in sizes:
-            block, positions = ids[:, context:context + new], torch.arange(context, context + new)
-
-            def step():
-                cache.truncate(context)
-                model.greedy(block, positions, cache)
-
-            best[new] = min(best.get(new, float("inf")), timed(step, reps))
+            best[new] = min(best.get(new, float("inf")), timed(pass_fn(model, cache, ids, context, new), reps))
     return best
 
 
@@ -147,6 +197,7 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="also time the torch reference path")
     ap.add_argument("--back-to-back", action="store_true",
                     help="also time each size alone, passes of one size in a row (the fair ratio to a one-token pass)")
+    ap.add_argument("--no-floor", action="store_true", help="leave out the memory floor (see above)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.models:
@@ -171,27 +222,44 @@ def main() -> None:
 
     for name, path in targets.items():
         target = load_model(path, dtype=args.dtype)
-        row: dict = {"native": {k: 1000 * v for k, v in block_costs(target, args.context, sizes, args.reps).items()}}
+        floor = None if args.no_floor else Floor(streamed_bytes(target))
+        row: dict = {"native": {k: 1000 * v for k, v in
+                                block_costs(target, args.context, sizes, args.reps, floor).items()}}
+        if floor is not None:
+            row["weights_MB"] = floor.nbytes / 1e6
         if target.native_runtime() is not None:
             row["breakdown"] = step_breakdown(target, args.context, args.reps * 3)
         if args.back_to_back:
             row["back to back"] = {k: 1000 * v for k, v in
-                                   block_costs_back_to_back(target, args.context, sizes, args.reps * 5).items()}
+                                   block_costs_back_to_back(target, args.context, sizes, args.reps * 5,
+                                                            floor=floor).items()}
         if args.reference:
             target.use_native = False
-            row["reference"] = {k: 1000 * v for k, v in block_costs(target, args.context, sizes, args.reps).items()}
+            row["reference"] = {k: 1000 * v for k, v in
+                                block_costs(target, args.context, sizes, args.reps, floor).items()}
             target.use_native = True
         report["targets"][name] = row
         print(f"{name}: " + ", ".join(f"{k}: {v:.2f}" for k, v in row["native"].items()), flush=True)
 
-    print("\n| target | path | " + " | ".join(f"{k} tok" for k in sizes) + " | 6 tok / 1 tok |")
-    print("|---|---|" + "---|" * (len(sizes) + 1))
+    floors = not args.no_floor
+    print("\n| target | path | " + " | ".join(f"{k} tok" for k in sizes) + " | 6 tok / 1 tok |"
+          + (" floor | 1 tok / floor |" if floors else ""))
+    print("|---|---|" + "---|" * (len(sizes) + 1 + 2 * floors))
     for name, row in report["targets"].items():
         for path_name in ("native", "back to back", "reference"):
             if path_name in row:
                 r = row[path_name]
                 ratio = f"{r[6] / r[1]:.2f}" if 6 in r and 1 in r else "-"
-                print(f"| {name} | {path_name} | " + " | ".join(f"{r[k]:.2f}" for k in sizes) + f" | {ratio} |")
+                line = f"| {name} | {path_name} | " + " | ".join(f"{r[k]:.2f}" for k in sizes) + f" | {ratio} |"
+                if floors:
+                    line += f" {r['floor']:.2f} | " + (f"{r[1] / r['floor']:.2f} |" if 1 in r else "- |")
+                print(line)
+    if floors:
+        print("\nfloor: reading the weights one pass streams (" + ", ".join(
+            f"{name} {row['weights_MB']:.0f} MB" for name, row in report["targets"].items())
+            + f") once with torch.sum, {report['threads']} threads, timed in the same rounds as the passes; "
+            "GB/s: " + ", ".join(f"{name} {row['weights_MB'] / row['native']['floor']:.1f}"
+                                 for name, row in report["targets"].items()))
     print("\nOne-token pass by part (ms):")
     for name, row in report["targets"].items():
         if "breakdown" in row:
