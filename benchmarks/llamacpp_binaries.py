@@ -8,6 +8,10 @@ Python (sampling, logits copies) makes it slower than llama.cpp itself; users wh
 its binaries. This runs them through the shared helper script (``llamacpp.sh``: build, convert to
 bf16 GGUF, and ``tps`` = tokens/s over prefill + decode of 128 greedy tokens, 2 threads; lookup with
 5 draft tokens) on the same prompts, for RESULTS.md beside the bench's numbers. Not a CI requirement.
+
+Its numbers are llama.cpp's alone, taken apart from ours: on a host whose speed drifts between minutes
+they cannot be set beside the bench's. Its successor, ``llamacpp_same_run.py``, runs both engines
+interleaved in rounds on the same weights (decode, prefill, end to end, with the memory floor).
 """
 
 from __future__ import annotations
@@ -59,11 +63,11 @@ def main() -> None:
             for i, row in enumerate(rows):
                 prompt = Path(tmp) / f"p{i}.txt"
                 prompt.write_text(row["turns"][0])
-                for kind in speeds:
+                for kind, runs in speeds.items():
                     run = subprocess.run(["bash", str(args.tool), "tps", kind, str(gguf), str(prompt), "128"],
-                                         capture_output=True, text=True)
+                                         capture_output=True, text=True, check=False)  # a failed prompt is skipped
                     if run.returncode == 0 and run.stdout.strip():
-                        speeds[kind].append(float(run.stdout.strip().splitlines()[-1]))
+                        runs.append(float(run.stdout.strip().splitlines()[-1]))
             report["targets"][target] = {k: {"mean_tokens_per_s": statistics.fmean(v) if v else None, "runs": v}
                                          for k, v in speeds.items()}
             print(f"{target}: llama-completion {report['targets'][target]['plain']['mean_tokens_per_s']:.1f} "
