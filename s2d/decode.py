@@ -23,9 +23,9 @@ from torch import Tensor
 
 from s2d.drafting.base import Drafter, DraftTree
 from s2d.goodput import allocate, pass_cost
+from s2d.model import native
 from s2d.model.cache import KVCache
 from s2d.model.config import CheckpointError
-from s2d.model import native
 from s2d.model.llama import SequenceRows, Transformer
 from s2d.sampling import SamplingParams, check_finite_logits, probabilities, sample
 from s2d.verify import verify_greedy, verify_stochastic, verify_tree_greedy, verify_tree_stochastic
@@ -104,7 +104,7 @@ class DecodeStats:
         add_by_position(self.accepted_at, [1] * num_accepted)
         add_histogram(self.exit_counts, {e: exits.count(e) for e in set(exits)})
 
-    def merge(self, other: "DecodeStats") -> None:
+    def merge(self, other: DecodeStats) -> None:
         """Add another run's statistics to these (totals across requests)."""
         for attr in ("target_passes", "new_tokens", "proposed", "accepted", "elapsed_s", "draft_s", "verify_s"):
             setattr(self, attr, getattr(self, attr) + getattr(other, attr))
@@ -132,16 +132,17 @@ class DecodeState:
     def output(self) -> list[int]:
         return self.tokens[self.prompt_len:]
 
+    @property
+    def unprefilled(self) -> int:
+        """Prompt tokens still to run into the cache before the first step (a chunked prefill); 0 once it may step."""
+        return 0 if self.output else max(len(self.tokens) - 1 - self.cache.length, 0)
 
 
-
-@torch.inference_mode()
-def prefill(target: Transformer, prompt: list[int], params: SamplingParams, max_new_tokens: int, cache: KVCache,
-            drafter: Drafter | None, num_draft_tokens: int) -> DecodeState:
-    """Validate a request and run all prompt tokens but the last through the target into ``cache``.
-
-    ``drafter`` must be this sequence's (its state is reset) and bound to ``target``.
-    """
+def begin(target: Transformer, prompt: list[int], params: SamplingParams, max_new_tokens: int, cache: KVCache,
+          drafter: Drafter | None, num_draft_tokens: int) -> DecodeState:
+    """Validate a request and begin its sequence in ``cache`` (emptied; ``drafter``, this sequence's and bound to
+    ``target``, is reset). Nothing of the prompt is in the cache yet: ``prefill_chunk`` runs it, whole or in
+    chunks, before the first step."""
     prompt = as_token_ids(prompt)
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
@@ -161,14 +162,44 @@ def prefill(target: Transformer, prompt: list[int], params: SamplingParams, max_
     cache.truncate(0)
     if drafter is not None:
         drafter.reset()
-    if len(prompt) > 1:
-        device = target.device
-        ids = torch.tensor([prompt[:-1]], device=device)
-        hidden = target.run_layers(target.embed_tokens(ids), torch.arange(len(prompt) - 1, device=device), cache)
-        if drafter is not None:
-            drafter.observe(hidden[0, -1])  # the row that chose the prompt's last token (s2d-steer)
     return DecodeState(list(prompt), len(prompt), max_new_tokens, params, cache, params.generator(target.device),
                        drafter, num_draft_tokens)
+
+
+@torch.inference_mode()
+def prefill_chunk(target: Transformer, state: DecodeState, max_tokens: int | None = None) -> int:
+    """Run the next ``max_tokens`` (None: all) prompt tokens still outside the cache through the target; returns
+    how many remain (0: the sequence may step). The last prompt token is left out: the first step runs it.
+
+    Chunks append to the cache as one whole pass would (the same keys and values up to the kernels' rounding:
+    a chunk attends to the cache instead of computing its causal block in one product), so a server can run
+    other sequences' steps between the chunks of a long prompt."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 1):
+        raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
+    start, end = state.cache.length, len(state.tokens) - 1
+    if start > end or state.output:
+        raise InputError("this sequence's prefill is done")
+    stop = end if max_tokens is None else min(end, start + max_tokens)
+    if stop > start:
+        device = target.device
+        ids = torch.tensor([state.tokens[start:stop]], device=device)
+        hidden = target.run_layers(target.embed_tokens(ids), torch.arange(start, stop, device=device), state.cache)
+        if stop == end and state.drafter is not None:
+            state.drafter.observe(hidden[0, -1])  # the row that chose the prompt's last token (s2d-steer)
+    return end - stop
+
+
+def prefill(target: Transformer, prompt: list[int], params: SamplingParams, max_new_tokens: int, cache: KVCache,
+            drafter: Drafter | None, num_draft_tokens: int) -> DecodeState:
+    """Validate a request and run all prompt tokens but the last through the target into ``cache`` (one pass:
+    ``begin`` and a whole ``prefill_chunk``).
+
+    ``drafter`` must be this sequence's (its state is reset) and bound to ``target``.
+    """
+    state = begin(target, prompt, params, max_new_tokens, cache, drafter, num_draft_tokens)
+    prefill_chunk(target, state)
+    return state
 
 
 @dataclass
@@ -196,6 +227,8 @@ def draft_step(target: Transformer, state: DecodeState, budget: int | None = Non
     its target pass verifies."""
     if state.finished:
         raise InputError("this sequence is finished")
+    if state.unprefilled:
+        raise InputError(f"this sequence's prompt has {state.unprefilled} tokens still to prefill (prefill_chunk)")
     drafter = state.drafter
     budget = draft_cap(state) if budget is None else min(budget, draft_cap(state))
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from s2d.engine import Engine
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams
+from s2d.serve import DEFAULT_PREFILL_CHUNK
 from s2d.serve import protocol as p
 from s2d.serve.protocol import APIError
 from s2d.serve.scheduler import Event, Job, QueueFullError, Request, Scheduler, TargetPool
@@ -38,6 +39,7 @@ class ServerConfig:
     api_key: str | None = None  # when set, /v1/* and /metrics need "Authorization: Bearer KEY"
     max_slots: int = 4  # sequences decoded at once per target (each holds a KV cache)
     max_waiting: int = 64  # requests queued beyond those; more are refused with 503
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens prefilled per step (decode steps run between chunks)
     max_body_bytes: int = 1 << 20
 
 
@@ -104,7 +106,7 @@ class Server:
                 raise ValueError(f"method {config.method} cannot serve {name}: {err}") from None
         self.pools = {name: TargetPool(Engine(model, None), draft, lambda m, n=name: options(n, m), config.max_slots)
                       for name, model in targets.items()}
-        self.scheduler = Scheduler(self.pools, config.max_waiting)
+        self.scheduler = Scheduler(self.pools, config.max_waiting, config.prefill_chunk)
         self.metrics = Metrics(self.scheduler)
 
     # --- a request's way in ---

@@ -7,6 +7,7 @@ import os
 import sys
 
 from s2d.args import DTYPES, DraftFlags, add_draft_args, int_in
+from s2d.serve import DEFAULT_PREFILL_CHUNK
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +24,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="sequences decoded at once per target, each with its own KV cache (default 4)")
     p.add_argument("--max-waiting", type=int_in(1, 1 << 20), default=64,
                    help="requests queued beyond those; further ones get 503 (default 64)")
+    p.add_argument("--prefill-chunk", type=int_in(1, 1 << 20), default=DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens prefilled per scheduler step: a long prompt is prefilled in chunks of this "
+                        "many, and the other sequences' decode steps run between them (default %(default)s)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run_serve)
@@ -52,7 +56,8 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in targets:  # refuse bad drafting flags or a bad calibration now, not at the first request
         options(name, family.method)
     server = Server(tokenizer, family.models, family.draft,
-                    ServerConfig(family.method, args.api_key, args.max_slots, args.max_waiting), options)
+                    ServerConfig(family.method, args.api_key, args.max_slots, args.max_waiting,
+                                 prefill_chunk=args.prefill_chunk), options)
     where = f"http://{args.host}:{args.port}/v1"
     print(f"s2d serve: {', '.join(targets)} ({family.method}) at {where}; Ctrl-C stops", file=sys.stderr)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",

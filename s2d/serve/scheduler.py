@@ -7,7 +7,11 @@ to its end, so sequences never share mutable state; the model weights are shared
 One scheduler thread runs all model work (prefill and decode steps): each step takes every admitted
 sequence of one target (continuous batching: sequences join and leave between steps), each drafts, and
 one target pass verifies all their blocks (``decode_step_batch``: the weights are read once for all
-rows); the targets take turns. On a CPU the cores serve one pass at a time, and a single thread keeps
+rows); the targets take turns. Prompts are prefilled in chunks (chunked prefill): a step first runs at
+most ``prefill_chunk`` prompt tokens of the target's newly admitted sequences (the shortest remaining
+prompt first, so a short request is not held behind a long one), then the decode step of every sequence
+whose prompt is in, so no decoding sequence waits for more than one chunk of someone's prefill. On a CPU
+the cores serve one pass at a time, and a single thread keeps
 torch's and the native runtime's thread teams from fighting. Requests wait in a bounded FIFO (a full queue is
 refused at once: the server answers 503), and a request cancelled by its client stops at its next step.
 """
@@ -21,13 +25,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from s2d.decode import DecodeState, decode_step_batch, prefill
+from s2d.decode import DecodeState, begin, decode_step_batch, prefill_chunk
 from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens
 from s2d.drafting.base import Drafter
 from s2d.engine import Engine
 from s2d.model.cache import KVCache
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams
+from s2d.serve import DEFAULT_PREFILL_CHUNK
 from s2d.serve.text import TextStream
 
 
@@ -122,9 +127,15 @@ class Scheduler:
     """Admits requests into free slots and steps every admitted sequence of one target at a time (the targets
     take turns), on its own thread."""
 
-    def __init__(self, pools: dict[str, TargetPool], max_waiting: int = 64) -> None:
+    def __init__(self, pools: dict[str, TargetPool], max_waiting: int = 64,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        """``prefill_chunk``: the most prompt tokens prefilled per step of a target (the others' decode step runs
+        between two chunks)."""
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
         self.pools = pools
         self.max_waiting = max_waiting
+        self.prefill_chunk = prefill_chunk
         self._waiting: deque[Job] = deque()
         self._active: deque[Job] = deque()
         self._lock = threading.Condition()
@@ -195,7 +206,7 @@ class Scheduler:
                 if self._stopping:
                     break
                 admitted = self._admit()
-            for job in admitted:  # prefill outside the lock: submit() must not wait for model work
+            for job in admitted:  # outside the lock: submit() must not wait for the scheduler
                 if self._begin(job):
                     self._active.append(job)
             if not self._active:  # every admitted job failed to begin
@@ -223,14 +234,16 @@ class Scheduler:
                 drafter, k = None, 1
             elif r.max_draft_tokens is not None:
                 k = min(k, r.max_draft_tokens)
-            job.state = prefill(pool.engine.target, r.prompt, r.params, r.max_new_tokens, job.slot.cache, drafter, k)
+            # validated and begun now; its prompt is prefilled chunk by chunk in the steps (_prefill)
+            job.state = begin(pool.engine.target, r.prompt, r.params, r.max_new_tokens, job.slot.cache, drafter, k)
         except Exception as err:  # noqa: BLE001 - a drafter that cannot be built, a prompt the engine refuses
             self._end(job, Event("error", error=err))
             return False
         return True
 
     def _step(self, jobs: list[Job]) -> list[Job]:
-        """One decode step of ``jobs`` (sequences of one target); returns those that go on."""
+        """One step of ``jobs`` (sequences of one target): a chunk of prefill, then the decode step of those
+        whose prompt is in; returns those that go on, in their order."""
         for job in jobs:
             if job.cancelled:
                 self._end(job, Event("done", finish_reason="cancelled"))
@@ -238,12 +251,37 @@ class Scheduler:
         if not jobs:
             return []
         engine = self.pools[jobs[0].request.target].engine
+        failed = self._prefill(engine, [job for job in jobs if job.state.unprefilled])
+        jobs = [job for job in jobs if id(job) not in failed]
+        decoding = [job for job in jobs if not job.state.unprefilled]
+        if not decoding:
+            return jobs
         try:
-            results: list[list[int] | Exception] = decode_step_batch(engine.target, [job.state for job in jobs],
-                                                                     engine.eos)
+            results: list[list[int] | Exception] = decode_step_batch(engine.target,
+                                                                     [job.state for job in decoding], engine.eos)
         except Exception as err:  # noqa: BLE001 - a failed pass ends the requests it carried; the others go on
-            results = [err] * len(jobs)
-        return [job for job, result in zip(jobs, results) if self._advance(job, result, engine)]
+            results = [err] * len(decoding)
+        ended = {id(job) for job, result in zip(decoding, results) if not self._advance(job, result, engine)}
+        return [job for job in jobs if id(job) not in ended]
+
+    def _prefill(self, engine: Engine, jobs: list[Job]) -> set[int]:
+        """Run at most ``prefill_chunk`` prompt tokens of ``jobs`` (still prefilling), the shortest remaining
+        first: a short prompt is in at once, a long one takes what is left of each step's chunk. Returns the
+        ids of the jobs whose prefill failed (ended, their slots freed)."""
+        budget = self.prefill_chunk
+        failed: set[int] = set()
+        for job in sorted(jobs, key=lambda j: j.state.unprefilled):  # stable: equal lengths keep their order
+            if budget <= 0:
+                break
+            take = min(budget, job.state.unprefilled)
+            try:
+                prefill_chunk(engine.target, job.state, take)
+            except Exception as err:  # noqa: BLE001 - this request ends; the others' caches are their own
+                job.state.finished = True
+                self._end(job, Event("error", error=err))
+                failed.add(id(job))
+            budget -= take
+        return failed
 
     def _advance(self, job: Job, result: list[int] | Exception, engine: Engine) -> bool:
         """Hand one step's tokens to ``job``'s owner; False when the request has ended."""
