@@ -219,10 +219,38 @@ class Measure:
         return out
 
 
+def busy_seconds(stat_line: str, hz: int) -> float:
+    """CPU seconds spent busy (user, nice, system, irq, softirq) or stolen by the hypervisor, all CPUs
+    together, from /proc/stat's first ("cpu") line."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in stat_line.split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / hz
+
+
+class OthersCpu:
+    """The share of this machine's CPUs that others (not this process or its children) used since it was
+    made: the lock keeps only cooperating runs out, and a neighbour's burst slows whichever engine it
+    hits, so each measure says how clean its round was."""
+
+    def __init__(self) -> None:
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float]:
+        t = os.times()  # children: the llama.cpp runs, waited for
+        stat = Path("/proc/stat").read_text().splitlines()[0]
+        return (busy_seconds(stat, os.sysconf("SC_CLK_TCK")), t.user + t.system + t.children_user + t.children_system,
+                time.perf_counter())
+
+    def share(self) -> float:
+        (b0, o0, w0), (b1, o1, w1) = self.start, self._now()
+        return max(0.0, ((b1 - b0) - (o1 - o0)) / ((w1 - w0) * (os.cpu_count() or 1)))
+
+
 def table(models: dict[str, dict[str, Measure]]) -> str:
-    """The markdown table: per model and measure, the medians, ours vs theirs per round and its median."""
-    lines = ["| model | measure | s2d | llama.cpp | floor | s2d vs llama.cpp (median; per round) | s2d / floor |",
-             "|---|---|---|---|---|---|---|"]
+    """The markdown table: per model and measure, the medians, ours vs theirs per round and its median,
+    and the CPU share others used in each round's measure."""
+    lines = [("| model | measure | s2d | llama.cpp | floor | s2d vs llama.cpp (median; per round) | s2d / floor "
+             "| others' CPU |"), "|---|---|---|---|---|---|---|---|"]
 
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
@@ -232,8 +260,9 @@ def table(models: dict[str, dict[str, Measure]]) -> str:
             r, f = m.ratios(), m.to_floor()
             ratio = f"{statistics.median(r):.2f}x ({', '.join(f'{x:.2f}' for x in r)})" if r else "-"
             floor = f"{statistics.median(f):.2f} ({', '.join(f'{x:.2f}' for x in f)})" if f else "-"
+            others = ", ".join(f"{100 * x:.0f}%" for x in m.values.get("others", [])) or "-"
             lines.append(f"| {name} | {label} ({m.unit}) | {fmt(m.median('s2d'))} | {fmt(m.median('llama.cpp'))} "
-                         f"| {fmt(m.median('floor'))} | {ratio} | {floor} |")
+                         f"| {fmt(m.median('floor'))} | {ratio} | {floor} | {others} |")
     return "\n".join(lines)
 
 
@@ -512,23 +541,28 @@ def run(args: argparse.Namespace, prefill_lengths: list[int]) -> None:
             with tqdm(total=steps, desc=name, file=sys.stderr, unit="run") as bar:
                 for rnd in range(args.rounds):
                     bar.set_postfix_str(f"round {rnd + 1}/{args.rounds}: decode")
+                    watch = OthersCpu()
                     decode.add("s2d", ours.decode_ms(args.reps))
                     bar.update()
                     tg = llama_bench(args.llamacpp_bin, gguf, args.threads, args.reps, gen=NEW_TOKENS, depth=args.depth)
                     decode.add("llama.cpp", 1000 / tg[0].tokens_per_s)
                     bar.update()
                     decode.add("floor", ours.floor_ms(20 * args.reps))
+                    decode.add("others", watch.share())
                     bar.update()
                     bar.set_postfix_str(f"round {rnd + 1}/{args.rounds}: prefill")
                     for n, m in zip(prefill_lengths, prefills):
+                        watch = OthersCpu()
                         m.add("s2d", ours.prefill_tps(n, args.reps))
                         bar.update()
                         pp = llama_bench(args.llamacpp_bin, gguf, args.threads, args.reps, prompt=str(n))
                         m.add("llama.cpp", pp[0].tokens_per_s)
+                        m.add("others", watch.share())
                         bar.update()
                     if e2e is None:
                         continue
                     bar.set_postfix_str(f"round {rnd + 1}/{args.rounds}: end to end")
+                    watch = OthersCpu()
                     totals = {"s2d": [0, 0.0], "llama.cpp": [0, 0.0]}  # engine -> [new tokens, seconds]
                     for text, file in zip(prompts, files):
                         n_prompt, n_new, secs = ours.generate(text)
@@ -546,6 +580,7 @@ def run(args: argparse.Namespace, prefill_lengths: list[int]) -> None:
                         if tokens != NEW_TOKENS * len(prompts):
                             raise SameRunError(f"{engine} emitted {tokens} tokens, not {NEW_TOKENS} per prompt")
                         e2e.add(engine, tokens / secs)
+                    e2e.add("others", watch.share())
             results[name] = measures
             report["models"][name] = {"dir": str(model_dir), "gguf": str(gguf), "weights_MB": ours.floor.nbytes / 1e6,
                                       "prompt_tokens": prompt_tokens,
@@ -604,7 +639,9 @@ def header(report: dict) -> str:
                  f"{report['depth']} (llama-bench tg{NEW_TOKENS} @ d{report['depth']}), median of {report['reps']} runs; "
                  f"end to end: {report['prompts']} prompts of {report['prompts_file']} cut to ~{report['prompt_chars']} "
                  f"characters, {NEW_TOKENS} greedy tokens, prefill + decode. Ratios: s2d's speed / llama.cpp's per "
-                 "round (> 1: s2d ahead); s2d / floor: decode time over one read of the weights.")
+                 "round (> 1: s2d ahead); s2d / floor: decode time over one read of the weights; others' CPU: the share "
+                 "of this machine's CPUs that other processes used during each round's measure (a round where it is "
+                 "high is suspect).")
     return "\n".join(lines) + "\n"
 
 

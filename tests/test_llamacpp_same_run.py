@@ -73,6 +73,11 @@ def test_completion_timings_and_build_flags() -> None:
         same_run.parse_system_info("no such line")
 
 
+def test_busy_seconds_counts_stolen_time_not_idle() -> None:
+    # cpu  user nice system idle iowait irq softirq steal guest guest_nice
+    assert same_run.busy_seconds("cpu  100 0 50 9000 30 5 5 40 0 0", 100) == pytest.approx(2.0)
+
+
 def test_prompt_cut_at_a_line_end() -> None:
     text = "".join(f"line {i:04d}\n" for i in range(300))  # 10 characters a line
     cut = same_run.cut_prompt(text, 1500)
@@ -100,6 +105,9 @@ def test_rounds_compare_within_a_round() -> None:
     record = decode.to_json()
     assert record["median"] == {"s2d": 5.0, "llama.cpp": 6.0, "floor": 2.5}
     assert "s2d_to_floor_per_round" in record and "s2d_to_floor_per_round" not in prefill.to_json()
+    for share in (0.01, 0.5, 0.0):
+        decode.add("others", share)
     rows = same_run.table({"zoo-l": {"decode @ d400": decode, "prefill 300": prefill}}).splitlines()
-    assert rows[2] == "| zoo-l | decode @ d400 (ms/token) | 5.00 | 6.00 | 2.50 | 0.90x (0.80, 0.90, 1.50) | 2.00 (2.00, 2.00, 2.00) |"
+    assert rows[2] == ("| zoo-l | decode @ d400 (ms/token) | 5.00 | 6.00 | 2.50 | 0.90x (0.80, 0.90, 1.50) "
+                       "| 2.00 (2.00, 2.00, 2.00) | 1%, 50%, 0% |")
     assert rows[3].startswith("| zoo-l | prefill 300 (tokens/s) | 200 | 167 | - | 0.90x")
