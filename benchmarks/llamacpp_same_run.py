@@ -607,7 +607,8 @@ def describe_builds(report: dict, args: argparse.Namespace, llama_flags: dict[st
     ours = report["ours"]["native_isa"]
     held = theirs == ours
     if args.isa is None:
-        verdict = "not held: each engine at its best" + ("" if held else f" (they differ: {ours} against {theirs})")
+        verdict = "not held by --isa: each engine at its best" + (f", {ours} for both here" if held else
+                                                                   f" (they differ: {ours} against {theirs})")
     elif held:
         verdict = f"held: both at {ours}"
     else:
