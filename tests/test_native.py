@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -53,24 +54,48 @@ def reference(model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # m > 16: rows in groups of 16 on AMX tiles, the last one padded (17, 40) or full (64)
+# packed (AVX512-BF16, bf16): 12 rows a call, remainders 1-11 (13, 25), odd K (43, 577, 9), panels of 32 outputs
 @pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 37, 43), (6, 130, 576), (16, 7, 9), (5, 64, 2050),
-                                   (17, 150, 96), (40, 80, 64), (64, 33, 128)])
-def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k):
+                                   (17, 150, 96), (40, 80, 64), (64, 33, 128), (12, 64, 576), (13, 70, 577),
+                                   (25, 31, 34)])
+@pytest.mark.parametrize("packed", [None, False], ids=["as-passes", "row-major"])
+def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k, packed):
+    if packed is False and not (dtype == torch.bfloat16 and isa == 2):
+        pytest.skip("the row-major product is what passes use here already")
     g = torch.Generator().manual_seed(m * 1000 + k)
     x = torch.randn(m, k, generator=g).to(dtype)
     w = torch.randn(n, k, generator=g).to(dtype)
-    got = native.linear(x, w, isa)
+    linear = functools.partial(native.linear, packed=packed)
+    got = linear(x, w, isa)
     ref = x.float() @ w.float().T  # the exact products, summed in float32
     torch.testing.assert_close(got, ref, atol=1e-4 * k ** 0.5, rtol=1e-5)
     # A row's result does not depend on how many rows share the call, nor on the thread count.
     for i in range(m):
-        assert torch.equal(native.linear(x[i:i + 1], w, isa)[0], got[i])
+        assert torch.equal(linear(x[i:i + 1], w, isa)[0], got[i])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert torch.equal(native.linear(x, w, isa), got)
+        assert torch.equal(linear(x, w, isa), got)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_packed_weights_follow_in_place_changes(family, monkeypatch):
+    """Where the runtime packs bf16 weights, an in-place change (an optimizer step) rebuilds the copy."""
+    if 2 not in LEVELS:
+        pytest.skip("packed weights are an AVX512-BF16 path")
+    monkeypatch.setenv("S2D_NATIVE_ISA", "avx512")
+    model = load_model(family["gqa"], dtype="bfloat16")
+    ids = torch.randint(0, 257, (1, 6))
+    with torch.inference_mode():
+        before = model.native_runtime()
+        assert before.packed and not before.stale()
+        model.layers[0].gate_up.weight.mul_(2)
+        assert before.stale()
+        got = model(ids, torch.arange(6), model.new_cache())
+        assert model.native_runtime() is not before
+        want = reference(model)(ids, torch.arange(6), reference(model).new_cache())
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("name,prefix", [("gqa", 30), ("qwen", 30), ("long", 600)])

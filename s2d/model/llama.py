@@ -129,7 +129,7 @@ class Transformer(nn.Module):
         """The native runtime serving this model's inference passes, or None (torch reference path)."""
         if not self.use_native:
             return None
-        if self._native is None:
+        if self._native is None or (self._native and self._native.stale()):
             self._native = native.NativeRuntime.create(self) or False
         return self._native or None
 

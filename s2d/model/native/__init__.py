@@ -25,6 +25,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -67,7 +68,9 @@ _SIGNATURES = {
     "s2d_run_layers": ([_VP, _VP, _I, _VP, _VP, _VP, _I, _I64, _I64, _I64, _I64, _VP, _I, _I, _I], _I),
     "s2d_run_layers_multi": ([_VP, _VP, _I, _VP, _I, _VP, _VP, _VP, _VP, _VP, _I, _I64, _I64, _I64, _I, _I, _I], _I),
     "s2d_head": ([_VP, _VP, _I, _VP, _I64, _VP, _VP, _VP, _I], _I),
-    "s2d_linear": ([_VP, _VP, _VP, _I, _I64, _I64, _I, _I, _I], None),
+    "s2d_linear": ([_VP, _VP, _VP, _I, _I64, _I64, _I, _I, _I, _VP], None),
+    "s2d_packed_size": ([_I64, _I64], _I64),
+    "s2d_pack": ([_VP, _I64, _I64, _VP], None),
 }
 
 
@@ -236,11 +239,26 @@ def isa() -> str:
     return ISA_NAMES[isa_level()]
 
 
-def linear(x: Tensor, w: Tensor, level: int | None = None) -> Tensor:
+def pack(w: Tensor) -> Tensor:
+    """w [N, K] bfloat16 in the packed layout level-2 passes read (panels of k-pairs; see runtime.cpp)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU runtime is unavailable here")
+    if w.dtype != torch.bfloat16 or w.dim() != 2:
+        raise ValueError("pack takes a 2-D bfloat16 weight")
+    w = w.contiguous()
+    out = torch.empty(lib.s2d_packed_size(*w.shape), dtype=torch.int32)
+    lib.s2d_pack(w.data_ptr(), w.shape[0], w.shape[1], out.data_ptr())
+    return out
+
+
+def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor | None = None) -> Tensor:
     """x [M, K] @ w [N, K]^T -> float32 [M, N] through the runtime's product (both float32 or both bf16).
 
     For tests and measurements; ``level`` caps the instruction set (1 AVX2, 2 AVX512-BF16, 3 AMX; the
-    default is the best this CPU has).
+    default is the best this CPU has). ``packed``: the product over packed weights (bfloat16 at level 2
+    only), as passes there use them; None = as passes do, False = the row-major product (the path of
+    other heads), or ``pack(w)`` made once (measurements).
     """
     lib = library()
     if lib is None:
@@ -249,9 +267,22 @@ def linear(x: Tensor, w: Tensor, level: int | None = None) -> Tensor:
     if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != w.shape[-1]:
         raise ValueError("x and w must share K and a dtype, float32 or bfloat16")
     x, w = x.contiguous(), w.contiguous()
+    packs = x.dtype == torch.bfloat16 and level == 2
+    if packed is None:
+        packed = packs
+    if isinstance(packed, Tensor):
+        if not packs or packed.numel() != lib.s2d_packed_size(*w.shape):
+            raise ValueError("packed must be pack(w), for bfloat16 at level 2")
+        panels = packed
+    elif packed:
+        if not packs:
+            raise ValueError("packed products exist for bfloat16 at level 2 (AVX512-BF16 without AMX) only")
+        panels = pack(w)
+    else:
+        panels = None
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
     lib.s2d_linear(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], w.shape[0],
-                   int(x.dtype == torch.bfloat16), torch.get_num_threads(), level)
+                   int(x.dtype == torch.bfloat16), torch.get_num_threads(), level, _ptr(panels))
     return y
 
 
@@ -280,6 +311,14 @@ def call_threads() -> int:
     return getattr(_local, "threads", 0)
 
 
+_version_of = operator.attrgetter("_version")
+
+
+def weights_version(params: list[Tensor]) -> int:
+    """The sum of the tensors' version counters: it grows with every in-place change to one."""
+    return sum(map(_version_of, params))
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -295,6 +334,12 @@ class NativeRuntime:
         self.max_positions = model.cos.shape[0]
         # The handle holds raw pointers: keep every tensor it reads alive as long as it lives.
         self._tensors = [p for p in model.parameters()] + [model.cos, model.sin]
+        # On AVX512-BF16 without AMX the runtime reads bf16 weights from packed copies (see runtime.cpp),
+        # which an in-place change of the tensors (an optimizer step) would leave stale: the tensors'
+        # version counters at packing time tell (``stale``).
+        self.packed = self.bf16 and isa_level() == 2
+        self._params = list(model.parameters())
+        self._version = weights_version(self._params)
         self.handle = lib.s2d_model_new(
             cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
             cfg.vocab_size, self.max_positions, cfg.rms_norm_eps, int(self.bf16), _ptr(model.cos), _ptr(model.sin),
@@ -305,6 +350,10 @@ class NativeRuntime:
                 self.handle, i, _ptr(layer.attn_norm), _ptr(layer.qkv.weight), _ptr(layer.qkv.bias),
                 _ptr(layer.o.weight), _ptr(layer.o.bias), _ptr(layer.mlp_norm), _ptr(layer.gate_up.weight),
                 _ptr(layer.gate_up.bias), _ptr(layer.down.weight), _ptr(layer.down.bias))
+
+    def stale(self) -> bool:
+        """Whether the model's weights changed in place since this runtime packed them."""
+        return self.packed and weights_version(self._params) != self._version
 
     @classmethod
     def create(cls, model: "Transformer") -> "NativeRuntime | None":
