@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from s2d.drafting.base import Drafter, DraftTree
+from s2d.drafting.batch import Proposal, run_alone, run_together
 from s2d.goodput import allocate, pass_cost
 from s2d.model import native
 from s2d.model.cache import KVCache
@@ -225,17 +226,27 @@ def draft_cap(state: DecodeState) -> int:
 def draft_step(target: Transformer, state: DecodeState, budget: int | None = None) -> Step:
     """Draft this sequence's step (at most ``budget`` tokens; default its own cap) and lay out the block
     its target pass verifies."""
+    t0 = time.perf_counter()
+    proposal = _proposal(state, budget)
+    tree = DraftTree.empty() if proposal is None else run_alone(proposal)
+    return _lay_out(target, state, tree, time.perf_counter() - t0)
+
+
+def _proposal(state: DecodeState, budget: int | None) -> Proposal | None:
+    """The drafter's proposal for this step (``batch.py``: its draft-model calls, to run alone or batched with
+    other sequences'); None: no draft this step."""
     if state.finished:
         raise InputError("this sequence is finished")
     if state.unprefilled:
         raise InputError(f"this sequence's prompt has {state.unprefilled} tokens still to prefill (prefill_chunk)")
-    drafter = state.drafter
     budget = draft_cap(state) if budget is None else min(budget, draft_cap(state))
-    t0 = time.perf_counter()
-    tree = DraftTree.empty()
-    if drafter is not None and budget > 0:
-        tree = drafter.propose_tree(state.tokens, state.params, state.generator, max_nodes=budget)
-    draft_s = time.perf_counter() - t0
+    if state.drafter is None or budget <= 0:
+        return None
+    return state.drafter.proposal(state.tokens, state.params, state.generator, max_nodes=budget)
+
+
+def _lay_out(target: Transformer, state: DecodeState, tree: DraftTree, draft_s: float) -> Step:
+    """The block a drafted ``tree`` makes for the target pass: the last committed token, then the draft."""
     device = target.device
     base = state.cache.length  # == len(state.tokens) - 1
     chain = tree.is_chain
@@ -313,7 +324,8 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
 @torch.inference_mode()
 def decode_step_batch(target: Transformer, states: list[DecodeState], eos: set[int] | frozenset[int],
                       goodput: bool = True) -> list[list[int] | Exception]:
-    """One step of several sequences of one target: each drafts, then one target pass verifies every block
+    """One step of several sequences of one target: they draft together (the model drafters' calls batched,
+    one draft pass per level for all: ``drafting/batch.py``), then one target pass verifies every block
     (``Transformer.run_layers_multi``: the weights read once for all rows), and each accepts and commits on
     its own. Per sequence: the tokens it emitted, or the error that ended it (its drafter failed, or its
     logits were not finite: ``state.finished``), so one sequence's failure never ends the others;
@@ -333,12 +345,27 @@ def decode_step_batch(target: Transformer, states: list[DecodeState], eos: set[i
             budgets[i] = k
     results: dict[int, list[int] | Exception] = {}
     steps: list[tuple[int, Step]] = []
+    proposals: dict[int, Proposal] = {}
+    t0 = time.perf_counter()
     for i, state in enumerate(states):
         try:
-            steps.append((i, draft_step(target, state, budgets[i])))
-        except Exception as err:  # noqa: BLE001 - this sequence's drafter failed; the others go on
+            if (proposal := _proposal(state, budgets[i])) is not None:
+                proposals[i] = proposal
+        except Exception as err:  # noqa: BLE001 - this sequence cannot step; the others go on
             state.finished = True
             results[i] = err
+    # Every sequence's drafting at once: the model drafters' calls share one draft pass per level (batch.py)
+    trees = dict(zip(proposals, run_together(list(proposals.values()))))
+    draft_s = time.perf_counter() - t0  # each sequence waited for the whole batch's drafting
+    for i, state in enumerate(states):
+        if i in results:
+            continue
+        tree = trees.get(i, DraftTree.empty())
+        if isinstance(tree, Exception):  # this sequence's drafter failed; the others go on
+            state.finished = True
+            results[i] = tree
+        else:
+            steps.append((i, _lay_out(target, state, tree, draft_s)))
     group: list[tuple[int, Step]] = []
     for i, step in steps:
         if group and sum(s.block.numel() for _, s in group) + step.block.numel() > native.MAX_ROWS:

@@ -4,7 +4,8 @@ A drafter proposes tokens to follow a context; the engine verifies them in one t
 drafter may do is all written here, as methods of ``Drafter``: two it must have (``propose`` a chain,
 or ``propose_tree`` a tree; ``reset``) and hooks that do nothing unless a drafter needs them
 (``feedback`` after each verification, ``observe`` the target's hidden state, ``speculate`` during the
-target pass). The engine calls every hook on every drafter and never asks what a drafter can do.
+target pass, ``proposal``: the draft as a generator of draft-model calls, which a batch of sequences runs
+together, ``batch.py``). The engine calls every hook on every drafter and never asks what a drafter can do.
 
 A drafter is bound to the target it serves when it is built (``methods.build_drafter``): drafters that
 weigh their cost against the target, or read a map trained for it, take it in their constructor.
@@ -28,6 +29,7 @@ from torch import Tensor
 from s2d.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from s2d.drafting.batch import Proposal
     from s2d.model.llama import Transformer
 
 
@@ -43,7 +45,7 @@ class Draft:
         return self.tokens.numel()
 
     @classmethod
-    def empty(cls, device: torch.device | str = "cpu") -> "Draft":
+    def empty(cls, device: torch.device | str = "cpu") -> Draft:
         return cls(torch.empty(0, dtype=torch.long, device=device))
 
 
@@ -60,11 +62,11 @@ class DraftTree:
         return self.tokens.numel()
 
     @classmethod
-    def empty(cls) -> "DraftTree":
+    def empty(cls) -> DraftTree:
         return cls(torch.empty(0, dtype=torch.long), [])
 
     @classmethod
-    def chain(cls, draft: Draft) -> "DraftTree":
+    def chain(cls, draft: Draft) -> DraftTree:
         """A chain as the tree of one path: node i's parent is node i-1."""
         return cls(draft.tokens, list(range(-1, len(draft) - 1)), draft.probs, list(draft.exits))
 
@@ -82,7 +84,7 @@ class DraftTree:
         """Children of ``node`` (-1: the root), in draw order."""
         return [i for i, parent in enumerate(self.parents) if parent == node]
 
-    def preorder(self) -> "DraftTree":
+    def preorder(self) -> DraftTree:
         """The same tree in depth-first order, first children first.
 
         Why: the path of first children (the draft's own greedy chain) then lies in consecutive
@@ -140,9 +142,13 @@ class Drafter:
         super().__init_subclass__(**kwargs)
         if cls.propose is Drafter.propose and cls.propose_tree is Drafter.propose_tree:
             raise TypeError(f"{cls.__name__} must implement propose (a chain) or propose_tree (a tree)")
+        # A class that changes propose or propose_tree but not proposal drafts through its own propose, in a
+        # batch too: a proposal inherited from a batching drafter would skip the override.
+        if ("propose" in cls.__dict__ or "propose_tree" in cls.__dict__) and "proposal" not in cls.__dict__:
+            cls.proposal = Drafter.proposal
 
     @property
-    def draft_model(self) -> "Transformer | None":
+    def draft_model(self) -> Transformer | None:
         """The model whose token ids it proposes (None: it copies tokens of the context); the engine
         refuses a drafter whose model has another vocabulary than the target's."""
         return None
@@ -158,6 +164,18 @@ class Drafter:
         if max_nodes is None:
             raise ValueError(f"{type(self).__name__} drafts chains: propose_tree needs max_nodes")
         return DraftTree.chain(self.propose(context, max_nodes, params, generator))
+
+    def proposal(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
+                 max_nodes: int | None = None) -> Proposal:
+        """The tree ``propose_tree`` gives, as a generator of this drafter's draft-model calls (``batch.py``):
+        it yields each call, is sent the call's result, and returns the tree. A batched step drives the
+        proposals of all its sequences together, so their calls share one pass per level.
+
+        Drafters that batch write their drafting here (and ``propose``/``propose_tree`` drive it alone with
+        ``batch.run_alone``). This default makes no call of its own: it drafts alone, in one go; a subclass
+        that overrides ``propose`` or ``propose_tree`` without ``proposal`` gets this default back."""
+        return self.propose_tree(context, params, generator, max_nodes)
+        yield  # unreachable: makes this function a generator that yields no call
 
     def reset(self) -> None:
         """Forget all per-sequence state (a new sequence begins)."""
@@ -175,13 +193,17 @@ class Drafter:
         drafts the next step meanwhile (``overlap.py``). ``max_tokens``: the next step's cap."""
         return nullcontext()
 
-    def token_cost(self, target: "Transformer") -> float:
+    def token_cost(self, target: Transformer) -> float:
         """What one drafted token costs, in one-token passes of ``target`` (0: free, as lookup's are)."""
         return 0.0
 
 
 class DrafterWrapper(Drafter):
-    """A drafter around another: every part of the contract goes to ``inner`` unless overridden."""
+    """A drafter around another: every part of the contract goes to ``inner`` unless overridden.
+
+    Except ``proposal``: it stays ``Drafter``'s, which drafts through this wrapper's own ``propose_tree``
+    (forwarded, it would skip whatever the wrapper changes there). A wrapper whose drafting is the inner
+    drafter's model calls (the lookup hybrid) overrides it to let them batch."""
 
     def __init__(self, inner: Drafter) -> None:
         self.inner = inner
@@ -191,7 +213,7 @@ class DrafterWrapper(Drafter):
         return self.inner.grows_trees
 
     @property
-    def draft_model(self) -> "Transformer | None":
+    def draft_model(self) -> Transformer | None:
         return self.inner.draft_model
 
     def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
@@ -217,7 +239,7 @@ class DrafterWrapper(Drafter):
                   generator: torch.Generator | None) -> AbstractContextManager:
         return self.inner.speculate(context, max_tokens, params, generator)
 
-    def token_cost(self, target: "Transformer") -> float:
+    def token_cost(self, target: Transformer) -> float:
         return self.inner.token_cost(target)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from s2d.drafting.base import Draft, Drafter, DrafterWrapper, DraftTree
+from s2d.drafting.batch import Proposal, run_alone
 from s2d.drafting.ngram import LOOKUP_EXIT, NgramConfig, NgramDrafter
 from s2d.model.llama import Transformer
 from s2d.sampling import SamplingParams
@@ -98,14 +99,38 @@ class HybridDrafter(DrafterWrapper):
 
     def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
                 generator: torch.Generator | None) -> Draft:
-        # max_tokens is the engine's cap (room left in the output); build_drafter sizes it to allow
-        # lookup_tokens, while the model drafter keeps its own draft length.
-        tokens = self._choose(context, min(max_tokens, self.config.lookup_tokens))
+        if self.grows_trees:
+            raise NotImplementedError("lookup+ a tree method drafts trees: call propose_tree")
+        tree = run_alone(self.proposal(context, params, generator, max_tokens))
+        return Draft(tree.tokens, tree.probs, tree.exits)
+
+    def propose_tree(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
+                     max_nodes: int | None = None) -> DraftTree:
+        return run_alone(self.proposal(context, params, generator, max_nodes))
+
+    def proposal(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
+                 max_nodes: int | None = None) -> Proposal:
+        """Lookup's tokens, or the model drafter's proposal (its calls batch with the other sequences'), or
+        nothing; ``max_nodes`` is the engine's cap (room left in the output; build_drafter sizes it to allow
+        lookup_tokens), while the model drafter keeps its own draft length."""
+        if max_nodes is None and not self.grows_trees:
+            raise ValueError(f"{type(self).__name__} drafts chains: its proposal needs max_nodes")
+        cap = self.config.lookup_tokens if max_nodes is None else min(max_nodes, self.config.lookup_tokens)
+        tokens = self._choose(context, cap)
         if self.last_kind == "lookup":
-            return Draft(torch.tensor(tokens, dtype=torch.long), exits=[LOOKUP_EXIT] * len(tokens))
+            return self._lookup_tree(tokens, params)
         if self.last_kind == "model":
-            return self.inner.propose(context, max_tokens, params, generator)
-        return Draft.empty()
+            tree = yield from self.inner.proposal(context, params, generator, max_nodes)
+            self._drafted(tree)
+            return tree
+        return DraftTree.empty()
+
+    def _lookup_tree(self, tokens: list[int], params: SamplingParams) -> DraftTree:
+        """Lookup's tokens as a chain (deterministic: no q, which the chain rules read as one-hot)."""
+        return DraftTree.chain(Draft(torch.tensor(tokens, dtype=torch.long), exits=[LOOKUP_EXIT] * len(tokens)))
+
+    def _drafted(self, tree: DraftTree) -> None:
+        """Told the model drafter's tree (the tree hybrid prices its shape)."""
 
     def _choose(self, context: list[int], cap: int) -> list[int]:
         """Decide what drafts this step (``last_kind``): lookup's tokens (returned), the model, or nothing."""
@@ -154,24 +179,14 @@ class HybridTreeDrafter(HybridDrafter):
             return True
         return self._accepted >= self._tree_cost
 
-    def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
-                generator: torch.Generator | None) -> Draft:
-        raise NotImplementedError("lookup+ a tree method drafts trees: call propose_tree")
+    def _lookup_tree(self, tokens: list[int], params: SamplingParams) -> DraftTree:
+        """A one-branch tree; under sampling its nodes carry a one-hot q (recursive rejection sampling reads it)."""
+        ids = torch.tensor(tokens, dtype=torch.long)
+        probs = None
+        if not params.greedy:
+            vocab = self.inner.draft_model.cfg.vocab_size
+            probs = torch.zeros(len(tokens), vocab).index_put_((torch.arange(len(tokens)), ids), torch.ones(len(tokens)))
+        return DraftTree(ids, list(range(-1, len(tokens) - 1)), probs, [LOOKUP_EXIT] * len(tokens))
 
-    def propose_tree(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
-                     max_nodes: int | None = None) -> DraftTree:
-        cap = self.config.lookup_tokens if max_nodes is None else min(max_nodes, self.config.lookup_tokens)
-        tokens = self._choose(context, cap)
-        if self.last_kind == "lookup":
-            ids = torch.tensor(tokens, dtype=torch.long)
-            probs = None
-            if not params.greedy:
-                vocab = self.inner.draft_model.cfg.vocab_size
-                probs = torch.zeros(len(tokens), vocab).index_put_((torch.arange(len(tokens)), ids),
-                                                                   torch.ones(len(tokens)))
-            return DraftTree(ids, list(range(-1, len(tokens) - 1)), probs, [LOOKUP_EXIT] * len(tokens))
-        if self.last_kind == "model":
-            tree = self.inner.propose_tree(context, params, generator, max_nodes)
-            self._shape = (max(tree.depths, default=0), len(tree))
-            return tree
-        return DraftTree.empty()
+    def _drafted(self, tree: DraftTree) -> None:
+        self._shape = (max(tree.depths, default=0), len(tree))

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from s2d.drafting.base import Draft
+from s2d.drafting.batch import Head, Proposal
 from s2d.drafting.length import DraftLength
 from s2d.drafting.sorted import SortedConfig, SortedDrafter
 from s2d.model.config import CheckpointError
@@ -95,7 +96,7 @@ class CorpusNgram:
     ctx_types: np.ndarray  # [C] int64, distinct x after a b
 
     @classmethod
-    def build(cls, stream: np.ndarray, vocab_size: int, min_count: int = 2) -> "CorpusNgram":
+    def build(cls, stream: np.ndarray, vocab_size: int, min_count: int = 2) -> CorpusNgram:
         """stream [N] token ids (documents separated by EOS) -> the counted model, n-grams pruned below ``min_count``."""
         if not 1 <= vocab_size <= 2**20:
             raise ValueError(f"vocab_size must lie in [1, 2**20] for int64 trigram keys, got {vocab_size}")
@@ -149,7 +150,7 @@ class CorpusNgram:
         return Path(path)
 
     @classmethod
-    def load(cls, path: Path, vocab_size: int) -> "CorpusNgram":
+    def load(cls, path: Path, vocab_size: int) -> CorpusNgram:
         """Read and check ``path``; anything malformed is a CheckpointError naming the file."""
         from s2d.side_files import side_file
 
@@ -267,7 +268,7 @@ class RefineTable:
         return self.pooled.get((exit_layers, kind), DEFAULT_WEIGHTS)
 
     @classmethod
-    def load(cls, directory: Path | str | None) -> "RefineTable":
+    def load(cls, directory: Path | str | None) -> RefineTable:
         """The calibration beside a draft; an empty table (the defaults) when there is none."""
         if directory is None or not (Path(directory) / REFINE_FILE).is_file():
             return cls({}, {}, {})
@@ -382,13 +383,13 @@ class RefinedDrafter(SortedDrafter):
         extra = refined_scores(np.zeros(len(ids)), lp_ctx, lp_corpus, w)
         return ids, logq + (extra if params.greedy else extra / params.temperature)
 
-    def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
-                generator: torch.Generator | None) -> Draft:
+    def drafting(self, context: list[int], max_tokens: int, params: SamplingParams,
+                 generator: torch.Generator | None) -> Proposal:
         if not params.greedy and self.fixed is None:
             # The stored weights are calibrated for greedy chains; under sampling they made q' peakier
             # than p and halved the accepted tokens (RESULTS.md), so sample as the plain exit does.
-            return super().propose(context, max_tokens, params, generator)
-        max_tokens = self.reconcile(context, max_tokens)
+            return (yield from super().drafting(context, max_tokens, params, generator))
+        max_tokens = yield from self.reconcile(context, max_tokens)
         if not max_tokens:
             return Draft.empty(self.model.device)
         self.context_ngram.sync(context)  # counts of the committed sequence; drafted tokens only extend the history
@@ -397,7 +398,7 @@ class RefinedDrafter(SortedDrafter):
         tokens: list[int] = []
         dists: list[np.ndarray] = []
         for i in range(max_tokens):
-            logits = self.model.logits(self.readout(pos), self.head).reshape(-1).float().numpy()
+            logits = (yield Head(self.model, self.readout(pos), self.head)).reshape(-1).float().numpy()
             if not math.isfinite(float(logits.sum())):
                 raise CheckpointError(NONFINITE.format(model="draft"))
             ids, score = self.candidates(history, logits, params)
@@ -416,7 +417,7 @@ class RefinedDrafter(SortedDrafter):
             history = (history + [token])[-(ORDER - 1):]
             if q[j] < self.config.stop_threshold or i + 1 == max_tokens:
                 break
-            self._enter([token])
+            yield from self._enter([token])
             pos += 1
         probs = None if params.greedy else torch.from_numpy(np.stack(dists)).to(self.model.device)
         return Draft(torch.tensor(tokens, device=self.model.device), probs, [self.exit_layers] * len(tokens))

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from s2d.drafting.base import Draft, Drafter, common_prefix
+from s2d.drafting.base import Draft, Drafter, DraftTree, common_prefix
+from s2d.drafting.batch import Head, Layers, Proposal, run_alone
 from s2d.drafting.cost import draft_cost_ratio
 from s2d.drafting.gates import ExitGates, GateRunner
 from s2d.drafting.length import DraftLength
@@ -93,26 +94,25 @@ class SortedDrafter(Drafter):
         return draft_cost_ratio(self.model, self.config.exits[0], target,
                                 None if self.head is None else self.head.shape[0])
 
-    def _enter(self, tokens: list[int]) -> None:
+    def _enter(self, tokens: list[int]) -> Proposal:
         """Run new tokens through the layers of the first exit."""
         start = self.cache.lengths[0]
         device = self.model.device
-        h = self.model.run_layers(self.model.embed_tokens(torch.tensor([tokens], device=device)),
-                                  torch.arange(start, start + len(tokens), device=device), self.cache,
-                                  0, self.config.exits[0])
-        self.hidden[start:start + len(tokens)] = h[0]
+        h = yield Layers(self.model, self.model.embed_tokens(torch.tensor([tokens], device=device))[0],
+                         torch.arange(start, start + len(tokens), device=device), self.cache, 0, self.config.exits[0])
+        self.hidden[start:start + len(tokens)] = h
         self.cached.extend(tokens)
 
-    def _deepen(self, j: int, upto: int) -> None:
+    def _deepen(self, j: int, upto: int) -> Proposal:
         """Bring positions [.., upto] through the layers of exit j: lazy catch-up plus the current token."""
         first, last = self.config.exits[j - 1], self.config.exits[j]
         start = self.cache.lengths[first]
         if start > upto:
             return
         device = self.model.device
-        h = self.model.run_layers(self.hidden[None, start:upto + 1], torch.arange(start, upto + 1, device=device),
-                                  self.cache, first, last)
-        self.hidden[start:upto + 1] = h[0]
+        h = yield Layers(self.model, self.hidden[start:upto + 1], torch.arange(start, upto + 1, device=device),
+                         self.cache, first, last)
+        self.hidden[start:upto + 1] = h
 
     def readout(self, pos: int) -> Tensor:
         """The hidden state [C] the head reads at ``pos`` (a steered drafter adds its vector here)."""
@@ -121,23 +121,34 @@ class SortedDrafter(Drafter):
     def catch_up(self) -> None:
         """Bring every entered position through all layers (tests compare this with full recomputation)."""
         for j in range(1, len(self.config.exits)):
-            self._deepen(j, self.cache.lengths[0] - 1)
+            run_alone(self._deepen(j, self.cache.lengths[0] - 1))
 
-    def reconcile(self, context: list[int], max_tokens: int) -> int:
+    def reconcile(self, context: list[int], max_tokens: int) -> Proposal:
         """Reconcile the cache with ``context`` (keep the common prefix, enter the rest, always the last
-        token) and return how many tokens this step may draft; 0: none (nothing is entered)."""
+        token); returns how many tokens this step may draft; 0: none (nothing is entered)."""
         max_tokens = min(max_tokens, self.length.current, self.cache.capacity - len(context))
         if max_tokens <= 0:
             return 0
         keep = min(common_prefix(self.cached, context), len(context) - 1)
         self.cache.truncate(keep)
         del self.cached[keep:]
-        self._enter(context[keep:])
+        yield from self._enter(context[keep:])
         return max_tokens
 
     def propose(self, context: list[int], max_tokens: int, params: SamplingParams,
                 generator: torch.Generator | None) -> Draft:
-        max_tokens = self.reconcile(context, max_tokens)
+        return run_alone(self.drafting(context, max_tokens, params, generator))
+
+    def proposal(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
+                 max_nodes: int | None = None) -> Proposal:
+        if max_nodes is None:
+            raise ValueError(f"{type(self).__name__} drafts chains: its proposal needs max_nodes")
+        return DraftTree.chain((yield from self.drafting(context, max_nodes, params, generator)))
+
+    def drafting(self, context: list[int], max_tokens: int, params: SamplingParams,
+                 generator: torch.Generator | None) -> Proposal:
+        """``propose``'s chain as a generator of draft-model calls (``batch.py``); returns the Draft."""
+        max_tokens = yield from self.reconcile(context, max_tokens)
         if not max_tokens:
             return Draft.empty(self.model.device)
         pos = len(context) - 1
@@ -149,17 +160,17 @@ class SortedDrafter(Drafter):
         for i in range(max_tokens):
             for j, threshold in enumerate(cfg.thresholds):
                 if j:
-                    self._deepen(j, pos)
+                    yield from self._deepen(j, pos)
                 if self.gates is not None and j < last and self.gates(cfg.exits[j], self.hidden[pos]) < threshold:
                     continue  # deeper, without having paid for this exit's head
                 if params.greedy:  # the argmax and its probability, without a [V] tensor
-                    token, conf = self.model.top1(self.readout(pos), self.head)
+                    token, conf = yield Head(self.model, self.readout(pos), self.head, top1=True)
                     if not math.isfinite(conf):
                         raise CheckpointError(NONFINITE.format(model="draft"))
                     if self.head_ids is not None:
                         token = int(self.head_ids[token])
                 else:
-                    logits = self.model.logits(self.readout(pos), self.head)
+                    logits = yield Head(self.model, self.readout(pos), self.head)
                     check_finite_logits(logits, "draft")
                     if self.head_ids is not None:  # q over the subset, exactly 0 elsewhere
                         full = logits.new_full((self.model.cfg.vocab_size,), -math.inf)
@@ -174,7 +185,7 @@ class SortedDrafter(Drafter):
             exits.append(cfg.exits[j])
             if conf < cfg.stop_threshold or i + 1 == max_tokens:
                 break
-            self._enter([token])
+            yield from self._enter([token])
             pos += 1
         probs = None if params.greedy else torch.stack(dists)
         return Draft(torch.tensor(tokens, device=self.model.device), probs, exits)

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from s2d.drafting.base import DraftTree, Drafter, ancestor_mask, common_prefix, row_depths
+from s2d.drafting.base import Drafter, DraftTree, ancestor_mask, common_prefix, row_depths
+from s2d.drafting.batch import Head, Layers, Proposal, run_alone
 from s2d.drafting.cost import draft_cost_ratio
 from s2d.drafting.vocab import subset_head
 from s2d.model.config import CheckpointError
@@ -120,7 +121,7 @@ class TreeDrafter(Drafter):
         """One level of the tree: one pass of the exit's layers and (subset) head, over a target pass."""
         return draft_cost_ratio(self.model, self.exit, target, None if self.head is None else self.head.shape[0])
 
-    def _sync(self, context: list[int]) -> None:
+    def _sync(self, context: list[int]) -> Proposal:
         """The draft's cache holds exactly ``context`` (the root included)."""
         keep = common_prefix(self.cached, context)
         self.cache.truncate(keep)
@@ -128,12 +129,12 @@ class TreeDrafter(Drafter):
         if keep < len(context):
             new = context[keep:]
             device = self.model.device
-            self.model.run_layers(self.model.embed_tokens(torch.tensor([new], device=device)),
-                                  torch.arange(keep, len(context), device=device), self.cache, 0, self.exit)
+            yield Layers(self.model, self.model.embed_tokens(torch.tensor([new], device=device))[0],
+                         torch.arange(keep, len(context), device=device), self.cache, 0, self.exit)
             self.cached.extend(new)
 
-    def _level_logits(self, grow: "_Growth") -> Tensor:
-        """Run the growth's block over the cached context; logits [len(frontier), V'] at its frontier.
+    def _level_logits(self, grow: _Growth) -> Proposal:
+        """Run the growth's block over the cached context; returns logits [len(frontier), V'] at its frontier.
 
         V' is the draft's vocabulary subset where it has one (``self.head_ids`` maps back to token ids):
         scoring a few thousand tokens instead of the whole vocabulary is most of a level's cost.
@@ -141,11 +142,11 @@ class TreeDrafter(Drafter):
         tokens, parents, rows = grow.block_tokens, grow.block_parents, grow.frontier_rows()
         base = self.cache.length
         device = self.model.device
-        hidden = self.model.run_layers(self.model.embed_tokens(torch.tensor([tokens], device=device)),
-                                       torch.tensor(row_depths(parents), device=device) + base, self.cache, 0, self.exit,
-                                       block_mask=ancestor_mask(parents).to(device))
+        hidden = yield Layers(self.model, self.model.embed_tokens(torch.tensor([tokens], device=device))[0],
+                              torch.tensor(row_depths(parents), device=device) + base, self.cache, 0, self.exit,
+                              ancestor_mask(parents).to(device))
         self.cache.truncate(base)
-        logits = self.model.logits(hidden[0, rows], self.head).float()
+        logits = (yield Head(self.model, hidden[rows], self.head)).float()
         if not torch.isfinite(logits).all():
             raise CheckpointError(NONFINITE.format(model="draft"))
         return logits
@@ -162,25 +163,29 @@ class TreeDrafter(Drafter):
     def propose_tree(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
                      max_nodes: int | None = None) -> DraftTree:
         """A tree to follow ``context``; ``max_nodes`` caps its size (room left in the output or cache)."""
+        return run_alone(self.proposal(context, params, generator, max_nodes))
+
+    def proposal(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
+                 max_nodes: int | None = None) -> Proposal:
         nodes = min(self.shape.nodes, max_nodes if max_nodes is not None else self.shape.nodes,
                     self.cache.capacity - len(context) - 1)
         if nodes < 1:
             return DraftTree.empty()
         if self.mode == "beam":
-            return self._beam(context, params, generator, nodes)
+            return (yield from self._beam(context, params, generator, nodes))
         if self.mode == "dynamic" and params.greedy:
-            return self._dynamic(context, nodes)
-        return self._fixed(context, params, generator, nodes)
+            return (yield from self._dynamic(context, nodes))
+        return (yield from self._fixed(context, params, generator, nodes))
 
-    def _dynamic(self, context: list[int], max_nodes: int) -> DraftTree:
+    def _dynamic(self, context: list[int], max_nodes: int) -> Proposal:
         k = self.shape.top_k
-        self._sync(context[:-1])
+        yield from self._sync(context[:-1])
         grow = _Growth(context[-1])
         scores: list[float] = []  # cumulative log q of each node
         for level in range(self.shape.depth):
             # Scored in numpy: a torch op between two runtime calls wakes torch's thread team, which
             # then competes with the runtime's (RESULTS.md, "Measurements behind the code").
-            logits = self._level_logits(grow).numpy()
+            logits = (yield from self._level_logits(grow)).numpy()
             top = top_indices(logits, k)
             values = (np.take_along_axis(logits, top, -1) - log_normaliser(logits)).tolist()
             born = []
@@ -212,13 +217,13 @@ class TreeDrafter(Drafter):
                          exits=[self.exit] * len(keep)).preorder()
 
     def _fixed(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
-               max_nodes: int) -> DraftTree:
+               max_nodes: int) -> Proposal:
         branching = TreeShape(self.shape.top_k, self.shape.depth, max_nodes, self.shape.branching).fixed_branching()
-        self._sync(context[:-1])
+        yield from self._sync(context[:-1])
         grow = _Growth(context[-1])
         dists: list[Tensor] = []
         for level, b in enumerate(branching):
-            logits = self._level_logits(grow)
+            logits = yield from self._level_logits(grow)
             if params.greedy:  # the top tokens, scored in numpy (see _dynamic)
                 drawn = top_indices(logits.numpy(), b).tolist()
             else:  # one call per level: torch ops between runtime calls are costly (see _dynamic)
@@ -240,8 +245,8 @@ class TreeDrafter(Drafter):
 
 
     def _beam(self, context: list[int], params: SamplingParams, generator: torch.Generator | None,
-              max_nodes: int) -> DraftTree:
-        self._sync(context[:-1])
+              max_nodes: int) -> Proposal:
+        yield from self._sync(context[:-1])
         grow = _Growth(context[-1])
         # One torch draw seeds numpy's generator for the whole tree: the noise then costs no torch op
         # between the draft's runtime calls (see _dynamic), and seeded runs still repeat.
@@ -252,7 +257,7 @@ class TreeDrafter(Drafter):
             width = min(self.shape.top_k, max_nodes - len(grow.tokens))
             if width < 1:
                 break
-            logits = self._level_logits(grow)
+            logits = yield from self._level_logits(grow)
             if rng is None:  # greedy: beam search over the draft's own log-probabilities
                 x = logits.numpy().astype(np.float64)
                 log_q = x - log_normaliser(x)

@@ -14,12 +14,12 @@ written by ``s2d train-draft --objective vocab``; ``DraftOptions.draft_vocab`` p
 from __future__ import annotations
 
 import json
+import weakref
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import Tensor
-
 
 VOCAB_FILE = "s2d_draft_vocab.json"
 
@@ -55,7 +55,21 @@ def load_vocab(directory: Path | None, vocab_size: int) -> list[int] | None:
         return tokens
 
 
+# model -> (ids, the head's weight storage and version) -> (head, index): one copy per subset and model, shared by
+# every drafter of it, so that a batch's head calls over the same subset run as one (batch.py groups them by head)
+_SUBSETS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, tuple[Tensor, Tensor]]] = weakref.WeakKeyDictionary()
+
+
 def subset_head(model, ids: list[int]) -> tuple[Tensor, Tensor]:
     """(head [N, C] with the rows of ``ids``, ids [N] long): the draft's LM head over a vocabulary subset."""
-    index = torch.tensor(ids, dtype=torch.long, device=model.device)
-    return model.lm_head.weight.detach().index_select(0, index).contiguous(), index
+    weight = model.lm_head.weight
+    # the weight's storage and version in the key: a model moved, cast or trained since gets a fresh copy
+    version = 0 if weight.is_inference() else weight._version  # inference tensors keep no version (nor train)
+    key = (tuple(ids), weight.data_ptr(), version, weight.dtype, weight.device)
+    per_model = _SUBSETS.setdefault(model, {})
+    if key not in per_model:
+        index = torch.tensor(ids, dtype=torch.long, device=model.device)
+        for stale in [k for k in per_model if k[1:] != key[1:]]:  # copies of weights that have changed since
+            del per_model[stale]
+        per_model[key] = (weight.detach().index_select(0, index).contiguous(), index)
+    return per_model[key]
