@@ -98,6 +98,28 @@ def test_packed_weights_follow_in_place_changes(family, monkeypatch):
     torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("pack", ["1", "0"], ids=["packed", "in-place"])
+def test_block_rows_equal_one_token_passes_packed_or_not(family, monkeypatch, pack):
+    """bf16 on AVX512-BF16, weights packed or read in place (S2D_NATIVE_PACK=0): a block's rows are the
+    bits of one-token passes, and the two layouts agree within bf16 rounding."""
+    if 2 not in LEVELS:
+        pytest.skip("packed weights are an AVX512-BF16 path")
+    monkeypatch.setenv("S2D_NATIVE_ISA", "avx512")
+    monkeypatch.setenv("S2D_NATIVE_PACK", pack)
+    model = load_model(family["gqa"], dtype="bfloat16")
+    assert model.native_runtime().packed == (pack == "1")
+    ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        block_cache, token_cache = model.new_cache(), model.new_cache()
+        model(ids[:, :20], torch.arange(20), block_cache, logits_at=None)
+        model(ids[:, :20], torch.arange(20), token_cache, logits_at=None)
+        block = model(ids[:, 20:40], torch.arange(20, 40), block_cache)
+        for t in range(20, 40):
+            assert torch.equal(model(ids[:, t:t + 1], torch.arange(t, t + 1), token_cache)[0, 0], block[0, t - 20])
+        want = reference(model)(ids, torch.arange(40), reference(model).new_cache())[0, 20:]
+    torch.testing.assert_close(block[0].float(), want.float(), atol=0.05, rtol=0.02)
+
+
 @pytest.mark.parametrize("name,prefix", [("gqa", 30), ("qwen", 30), ("long", 600)])
 def test_passes_match_the_reference_in_float32(isa, family, name, prefix):
     """One-token, block and tree-masked passes: logits within float32 rounding of the torch path."""

@@ -61,7 +61,7 @@ _VP, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_floa
 _SIGNATURES = {
     "s2d_isa": ([], _I),
     "s2d_use_openmp": ([ctypes.c_char_p], _I),
-    "s2d_model_new": ([_I, _I, _I, _I, _I, _I, _I, _I, _F, _I, _VP, _VP, _VP, _VP, _I, _I], _VP),
+    "s2d_model_new": ([_I, _I, _I, _I, _I, _I, _I, _I, _F, _I, _VP, _VP, _VP, _VP, _I, _I, _I], _VP),
     "s2d_model_set_layer": ([_VP, _I] + [_VP] * 10, None),
     "s2d_model_free": ([_VP], None),
     "s2d_profile": ([_VP, _I, _VP], None),
@@ -337,13 +337,13 @@ class NativeRuntime:
         # On AVX512-BF16 without AMX the runtime reads bf16 weights from packed copies (see runtime.cpp),
         # which an in-place change of the tensors (an optimizer step) would leave stale: the tensors'
         # version counters at packing time tell (``stale``).
-        self.packed = self.bf16 and isa_level() == 2
+        self.packed = self.bf16 and isa_level() == 2 and os.environ.get("S2D_NATIVE_PACK", "1") != "0"
         self._params = list(model.parameters())
         self._version = weights_version(self._params)
         self.handle = lib.s2d_model_new(
             cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
             cfg.vocab_size, self.max_positions, cfg.rms_norm_eps, int(self.bf16), _ptr(model.cos), _ptr(model.sin),
-            _ptr(model.norm), _ptr(model.lm_head.weight), torch.get_num_threads(), isa_level())
+            _ptr(model.norm), _ptr(model.lm_head.weight), torch.get_num_threads(), isa_level(), int(self.packed))
         self.isa = ISA_NAMES[isa_level()]
         for i, layer in enumerate(model.layers):
             lib.s2d_model_set_layer(

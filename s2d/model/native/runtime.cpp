@@ -532,7 +532,7 @@ int s2d_isa() {
 
 void* s2d_model_new(int num_layers, int hidden, int heads, int kv_heads, int head_dim, int ffn, int vocab,
                     int max_pos, float eps, int bf16_weights, const float* cos, const float* sin,
-                    const void* final_norm, const void* head_w, int threads, int isa) {
+                    const void* final_norm, const void* head_w, int threads, int isa, int pack) {
   auto* m = new s2d::Model();
   m->num_layers = num_layers;
   m->C = hidden;
@@ -551,7 +551,7 @@ void* s2d_model_new(int num_layers, int hidden, int heads, int kv_heads, int hea
   m->head_w = head_w;
   m->pool = shared_pool(threads);
   m->kernels = kernels_for(isa);
-  m->packed = isa == 2 && m->bf16_weights;
+  m->packed = pack != 0 && isa == 2 && m->bf16_weights;
   if (m->packed) m->head_p = m->pack(head_w, vocab, hidden);
   return m;
 }
