@@ -271,7 +271,7 @@ def table(models: dict[str, dict[str, Measure]]) -> str:
 
 def run_peer(cmd: list[str], what: str, timeout: float = 600) -> subprocess.CompletedProcess:
     try:
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        run = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise SameRunError(f"{what} ran over {timeout:.0f} s: {' '.join(cmd)}") from None
     if run.returncode != 0:
