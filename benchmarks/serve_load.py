@@ -75,6 +75,7 @@ REPO = HERE.parent
 SHARED = REPO.parent / "shared"
 TARGETS = ("zoo-s", "zoo-m", "zoo-l")
 PLACEHOLDER = "{exit_gguf}"
+WARM_UP = "import os\n\n\ndef main():\n"
 S2D = "s2d"
 
 Job = tuple[str, str, bool]  # (target, prompt, streamed)
@@ -179,10 +180,15 @@ def summary(results: list[dict], failures: int, wall: float) -> dict:
     """Throughput over the run's wall time, latency and time-to-first-token percentiles, errors."""
     lat = [r["latency"] for r in results]
     ttft = [r["ttft"] for r in results if r["stream"]]
+    counted = [r["draft"] for r in results if r.get("draft")]
+    drafted, accepted = sum(d for d, _ in counted), sum(a for _, a in counted)
     return {"throughput_tokens_per_s": sum(r["tokens"] for r in results) / wall if wall else 0.0, "wall_s": wall,
             "latency_p50_s": percentile(lat, 0.5), "latency_p95_s": percentile(lat, 0.95),
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
-            "succeeded": len(results), "errors": failures}
+            "succeeded": len(results), "errors": failures,
+            # Drafted and accepted tokens as the server reports them (None: it said nothing, no speculation).
+            "draft_tokens": drafted if counted else None, "draft_accepted": accepted if counted else None,
+            "draft_acceptance": accepted / drafted if drafted else None}
 
 
 def per_target(results: list[dict], failures: list[tuple[str, str]], wall: float) -> dict[str, dict]:
@@ -201,7 +207,8 @@ def per_target(results: list[dict], failures: list[tuple[str, str]], wall: float
 
 def medians(rounds: list[dict]) -> dict:
     """Per key, the median over rounds of the summaries' numbers."""
-    keys = ("throughput_tokens_per_s", "wall_s", "latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s")
+    keys = ("throughput_tokens_per_s", "wall_s", "latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s",
+            "draft_acceptance")
     return {k: median([r[k] for r in rounds]) for k in keys}
 
 
@@ -220,6 +227,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def draft_counts(obj) -> tuple[int, int] | None:
+    """(drafted, accepted) tokens from a response or chunk, if it says: s2d's usage.s2d (vLLM's names) or
+    llama-server's timings (draft_n, draft_n_accepted). Proof that a peer speculated, and its acceptance."""
+    usage = getattr(obj, "usage", None)
+    own = ((usage.model_extra or {}) if usage is not None else {}).get("s2d")
+    if own and "num_draft_tokens" in own:
+        return own["num_draft_tokens"], own["num_accepted_tokens"]
+    timings = (obj.model_extra or {}).get("timings")
+    if timings and "draft_n" in timings:
+        return timings["draft_n"], timings.get("draft_n_accepted", 0)
+    return None
+
+
 def ask(client: openai.OpenAI, target: str, prompt: str, max_tokens: int, stream: bool,
         extra: dict | None = None) -> dict:
     t0 = time.perf_counter()
@@ -227,8 +247,9 @@ def ask(client: openai.OpenAI, target: str, prompt: str, max_tokens: int, stream
         r = client.completions.create(model=target, prompt=prompt, max_tokens=max_tokens, temperature=0,
                                       extra_body=extra)
         t = time.perf_counter() - t0
-        return {"text": r.choices[0].text, "latency": t, "ttft": t, "tokens": r.usage.completion_tokens}
-    text, ttft, tokens = [], None, 0
+        return {"text": r.choices[0].text, "latency": t, "ttft": t, "tokens": r.usage.completion_tokens,
+                "draft": draft_counts(r)}
+    text, ttft, tokens, draft = [], None, 0, None
     for chunk in client.completions.create(model=target, prompt=prompt, max_tokens=max_tokens, temperature=0,
                                            stream=True, stream_options={"include_usage": True}, extra_body=extra):
         if chunk.choices and chunk.choices[0].text:
@@ -236,8 +257,9 @@ def ask(client: openai.OpenAI, target: str, prompt: str, max_tokens: int, stream
             text.append(chunk.choices[0].text)
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
+        draft = draft_counts(chunk) or draft
     t = time.perf_counter() - t0
-    return {"text": "".join(text), "latency": t, "ttft": ttft or t, "tokens": tokens}
+    return {"text": "".join(text), "latency": t, "ttft": ttft or t, "tokens": tokens, "draft": draft}
 
 
 def wait_ready(url: str, server: subprocess.Popen, what: str, log: Path | None = None, seconds: float = 180) -> None:
@@ -327,7 +349,8 @@ def run_peer(args, label: str, argv: list[str], jobs: list[list[Job]], prompts: 
         wait_ready(url, server, label, log)
         slots = peer_slots(url, prompts, args.max_tokens, len(jobs), label)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-        ask(client, "peer", jobs[0][0][1], 8, False, extra)  # warm-up
+        # Warm-up on a text no job sends: llama-server would keep a job's prompt cached in a slot.
+        ask(client, "peer", WARM_UP, 8, False, extra)
         results, failures, wall = concurrent(url, jobs, args.max_tokens, model="peer", extra=extra)
     finally:
         stop(server)
@@ -465,22 +488,23 @@ def table(report: dict) -> str:
     lines = [(f"CPU: {report['cpu']} ({report['cpu_kind']}); {report['clients']} clients x "
               f"{report['requests_per_client']} requests, {report['max_tokens']} tokens, targets "
               f"{','.join(report['targets'])}; {report['prompts']} prompts of {report['prompts_source']}"),
-             f"{'round':>5}  {'engine':<58} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'errors':>6}  s2d/engine"]
+             f"{'round':>5}  {'engine':<58} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'errors':>6} {'acc':>5}  s2d/engine"]
     for rd in report["rounds"]:
         s = rd[S2D]
         lines.append(f"{rd['round']:>5}  {S2D:<58} {f(s['throughput_tokens_per_s'], '.1f'):>7} "
-                     f"{f(s['latency_p50_s']):>6} {f(s['latency_p95_s']):>6} {s['errors']:>6}")
+                     f"{f(s['latency_p50_s']):>6} {f(s['latency_p95_s']):>6} {s['errors']:>6} {f(s['draft_acceptance']):>5}")
         for p in rd["peers"]:
             ratio = s["throughput_tokens_per_s"] / p["throughput_tokens_per_s"] if p["throughput_tokens_per_s"] else None
             lines.append(f"{rd['round']:>5}  {p['engine'][:58]:<58} {f(p['throughput_tokens_per_s'], '.1f'):>7} "
-                         f"{f(p['latency_p50_s']):>6} {f(p['latency_p95_s']):>6} {p['errors']:>6}  {f(ratio)}x")
+                         f"{f(p['latency_p50_s']):>6} {f(p['latency_p95_s']):>6} {p['errors']:>6} {f(p['draft_acceptance']):>5}  "
+                         f"{f(ratio)}x")
     m = report["median"]
     lines.append(f"{'med':>5}  {S2D:<58} {f(m['throughput_tokens_per_s'], '.1f'):>7} {f(m['latency_p50_s']):>6} "
                  f"{f(m['latency_p95_s']):>6}")
     for p in report.get("peers", []):
         pm = p["median"]
         lines.append(f"{'med':>5}  {p['engine'][:58]:<58} {f(pm['throughput_tokens_per_s'], '.1f'):>7} "
-                     f"{f(pm['latency_p50_s']):>6} {f(pm['latency_p95_s']):>6}         "
+                     f"{f(pm['latency_p50_s']):>6} {f(pm['latency_p95_s']):>6}               "
                      f"{f(p['median_ratio_s2d_over_peer'])}x (rounds: "
                      f"{', '.join(f(r) for r in p['ratio_s2d_over_peer_by_round'])})")
     if len(report["targets"]) > 1:
