@@ -28,13 +28,15 @@ round 1 = s2d, peer 1, peer 2, ...; round 2 = the same; the host's speed drifts 
 each round's ratio s2d / peer compares engines measured within the same minute, and the report gives
 every round's ratio and their median. llama-server serves one model: mixed targets are s2d only.
 
-Slots: ``llamacpp.sh server`` passes ``-np 8 -c 32768`` (8 slots of 4096 tokens) before the peer's own
-arguments, and llama-server keeps the last value of a repeated option, so ``--peer-np 32`` (appended to
-every peer as ``-np 32 -c 32*--peer-slot-ctx``, 2048 tokens a slot by default: the zoo's whole trained
-context) or a peer's own ``-np 32 -c 65536`` gives 32 slots. With ``-np`` given, llama-server's KV cache is
-not unified: each slot holds ``-c / -np`` tokens. Before measuring, the bench reads each peer's /props
-(slots, context per slot) and checks that the longest prompt (its /tokenize) plus ``--max-tokens`` fits a
-slot; fewer slots than clients is said on stderr (requests then queue inside llama-server).
+Slots: ``llamacpp.sh server`` passes ``-np 8 -c 32768`` before the peer's own arguments (8 slots; llama-server
+caps a slot at the model's trained context, 2048 tokens for the zoo, as its /props says), and llama-server
+keeps the last value of a repeated option, so ``--peer-np 32`` (appended to every peer as ``-np 32 -c
+32*--peer-slot-ctx``, 2048 tokens a slot by default) or a peer's own ``-np 32 -c 65536`` gives 32 slots. With
+``-np`` given, llama-server's KV cache is not unified: each slot holds ``-c / -np`` tokens. Before measuring,
+the bench reads each peer's /props (slots, context per slot) and checks that the longest prompt (its
+/tokenize) plus ``--max-tokens`` fits a slot (foreign_code cut to 1,500 characters: at most 491 zoo tokens,
+so 256 new tokens fit even 1,024-token slots); fewer slots than clients is said on stderr (requests then
+queue inside llama-server).
 
 llama.cpp's draft model (``--spec-type draft-simple -md GGUF``): ``--export-exit E`` exports exit E of
 ``--draft`` once to a temporary GGUF (``s2d export-gguf --model DRAFT --exit E --out ...``) and puts its
