@@ -115,6 +115,11 @@ def run_alone(proposal: Proposal) -> Any:
 def run_together(proposals: list[Proposal]) -> list[Any]:
     """Drive several sequences' proposals together (their calls batched by kind, round by round); per
     proposal, what it returns, or the exception that ended it."""
+    if len(proposals) == 1:  # nothing to batch with: the plain drive, without the rounds' bookkeeping
+        try:
+            return [run_alone(proposals[0])]
+        except Exception as err:  # noqa: BLE001 - as in a batch: the error is this sequence's outcome
+            return [err]
     outcomes: dict[int, Any] = {}
     waiting: dict[int, Call] = {}  # proposal -> the call it waits on
 
