@@ -266,14 +266,19 @@ class Scheduler:
 
     def _prefill(self, engine: Engine, jobs: list[Job]) -> set[int]:
         """Run at most ``prefill_chunk`` prompt tokens of ``jobs`` (still prefilling), the shortest remaining
-        first: a short prompt is in at once, a long one takes what is left of each step's chunk. Returns the
-        ids of the jobs whose prefill failed (ended, their slots freed)."""
+        first. A prompt is cut at multiples of ``prefill_chunk`` from its start, whatever else is prefilled:
+        a chunk runs whole or waits for the next step. Where the cuts fall changes the cache's bits (a chunk
+        of <= 64 rows runs on the native runtime, a longer one on torch, and torch's rounding depends on the
+        shape), so cuts that followed what other requests left of a step made an output depend on the load
+        (bf16: 2 of 96 zoo-l completions differed from their sequential runs). Returns the ids of the jobs
+        whose prefill failed (ended, their slots freed)."""
         budget = self.prefill_chunk
         failed: set[int] = set()
         for job in sorted(jobs, key=lambda j: j.state.unprefilled):  # stable: equal lengths keep their order
-            if budget <= 0:
-                break
-            take = min(budget, job.state.unprefilled)
+            done = job.state.cache.length
+            take = min(self.prefill_chunk - done % self.prefill_chunk, job.state.unprefilled)
+            if take > budget:
+                continue  # a shorter chunk of another job may still fit; the first chunk always does
             try:
                 prefill_chunk(engine.target, job.state, take)
             except Exception as err:  # noqa: BLE001 - this request ends; the others' caches are their own
