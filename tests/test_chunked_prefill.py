@@ -5,6 +5,7 @@ as they were."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -90,12 +91,13 @@ def family(checkpoints, sorted_draft_dir):
     return load_family({"a": str(checkpoints["target"])}, str(sorted_draft_dir), "float32", "cpu")
 
 
-def alone(family, prompt: list[int], method: str, max_new: int, params=SamplingParams()) -> list[int]:
+def alone(family, prompt: list[int], method: str, max_new: int, params: SamplingParams | None = None) -> list[int]:
     """The request decoded alone through the engine (a whole prefill)."""
     from s2d.engine import MultiTargetEngine
 
     _, models, draft = family
-    return MultiTargetEngine({"a": models["a"]}, draft, method).generate("a", prompt, params, max_new).output
+    engine = MultiTargetEngine({"a": models["a"]}, draft, method)
+    return engine.generate("a", prompt, params or SamplingParams(), max_new).output
 
 
 class Run:
@@ -137,7 +139,7 @@ class Run:
         monkeypatch.setattr(scheduler, "begin", spy_begin)
         self.tokenizer = tokenizer
 
-    def submit(self, prompt: list[int], method: str, max_new: int, params=SamplingParams()) -> Job:
+    def submit(self, prompt: list[int], method: str, max_new: int, params: SamplingParams | None = None) -> Job:
         i = len(self.jobs)
         self.events[i], self.done[i] = [], threading.Event()
 
@@ -146,7 +148,7 @@ class Run:
             if event.kind != "text":
                 self.done[i].set()
 
-        job = Job(Request("a", prompt, params, max_new, method), on_event, TextStream(self.tokenizer, ()))
+        job = Job(Request("a", prompt, params or SamplingParams(), max_new, method), on_event, TextStream(self.tokenizer, ()))
         self.jobs.append(job)
         return self.server.scheduler.submit(job)
 
@@ -189,7 +191,7 @@ def test_a_long_prompt_is_prefilled_between_the_others_steps(family, monkeypatch
     assert sum(chunks) == len(LONG) - 1 and max(chunks) <= 16 and len(chunks) >= 19
     # between two chunks of the long prompt, one decode step of the short ones: nobody waits for two chunks
     at = [k for k, (kind, *rest) in enumerate(run.log) if kind == "prefill" and rest[0] == 0]
-    for a, b in zip(at, at[1:]):
+    for a, b in itertools.pairwise(at):
         between = [entry for entry in run.log[a + 1:b] if entry[0] == "step"]
         assert len(between) == 1 and 0 not in between[0][1]
     assert run.steps_between_prefills(0) >= 18
