@@ -191,15 +191,23 @@ def prefill_chunk(target: Transformer, state: DecodeState, max_tokens: int | Non
     return end - stop
 
 
+# Prompt tokens per prefill pass. Every path cuts a prompt at multiples of this from its start (the
+# server's --prefill-chunk by default too): where the cuts fall changes a bf16 cache's last bits (a pass
+# of <= 64 rows runs on the native runtime, a longer one on torch, whose rounding depends on the shape),
+# so one rule keeps an output the same through generate, a batch and the server.
+PREFILL_CHUNK = 256
+
+
 def prefill(target: Transformer, prompt: list[int], params: SamplingParams, max_new_tokens: int, cache: KVCache,
             drafter: Drafter | None, num_draft_tokens: int) -> DecodeState:
-    """Validate a request and run all prompt tokens but the last through the target into ``cache`` (one pass:
-    ``begin`` and a whole ``prefill_chunk``).
+    """Validate a request and run all prompt tokens but the last through the target into ``cache`` (``begin``,
+    then ``prefill_chunk`` by PREFILL_CHUNK tokens).
 
     ``drafter`` must be this sequence's (its state is reset) and bound to ``target``.
     """
     state = begin(target, prompt, params, max_new_tokens, cache, drafter, num_draft_tokens)
-    prefill_chunk(target, state)
+    while prefill_chunk(target, state, PREFILL_CHUNK):
+        pass
     return state
 
 

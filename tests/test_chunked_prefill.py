@@ -282,3 +282,11 @@ def test_the_live_server_with_a_small_chunk(family):
         live.stop()
     assert got == expected
     assert all(not slot.busy for slot in live.server.pools["a"].slots)
+
+
+def test_the_server_cuts_prompts_where_prefill_does():
+    """generate, batches and the server cut a prompt at the same places (bf16 caches depend on the cuts)."""
+    from s2d.decode import PREFILL_CHUNK
+    from s2d.serve import DEFAULT_PREFILL_CHUNK
+
+    assert DEFAULT_PREFILL_CHUNK == PREFILL_CHUNK

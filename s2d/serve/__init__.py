@@ -7,5 +7,6 @@ scheduler.py (slots, the stepping thread), text.py (incremental text, stop strin
 
 # Prompt tokens prefilled per scheduler step of a target (``s2d serve --prefill-chunk``): the other sequences'
 # decode steps run between the chunks of a long prompt. Here, not in scheduler.py, so the command's --help
-# imports nothing heavy.
+# imports nothing heavy. The same as s2d.decode.PREFILL_CHUNK (a test checks): a prompt is cut where
+# generate and batches cut it, so the server's outputs are theirs.
 DEFAULT_PREFILL_CHUNK = 256

@@ -338,7 +338,9 @@ class NativeRuntime:
         # which an in-place change of the tensors (an optimizer step) would leave stale: the tensors'
         # version counters at packing time tell (``stale``).
         self.packed = self.bf16 and isa_level() == 2 and os.environ.get("S2D_NATIVE_PACK", "1") != "0"
-        self._params = list(model.parameters())
+        # Inference tensors (a model loaded under torch.inference_mode()) keep no version counter; they can
+        # change in place only inside inference mode, which no optimizer step runs in.
+        self._params = [p for p in model.parameters() if not p.is_inference()]
         self._version = weights_version(self._params)
         self.handle = lib.s2d_model_new(
             cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
