@@ -141,17 +141,6 @@ def build_kind(flags: dict[str, bool]) -> str:
     return "AVX2" if flags.get("AVX2") else "none"
 
 
-def cpu_kind(cpuinfo_flags: set[str]) -> str:
-    """This CPU's best kind from /proc/cpuinfo's flags."""
-    if "amx_tile" in cpuinfo_flags and "amx_bf16" in cpuinfo_flags:
-        return "AMX"
-    if "avx512_bf16" in cpuinfo_flags:
-        return "AVX512-BF16"
-    if "avx512f" in cpuinfo_flags:
-        return "AVX512"
-    return "AVX2" if "avx2" in cpuinfo_flags else "none"
-
-
 @dataclass
 class Completion:
     prompt_tokens: int
@@ -493,16 +482,12 @@ def run(args: argparse.Namespace, prefill_lengths: list[int]) -> None:
     from tqdm import tqdm
 
     import s2d
-    from s2d.bench.results import cpu_name, source_version
+    from s2d.bench.results import cpu_flags, cpu_kind, cpu_name, source_version
     from s2d.model import native
     from s2d.model.loading import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)  # before any model: a runtime keeps the thread count it was created with
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    flags = cpu_flags()
     rows = [json.loads(line) for line in args.prompts_file.read_text().splitlines() if line.strip()]
     prompts = [cut_prompt(r["turns"][0], args.prompt_chars) for r in spread(rows, args.prompts)]
 

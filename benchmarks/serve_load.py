@@ -72,6 +72,8 @@ from pathlib import Path
 import httpx
 import openai
 
+from s2d.bench.results import cpu_flags, cpu_kind  # light: no torch
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = REPO.parent / "shared"
@@ -165,17 +167,6 @@ def peer_argv(peer_args: str, common: list[str], exit_gguf: Path | None) -> list
 
 def peer_label(peer_args: str) -> str:
     return "llama-server " + (peer_args.strip() or "plain")
-
-
-def cpu_kind(flags: set[str]) -> str:
-    """The best instruction set s2d's native runtime uses here, from /proc/cpuinfo's flags."""
-    if "amx_tile" in flags and "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16"
-    if "avx512f" in flags:
-        return "AVX512"
-    return "AVX2" if "avx2" in flags else "none"
 
 
 def summary(results: list[dict], failures: int, wall: float) -> dict:
@@ -474,13 +465,6 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
     prompts = read_prompts(suite, None, args.prompt_chars)
     # Short and medium prompts: the 'long' ones would make this a prefill benchmark.
     return [p for p in prompts if len(p) < 2500][:args.prompts or 24]
-
-
-def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def table(report: dict) -> str:

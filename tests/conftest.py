@@ -115,3 +115,16 @@ def serve_family(checkpoints):
 
     return load_family({"a": str(checkpoints["target"]), "b": str(checkpoints["draft"])},
                        str(checkpoints["draft"]), "float32", "cpu")
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def target_and_draft(request, checkpoints, sorted_draft_dir):
+    """The target and the sorted draft in float32 and in bf16 (bf16 only where the native runtime makes rows
+    bit-identical): the batch tests' pair."""
+    from s2d.model import native
+    from s2d.model.loading import load_model
+
+    if request.param == "bfloat16" and native.library() is None:
+        pytest.skip("bf16 rows are bit-identical only on the native runtime")
+    return (load_model(checkpoints["target"], dtype=request.param),
+            load_model(sorted_draft_dir, dtype=request.param))

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stats import chi2_critical, exact_two_tokens, lumped_chi2
+from tinymodels import small_vocab_model
 
 from s2d.drafting import SortedConfig, SortedDrafter, build_drafter, default_options
 from s2d.engine import Engine, EngineBusyError, MultiTargetEngine
-from s2d.model import native
-from s2d.model.loading import load_model
 from s2d.sampling import SamplingParams
-from stats import chi2_critical, exact_two_tokens, lumped_chi2
-from tinymodels import small_vocab_model
 
 # Prompts of different lengths (one crossing the attention's 256-key chunk) and different output lengths.
 PROMPTS = [list(range(40, 70)), [7, 3, 9, 7, 3, 1, 12, 40, 41, 42] * 3, list(range(1, 200)) + list(range(5, 70)),
@@ -21,12 +19,9 @@ MAX_NEW = [30, 24, 12, 40]
 METHODS = ["ar", "sd-exit-1", "lookup", "s2d", "s2d-tree", "rsd", "lookup+rsd"]
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def family(request, checkpoints, sorted_draft_dir):
-    if request.param == "bfloat16" and native.library() is None:
-        pytest.skip("bf16 rows are bit-identical only on the native runtime")
-    return (load_model(checkpoints["target"], dtype=request.param),
-            load_model(sorted_draft_dir, dtype=request.param))
+@pytest.fixture(scope="module")
+def family(target_and_draft):
+    return target_and_draft
 
 
 def alone(target, draft, method, prompt, params, max_new, eos=()):

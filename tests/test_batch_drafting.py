@@ -26,12 +26,9 @@ PROMPTS = [list(range(40, 70)), [7, 3, 9, 7, 3, 1, 12, 40, 41, 42] * 3, list(ran
 TEXT = "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, i))\n" * 20
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def family(request, checkpoints, sorted_draft_dir):
-    if request.param == "bfloat16" and native.library() is None:
-        pytest.skip("bf16 rows are bit-identical only on the native runtime")
-    return (load_model(checkpoints["target"], dtype=request.param),
-            load_model(sorted_draft_dir, dtype=request.param))
+@pytest.fixture(scope="module")
+def family(target_and_draft):
+    return target_and_draft
 
 
 def makers(target, draft) -> dict[str, tuple]:

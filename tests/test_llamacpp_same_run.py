@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from s2d.bench.results import cpu_kind
+
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "llamacpp_same_run.py"
 _spec = importlib.util.spec_from_file_location("llamacpp_same_run", _PATH)
 same_run = importlib.util.module_from_spec(_spec)
@@ -65,8 +67,8 @@ def test_completion_timings_and_build_flags() -> None:
     assert flags["AVX512_BF16"] and not flags["AMX_INT8"]
     assert same_run.build_kind(flags) == "AVX512-BF16"
     assert same_run.build_kind({"AVX2": True, "AVX512": False}) == "AVX2"
-    assert same_run.cpu_kind({"avx2", "avx512f", "avx512_bf16"}) == "AVX512-BF16"
-    assert same_run.cpu_kind({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}) == "AMX"
+    assert cpu_kind({"avx2", "avx512f", "avx512_bf16"}) == "AVX512-BF16"
+    assert cpu_kind({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}) == "AMX"
     with pytest.raises(same_run.SameRunError):
         same_run.parse_completion("llama_model_load: error loading model")
     with pytest.raises(same_run.SameRunError):
