@@ -60,7 +60,7 @@ def reference(model):
                                    (25, 31, 34)])
 @pytest.mark.parametrize("packed", [None, False], ids=["as-passes", "row-major"])
 def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k, packed):
-    if packed is False and not (dtype == torch.bfloat16 and isa == 2):
+    if packed is False and not (dtype == torch.bfloat16 and isa in (1, 2)):
         pytest.skip("the row-major product is what passes use here already")
     g = torch.Generator().manual_seed(m * 1000 + k)
     x = torch.randn(m, k, generator=g).to(dtype)
@@ -107,13 +107,14 @@ def test_a_model_loaded_in_inference_mode_runs(family):
     assert torch.isfinite(got.float()).all()
 
 
+@pytest.mark.parametrize("level", [1, 2], ids=["avx2", "avx512"])
 @pytest.mark.parametrize("pack", ["1", "0"], ids=["packed", "in-place"])
-def test_block_rows_equal_one_token_passes_packed_or_not(family, monkeypatch, pack):
-    """bf16 on AVX512-BF16, weights packed or read in place (S2D_NATIVE_PACK=0): a block's rows are the
-    bits of one-token passes, and the two layouts agree within bf16 rounding."""
-    if 2 not in LEVELS:
-        pytest.skip("packed weights are an AVX512-BF16 path")
-    monkeypatch.setenv("S2D_NATIVE_ISA", "avx512")
+def test_block_rows_equal_one_token_passes_packed_or_not(family, monkeypatch, pack, level):
+    """bf16 on AVX2 and AVX512-BF16, weights packed or read in place (S2D_NATIVE_PACK=0): a block's rows are
+    the bits of one-token passes, and the two layouts agree within bf16 rounding."""
+    if level not in LEVELS:
+        pytest.skip("this CPU lacks the instruction set")
+    monkeypatch.setenv("S2D_NATIVE_ISA", ISA_ENV[level])
     monkeypatch.setenv("S2D_NATIVE_PACK", pack)
     model = load_model(family["gqa"], dtype="bfloat16")
     assert model.native_runtime().packed == (pack == "1")

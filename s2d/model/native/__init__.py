@@ -240,7 +240,7 @@ def isa() -> str:
 
 
 def pack(w: Tensor) -> Tensor:
-    """w [N, K] bfloat16 in the packed layout level-2 passes read (panels of k-pairs; see runtime.cpp)."""
+    """w [N, K] bfloat16 in the packed layout AVX2 and AVX512-BF16 passes read (panels of k-pairs; see runtime.cpp)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native CPU runtime is unavailable here")
@@ -256,7 +256,7 @@ def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor
     """x [M, K] @ w [N, K]^T -> float32 [M, N] through the runtime's product (both float32 or both bf16).
 
     For tests and measurements; ``level`` caps the instruction set (1 AVX2, 2 AVX512-BF16, 3 AMX; the
-    default is the best this CPU has). ``packed``: the product over packed weights (bfloat16 at level 2
+    default is the best this CPU has). ``packed``: the product over packed weights (bfloat16 at levels 1-2
     only), as passes there use them; None = as passes do, False = the row-major product (the path of
     other heads), or ``pack(w)`` made once (measurements).
     """
@@ -267,16 +267,16 @@ def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor
     if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != w.shape[-1]:
         raise ValueError("x and w must share K and a dtype, float32 or bfloat16")
     x, w = x.contiguous(), w.contiguous()
-    packs = x.dtype == torch.bfloat16 and level == 2
+    packs = x.dtype == torch.bfloat16 and level in (1, 2)
     if packed is None:
         packed = packs
     if isinstance(packed, Tensor):
         if not packs or packed.numel() != lib.s2d_packed_size(*w.shape):
-            raise ValueError("packed must be pack(w), for bfloat16 at level 2")
+            raise ValueError("packed must be pack(w), for bfloat16 at level 1 or 2")
         panels = packed
     elif packed:
         if not packs:
-            raise ValueError("packed products exist for bfloat16 at level 2 (AVX512-BF16 without AMX) only")
+            raise ValueError("packed products exist for bfloat16 at levels 1-2 (AVX2, AVX512-BF16; AMX uses tiles)")
         panels = pack(w)
     else:
         panels = None
@@ -334,10 +334,10 @@ class NativeRuntime:
         self.max_positions = model.cos.shape[0]
         # The handle holds raw pointers: keep every tensor it reads alive as long as it lives.
         self._tensors = [p for p in model.parameters()] + [model.cos, model.sin]
-        # On AVX512-BF16 without AMX the runtime reads bf16 weights from packed copies (see runtime.cpp),
+        # On AVX512-BF16 without AMX and on AVX2 the runtime reads bf16 weights from packed copies (runtime.cpp),
         # which an in-place change of the tensors (an optimizer step) would leave stale: the tensors'
         # version counters at packing time tell (``stale``).
-        self.packed = self.bf16 and isa_level() == 2 and os.environ.get("S2D_NATIVE_PACK", "1") != "0"
+        self.packed = self.bf16 and isa_level() in (1, 2) and os.environ.get("S2D_NATIVE_PACK", "1") != "0"
         # Inference tensors (a model loaded under torch.inference_mode()) keep no version counter; they can
         # change in place only inside inference mode, which no optimizer step runs in.
         self._params = [p for p in model.parameters() if not p.is_inference()]

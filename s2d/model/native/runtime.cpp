@@ -212,7 +212,7 @@ class Pool {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Packed weights (AVX512-BF16 without AMX). A row-major product reduces every output across the lanes of
+// Packed weights (AVX512-BF16 without AMX, and AVX2). A row-major product reduces every output across the lanes of
 // its accumulators and reads NB weight rows at once, short interleaved streams the hardware prefetcher
 // follows badly (4 rows of 1,152 bytes streamed at half the rate of one sequential read here). Packed,
 // a weight [N, K] is panels of kPanel outputs, each stored as its k-pairs in order: the uint32 at
@@ -551,7 +551,7 @@ void* s2d_model_new(int num_layers, int hidden, int heads, int kv_heads, int hea
   m->head_w = head_w;
   m->pool = shared_pool(threads);
   m->kernels = kernels_for(isa);
-  m->packed = pack != 0 && isa == 2 && m->bf16_weights;
+  m->packed = pack != 0 && (isa == 1 || isa == 2) && m->bf16_weights;  // AMX keeps its tiles
   if (m->packed) m->head_p = m->pack(head_w, vocab, hidden);
   return m;
 }
@@ -696,7 +696,7 @@ void s2d_linear(const void* x, const void* w, float* y, int M, int64_t K, int64_
                 const uint32_t* packed) {
   s2d::Scratch scratch;
   scratch.xf.assign(threads, std::vector<float>(static_cast<size_t>(M) * K));
-  s2d::LinearArgs args{x, w, y, M, K, N, shared_pool(threads), &scratch, bf16 && isa == 2 ? packed : nullptr};
+  s2d::LinearArgs args{x, w, y, M, K, N, shared_pool(threads), &scratch, bf16 && (isa == 1 || isa == 2) ? packed : nullptr};
   args.pool->run(kernels_for(isa).linear[bf16 != 0], &args);
 }
 
