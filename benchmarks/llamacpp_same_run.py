@@ -54,6 +54,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# light modules (no torch: --isa caps the instruction set before torch loads)
+from s2d.bench.cpu import cpu_flags, cpu_kind
+from s2d.bench.questions import cut_prompt, spread
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = REPO.parent / "shared"
@@ -158,22 +162,6 @@ def parse_completion(stderr: str) -> Completion:
     ms = float(pe.group(1)) + float(ev.group(1)) + (float(sm.group(1)) if sm else 0.0)
     # The prompt's evaluation yields the first token; each eval run one more.
     return Completion(int(pe.group(2)), int(ev.group(2)) + 1, ms / 1000)
-
-
-def cut_prompt(text: str, limit: int = 1500) -> str:
-    """At most ``limit`` characters, cut at the last line end within them (a whole-line prompt, as an
-    editor sends); a text without one there is cut at ``limit``."""
-    if len(text) <= limit:
-        return text
-    end = text.rfind("\n", 0, limit + 1)
-    return text[:end + 1] if end > 0 else text[:limit]
-
-
-def spread(items: list, n: int) -> list:
-    """``n`` items evenly spaced over the list (its order kept); all of them when n >= len."""
-    if n >= len(items):
-        return list(items)
-    return [items[i * len(items) // n] for i in range(n)]
 
 
 @dataclass
@@ -482,7 +470,7 @@ def run(args: argparse.Namespace, prefill_lengths: list[int]) -> None:
     from tqdm import tqdm
 
     import s2d
-    from s2d.bench.results import cpu_flags, cpu_kind, cpu_name, source_version
+    from s2d.bench.results import cpu_name, source_version
     from s2d.model import native
     from s2d.model.loading import load_model, load_tokenizer
 

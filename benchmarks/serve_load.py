@@ -72,7 +72,8 @@ from pathlib import Path
 import httpx
 import openai
 
-from s2d.bench.results import cpu_flags, cpu_kind  # light: no torch
+from s2d.bench.cpu import cpu_flags, cpu_kind  # light modules: no torch
+from s2d.bench.questions import cut_prompt, spread
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -86,22 +87,6 @@ Job = tuple[str, str, bool]  # (target, prompt, streamed)
 
 
 # ---- pure parts (tests/test_serve_load_bench.py) ----
-
-def cut_prompt(text: str, limit: int) -> str:
-    """At most ``limit`` characters, cut at the last line end within them (a whole-line prompt, as an editor
-    sends); a text without one there is cut at ``limit``. ``limit`` <= 0: uncut."""
-    if limit <= 0 or len(text) <= limit:
-        return text
-    end = text.rfind("\n", 0, limit)  # the line end is kept: at most limit characters in all
-    return text[:end + 1] if end > 0 else text[:limit]
-
-
-def spread(items: list, n: int | None) -> list:
-    """``n`` items evenly spaced over the list (its order kept); all of them when n is None or >= len."""
-    if n is None or n >= len(items):
-        return list(items)
-    return [items[i * len(items) // n] for i in range(n)]
-
 
 def read_prompts(path: Path, n: int | None, chars: int) -> list[str]:
     """A Spec-Bench-format JSONL's first turns, ``n`` spread over the file, each cut to ``chars``."""

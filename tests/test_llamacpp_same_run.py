@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from s2d.bench.results import cpu_kind
+from s2d.bench.cpu import cpu_kind
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "llamacpp_same_run.py"
 _spec = importlib.util.spec_from_file_location("llamacpp_same_run", _PATH)

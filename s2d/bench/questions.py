@@ -106,3 +106,19 @@ def fit_context(prompt: list[int], budget: int) -> tuple[list[int], bool]:
     if budget < 1:
         raise BenchError("no room for a prompt: the context is too short for --max-new-tokens")
     return (prompt[-budget:], True) if len(prompt) > budget else (prompt, False)
+
+
+def cut_prompt(text: str, limit: int) -> str:
+    """At most ``limit`` characters, cut at the last line end within them (a whole-line prompt, as an editor
+    sends); a text without one there is cut at ``limit``. ``limit`` <= 0: uncut."""
+    if limit <= 0 or len(text) <= limit:
+        return text
+    end = text.rfind("\n", 0, limit)  # the line end is kept: at most limit characters in all
+    return text[:end + 1] if end > 0 else text[:limit]
+
+
+def spread(items: list, n: int | None) -> list:
+    """``n`` items evenly spaced over the list (its order kept); all of them when n is None or >= len."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]

@@ -31,28 +31,6 @@ TOP_FIELDS: dict[str, type] = {"schema": str, "created": str, "config": dict, "e
                                "skipped": list, "runs": list}
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_kind(flags: set[str]) -> str:
-    """The CPU kinds results are reported by: AMX, AVX512-BF16, AVX512, AVX2 or none, from cpuinfo flags."""
-    if "amx_tile" in flags and "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16"
-    if "avx512f" in flags:
-        return "AVX512"
-    return "AVX2" if "avx2" in flags else "none"
-
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
