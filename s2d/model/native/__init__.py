@@ -223,6 +223,10 @@ def _torch_openmp() -> Path | None:
     return None
 
 
+# Levels whose bf16 products read packed weights (runtime.cpp's packs_at): AVX2 and AVX512-BF16; AMX uses tiles.
+PACKED_LEVELS = (1, 2)
+
+
 def isa_level() -> int:
     """The instruction set new runtimes use: 3 = AMX, 2 = AVX512-BF16, 1 = AVX2, 0 = none (S2D_NATIVE_ISA)."""
     lib = library()
@@ -267,7 +271,7 @@ def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor
     if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != w.shape[-1]:
         raise ValueError("x and w must share K and a dtype, float32 or bfloat16")
     x, w = x.contiguous(), w.contiguous()
-    packs = x.dtype == torch.bfloat16 and level in (1, 2)
+    packs = x.dtype == torch.bfloat16 and level in PACKED_LEVELS
     if packed is None:
         packed = packs
     if isinstance(packed, Tensor):
@@ -337,7 +341,7 @@ class NativeRuntime:
         # On AVX512-BF16 without AMX and on AVX2 the runtime reads bf16 weights from packed copies (runtime.cpp),
         # which an in-place change of the tensors (an optimizer step) would leave stale: the tensors'
         # version counters at packing time tell (``stale``).
-        self.packed = self.bf16 and isa_level() in (1, 2) and os.environ.get("S2D_NATIVE_PACK", "1") != "0"
+        self.packed = self.bf16 and isa_level() in PACKED_LEVELS and os.environ.get("S2D_NATIVE_PACK", "1") != "0"
         # Inference tensors (a model loaded under torch.inference_mode()) keep no version counter; they can
         # change in place only inside inference mode, which no optimizer step runs in.
         self._params = [p for p in model.parameters() if not p.is_inference()]

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -223,6 +224,9 @@ class Pool {
 // its own lane: no reductions, and an output's sum runs over its k-pairs in order whatever the rows.
 constexpr int kPanel = 32;
 
+// Whether products at this instruction set read packed bf16 weights (AMX keeps its tiles).
+inline bool packs_at(int isa) { return isa == 1 || isa == 2; }
+
 struct AlignedFree {
   void operator()(uint32_t* p) const { std::free(p); }
 };
@@ -265,12 +269,6 @@ inline PackedBuffer packed_buffer(int64_t words) {
   PackedBuffer out(static_cast<uint32_t*>(std::aligned_alloc(align, size > 0 ? size : align)));
   if (!out) throw std::bad_alloc();
   if (align == kHuge) madvise(out.get(), size, MADV_HUGEPAGE);  // advice only: without it, plain pages
-  return out;
-}
-
-inline PackedBuffer pack_weights(const uint16_t* w, int64_t ldw, int64_t N, int64_t K) {
-  PackedBuffer out = packed_buffer(packed_words(N, K));
-  pack_into(w, ldw, N, K, out.get());
   return out;
 }
 
@@ -392,7 +390,7 @@ struct Model {
   const void* final_norm;
   const void* head_w;  // [V, C]
   const uint32_t* head_p = nullptr;  // packed head_w, or null
-  bool packed = false;               // products read packed weights (see pack_weights)
+  bool packed = false;               // products read packed weights (see pack_into)
   PackedBuffer arena;                // every packed copy, one after the other (one huge-page region)
   int64_t arena_words = 0, arena_used = 0;
   Pool* pool;  // the default thread count's; a call may ask for another (s2d_run_layers, s2d_head)
@@ -403,6 +401,12 @@ struct Model {
   mutable Barrier barrier;  // the running job's threads
   bool profile = false;
   Profile prof;
+
+  // The [N, K] of a layer's packed weights, in LayerWeights' order: qkv, o, gate, up, down.
+  std::array<std::array<int64_t, 2>, 5> layer_shapes() const {
+    const int64_t HD = static_cast<int64_t>(H) * D;
+    return {{{static_cast<int64_t>(H + 2 * Hkv) * D, C}, {C, HD}, {F, C}, {F, C}, {C, F}}};
+  }
 
   // A packed copy of w [N, K] bf16, kept as long as the model.
   const uint32_t* pack(const void* w, int64_t N, int64_t K) {
@@ -450,7 +454,7 @@ struct LinearArgs {
   int64_t K, N;
   Pool* pool;
   Scratch* s;
-  const uint32_t* packed;  // w packed (see pack_weights), or null: the row-major product
+  const uint32_t* packed;  // w packed (see pack_into), or null: the row-major product
 };
 
 // [begin, end) of n items for thread tid of nt, in multiples of align (the last takes the rest).
@@ -577,12 +581,11 @@ void* s2d_model_new(int num_layers, int hidden, int heads, int kv_heads, int hea
   m->head_w = head_w;
   m->pool = shared_pool(threads);
   m->kernels = kernels_for(isa);
-  m->packed = pack != 0 && (isa == 1 || isa == 2) && m->bf16_weights;  // AMX keeps its tiles
+  m->packed = pack != 0 && s2d::packs_at(isa) && m->bf16_weights;
   if (m->packed) {
-    const int64_t C = hidden, HD = static_cast<int64_t>(heads) * head_dim;
-    const int64_t layer = s2d::packed_words(static_cast<int64_t>(heads + 2 * kv_heads) * head_dim, C) +
-                          s2d::packed_words(C, HD) + 2 * s2d::packed_words(ffn, C) + s2d::packed_words(C, ffn);
-    m->arena_words = s2d::packed_words(vocab, C) + num_layers * layer;
+    int64_t layer = 0;
+    for (const auto& [N, K] : m->layer_shapes()) layer += s2d::packed_words(N, K);
+    m->arena_words = s2d::packed_words(vocab, hidden) + num_layers * layer;
     m->arena = s2d::packed_buffer(m->arena_words);
     m->head_p = m->pack(head_w, vocab, hidden);
   }
@@ -596,12 +599,11 @@ void s2d_model_set_layer(void* handle, int i, const void* attn_norm, const void*
   s2d::LayerWeights& L = m->layers[i];
   L = {attn_norm, qkv_w, qkv_b, o_w, o_b, mlp_norm, gu_w, gu_b, down_w, down_b};
   if (m->packed) {
-    const int64_t C = m->C, HD = static_cast<int64_t>(m->H) * m->D, F = m->F;
-    L.qkv_p = m->pack(qkv_w, static_cast<int64_t>(m->H + 2 * m->Hkv) * m->D, C);
-    L.o_p = m->pack(o_w, C, HD);
-    L.gate_p = m->pack(gu_w, F, C);
-    L.up_p = m->pack(static_cast<const uint16_t*>(gu_w) + F * C, F, C);
-    L.down_p = m->pack(down_w, C, F);
+    const auto shapes = m->layer_shapes();
+    const void* up_w = static_cast<const uint16_t*>(gu_w) + static_cast<int64_t>(m->F) * m->C;  // gu_w's up rows
+    const void* weights[5] = {qkv_w, o_w, gu_w, up_w, down_w};
+    const uint32_t** packed[5] = {&L.qkv_p, &L.o_p, &L.gate_p, &L.up_p, &L.down_p};
+    for (int j = 0; j < 5; ++j) *packed[j] = m->pack(weights[j], shapes[j][0], shapes[j][1]);
   }
 }
 
@@ -724,16 +726,17 @@ int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t row
 
 // y [M, N] float32 = x [M, K] @ w [N, K]^T, both float32 or both bf16: the product every pass uses,
 // exposed for tests and measurements.
-// packed: w's packed copy (s2d_pack; bf16 at isa 2 only), or null for the row-major product.
+// packed: w's packed copy (s2d_pack; bf16 where packs_at(isa)), or null for the row-major product.
 void s2d_linear(const void* x, const void* w, float* y, int M, int64_t K, int64_t N, int bf16, int threads, int isa,
                 const uint32_t* packed) {
   s2d::Scratch scratch;
   scratch.xf.assign(threads, std::vector<float>(static_cast<size_t>(M) * K));
-  s2d::LinearArgs args{x, w, y, M, K, N, shared_pool(threads), &scratch, bf16 && (isa == 1 || isa == 2) ? packed : nullptr};
+  s2d::LinearArgs args{x, w, y, M, K, N, shared_pool(threads), &scratch,
+                      bf16 && s2d::packs_at(isa) ? packed : nullptr};
   args.pool->run(kernels_for(isa).linear[bf16 != 0], &args);
 }
 
-// The packed copy of a bf16 weight [N, K] (see pack_weights) into out: s2d_packed_size(N, K) uint32.
+// The packed copy of a bf16 weight [N, K] (see pack_into) into out: s2d_packed_size(N, K) uint32.
 int64_t s2d_packed_size(int64_t N, int64_t K) { return s2d::packed_words(N, K); }
 
 void s2d_pack(const void* w, int64_t N, int64_t K, uint32_t* out) {
