@@ -1,11 +1,12 @@
 """Batched decoding: tokens/s at 1, 4, 8, 16 and 32 sequences, fixed draft lengths against goodput-aware ones.
 
     python benchmarks/batch_goodput.py --zoo ../shared/zoo --draft s2d/data/default/draft [--target zoo-l]
-        [--method s2d] [--batches 1,4,8,16,32] [--max-new-tokens 128] [--out runs/batch_goodput.json]
+        [--method s2d] [--batches 1,4,8,16,32] [--max-new-tokens 128] [--device cpu] [--out runs/batch_goodput.json]
 
 Each batch size decodes that many code-suite prompts (cut to --prompt-chars) together with
 ``MultiTargetEngine.generate_batch`` (one target pass per step for every sequence), greedy, every output
-checked against the same prompt decoded alone. Three ways per batch size, interleaved: plain decoding
+checked against the same prompt decoded alone (on the CPU an assertion: rows are bit-identical there; on a
+GPU, where cuBLAS picks kernels by shape and bf16 rows may differ in their last bits, a count reported). Three ways per batch size, interleaved: plain decoding
 (``ar``), the method with its own fixed draft lengths, and with goodput-aware lengths (``decode_step_batch``'s
 default). Prints one JSON document; the machine's CPU is named in it.
 """
@@ -33,6 +34,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,4,8,16,32")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--prompt-chars", type=int, default=1500)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     suite = args.zoo / "code_suite.jsonl"
@@ -41,8 +43,8 @@ def main() -> int:
     tok = load_tokenizer(args.zoo / args.target)
     texts = [json.loads(line)["turns"][0][:args.prompt_chars] for line in suite.read_text().splitlines() if line]
     prompts = [tok(t).input_ids for t in texts]
-    target = load_model(args.zoo / args.target, "bfloat16")
-    draft = load_model(args.draft, "bfloat16")
+    target = load_model(args.zoo / args.target, "bfloat16", device=args.device)
+    draft = load_model(args.draft, "bfloat16", device=args.device)
     engines = {"ar": MultiTargetEngine({"t": target}, None, "ar", eos_token_ids=()),
                args.method: MultiTargetEngine({"t": target}, draft, args.method, eos_token_ids=())}
     n_max = max(int(b) for b in args.batches.split(","))
@@ -57,13 +59,15 @@ def main() -> int:
             states = engines[method].generate_batch("t", prompts[:n], SamplingParams(), args.max_new_tokens,
                                                     goodput=goodput)
             seconds = time.perf_counter() - t0
-            assert [s.output for s in states] == alone[:n], f"{label} at {n}: not the outputs decoded alone"
+            same = sum(s.output == a for s, a in zip(states, alone))
+            assert same == n or args.device != "cpu", f"{label} at {n}: not the outputs decoded alone"
             passes = sum(s.stats.target_passes for s in states)
             row[label] = {"tokens_per_s": round(sum(len(s.output) for s in states) / seconds, 1),
-                          "mean_accepted_tokens": round(sum(len(s.output) for s in states) / passes, 2)}
+                          "mean_accepted_tokens": round(sum(len(s.output) for s in states) / passes, 2),
+                          "identical_to_alone": same}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    report = {"cpu": cpu_name(), "target": args.target, "method": args.method, "dtype": "bfloat16",
+    report = {"cpu": cpu_name(), "device": args.device, "target": args.target, "method": args.method, "dtype": "bfloat16",
               "max_new_tokens": args.max_new_tokens, "prompt_chars": args.prompt_chars, "rows": rows}
     print(json.dumps(report, indent=1))
     if args.out:

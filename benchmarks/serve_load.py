@@ -370,6 +370,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="cut prompts to this many characters at a line end (default: 1500 with --prompts-file; "
                          "the code suite's prompts stay whole, its long ones left out)")
     ap.add_argument("--max-slots", type=int, default=4, help="s2d serve --max-slots")
+    ap.add_argument("--device", default="cpu", help="s2d serve --device (cuda: the GPU path; peers stay as built)")
     ap.add_argument("--targets", default=",".join(TARGETS),
                     help="comma-separated zoo targets served (default: all three)")
     ap.add_argument("--method", default=None, help="the server's method (default: its own, s2d with a sorted draft)")
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"bench": shlex.join([sys.executable, *sys.argv])}
     port = free_port()
     cmd = [sys.executable, "-m", "s2d.cli", "serve", "--port", str(port), "--draft", str(args.draft),
-           "--max-slots", str(args.max_slots), "--max-waiting", str(args.clients * 2)]
+           "--max-slots", str(args.max_slots), "--max-waiting", str(args.clients * 2), "--device", args.device]
     if args.method:
         cmd += ["--method", args.method]
     for name in args.targets:

@@ -398,7 +398,7 @@ class RefinedDrafter(SortedDrafter):
         tokens: list[int] = []
         dists: list[np.ndarray] = []
         for i in range(max_tokens):
-            logits = (yield Head(self.model, self.readout(pos), self.head)).reshape(-1).float().numpy()
+            logits = (yield Head(self.model, self.readout(pos), self.head)).reshape(-1).float().cpu().numpy()
             if not math.isfinite(float(logits.sum())):
                 raise CheckpointError(NONFINITE.format(model="draft"))
             ids, score = self.candidates(history, logits, params)

@@ -185,7 +185,7 @@ class TreeDrafter(Drafter):
         for level in range(self.shape.depth):
             # Scored in numpy: a torch op between two runtime calls wakes torch's thread team, which
             # then competes with the runtime's (RESULTS.md, "Measurements behind the code").
-            logits = (yield from self._level_logits(grow)).numpy()
+            logits = (yield from self._level_logits(grow)).cpu().numpy()
             top = top_indices(logits, k)
             values = (np.take_along_axis(logits, top, -1) - log_normaliser(logits)).tolist()
             born = []
@@ -225,7 +225,7 @@ class TreeDrafter(Drafter):
         for level, b in enumerate(branching):
             logits = yield from self._level_logits(grow)
             if params.greedy:  # the top tokens, scored in numpy (see _dynamic)
-                drawn = top_indices(logits.numpy(), b).tolist()
+                drawn = top_indices(logits.cpu().numpy(), b).tolist()
             else:  # one call per level: torch ops between runtime calls are costly (see _dynamic)
                 q_sub = probabilities(logits, params)
                 drawn = gumbel_top_k(q_sub, b, generator)
@@ -259,12 +259,12 @@ class TreeDrafter(Drafter):
                 break
             logits = yield from self._level_logits(grow)
             if rng is None:  # greedy: beam search over the draft's own log-probabilities
-                x = logits.numpy().astype(np.float64)
+                x = logits.cpu().numpy().astype(np.float64)
                 log_q = x - log_normaliser(x)
             else:  # q exactly as the verifier will see it (temperature, top-k, top-p)
                 q_sub = probabilities(logits, params)
                 with np.errstate(divide="ignore"):
-                    log_q = np.log(q_sub.double().numpy())
+                    log_q = np.log(q_sub.double().cpu().numpy())
             beams = select_beams(phi, g, log_q, width, rng)
             frontier = grow.frontier()
             born = []

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from s2d.model import native
 from s2d.model.cache import KVCache
@@ -87,6 +88,21 @@ def linear(layer: nn.Linear, x: Tensor) -> Tensor:
         bias = None if layer.bias is None else layer.bias.float()
         return F.linear(x.float(), layer.weight.float(), bias).to(x.dtype)
     return layer(x)
+
+
+# torch prefers cuDNN's attention on Hopper GPUs, and cuDNN builds a graph for every new shape (hundreds of
+# ms each, cached by shape): decoding grows the key length by a step each pass, so nearly every pass paid it
+# (H200: the first 128 tokens of a prompt at 22 tok/s, 465 once the same lengths recurred). Flash and the
+# memory-efficient kernels take any length without a build.
+_GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, causal: bool, gqa: bool) -> Tensor:
+    """q [B, H, T, D], keys/values [B, Hkv, S, D], mask [T, S] bool (True = may attend) -> [B, H, T, D]."""
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    with sdpa_kernel(_GPU_ATTENTION):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -256,8 +272,7 @@ class Transformer(nn.Module):
         cache.v[index, :, :, slot:slot + t] = v
         keys = cache.k[index, :, :, : slot + t]
         values = cache.v[index, :, :, : slot + t]
-        att = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=h != hkv)
+        att = attention(q.to(keys.dtype), keys, values, mask, causal, h != hkv)
         x = x + linear(layer.o, att.transpose(1, 2).reshape(bsz, t, h * d).to(x.dtype))
         gate, up = linear(layer.gate_up, rms_norm(x, layer.mlp_norm, layer.eps)).chunk(2, -1)
         return x + linear(layer.down, F.silu(gate) * up)
