@@ -191,6 +191,37 @@ def test_bf16_block_pass_is_bit_identical_to_one_token_passes(isa, family, name,
     assert torch.equal(block_cache.k[:, :, :, :end], step_cache.k[:, :, :, :end])
 
 
+@pytest.mark.parametrize("level", [1, 2], ids=["avx2", "avx512"])
+def test_a_long_prefill_runs_on_the_runtime_bit_identical_to_one_token_passes(family, monkeypatch, level):
+    """Where weights are packed, a causal block of more than MAX_ROWS rows (a prefill) runs as passes of
+    ``prefill_rows`` rows on the runtime: its cache holds the bits one-token passes write, wherever the prompt
+    is cut, and stays within bf16 rounding of torch's prefill."""
+    if level not in LEVELS:
+        pytest.skip("this CPU lacks the instruction set")
+    monkeypatch.setenv("S2D_NATIVE_ISA", ISA_ENV[level])
+    model = load_model(family["long"], dtype="bfloat16")
+    runtime = model.native_runtime()
+    assert runtime.prefill_rows == native.PREFILL_ROWS > 0
+    n = 300
+    ids = torch.randint(0, 257, (1, n), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        whole, cut, steps = model.new_cache(), model.new_cache(), model.new_cache()
+        hidden = model.run_layers(model.embed_tokens(ids), torch.arange(n), whole)
+        for a, b in ((0, 100), (100, 290), (290, n)):
+            model.run_layers(model.embed_tokens(ids[:, a:b]), torch.arange(a, b), cut)
+        for i in range(n):
+            model.run_layers(model.embed_tokens(ids[:, i:i + 1]), torch.arange(i, i + 1), steps)
+        runtime.prefill_rows = 0  # the same prefill on torch
+        on_torch = model.new_cache()
+        model.run_layers(model.embed_tokens(ids), torch.arange(n), on_torch)
+    assert hidden.shape == (1, n, model.cfg.hidden_size)
+    for other in (cut, steps):
+        assert torch.equal(whole.k[:, :, :, :n], other.k[:, :, :, :n])
+        assert torch.equal(whole.v[:, :, :, :n], other.v[:, :, :, :n])
+    assert whole.lengths == [n] * model.cfg.num_layers
+    torch.testing.assert_close(whole.v[:, :, :, :n].float(), on_torch.v[:, :, :, :n].float(), atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("method", ["sd", "pld", "sd-exit-1", "s2d"])
 def test_greedy_outputs_equal_the_reference_path(isa, family, method):
     """Plain and speculative greedy decoding: token-identical to the torch reference path (float32)."""

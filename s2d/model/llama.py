@@ -208,12 +208,17 @@ class Transformer(nn.Module):
             raise ValueError(f"layers {start}..{end - 1} hold different cache lengths: {cache.lengths[start:end]}")
         if slot + t > cache.capacity:
             raise ValueError(f"cache overflow: {slot} + {t} tokens > capacity {cache.capacity}")
-        fast = self._native_for(hidden) if t <= native.MAX_ROWS else None
+        fast = self._native_for(hidden)
         if fast is not None and hidden.dtype == self.dtype and cache.k.device.type == "cpu":
-            hidden = fast.run_layers(hidden, positions, cache, slot, start, end, block_mask)
-            for i in range(start, end):
-                cache.lengths[i] = slot + t
-            return hidden
+            if t <= native.MAX_ROWS:
+                hidden = fast.run_layers(hidden, positions, cache, slot, start, end, block_mask)
+                for i in range(start, end):
+                    cache.lengths[i] = slot + t
+                return hidden
+            if block_mask is None and fast.prefill_rows:  # a causal block (a prefill) in passes of fast rows
+                return torch.cat([self.run_layers(hidden[:, i:i + fast.prefill_rows],
+                                                  positions[i:i + fast.prefill_rows], cache, start, end)
+                                  for i in range(0, t, fast.prefill_rows)], 1)
         mask = None
         causal = slot == 0 and t > 1 and block_mask is None  # a prefill: the kernel's causal path is faster
         if (t > 1 or block_mask is not None) and not causal:

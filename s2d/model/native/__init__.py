@@ -225,6 +225,7 @@ def _torch_openmp() -> Path | None:
 
 # Levels whose bf16 products read packed weights (runtime.cpp's packs_at): AVX2 and AVX512-BF16; AMX uses tiles.
 PACKED_LEVELS = (1, 2)
+PREFILL_ROWS = int(os.environ.get("S2D_PREFILL_ROWS", "48"))  # see NativeRuntime.prefill_rows; 0 = torch
 
 
 def isa_level() -> int:
@@ -351,6 +352,10 @@ class NativeRuntime:
             cfg.vocab_size, self.max_positions, cfg.rms_norm_eps, int(self.bf16), _ptr(model.cos), _ptr(model.sin),
             _ptr(model.norm), _ptr(model.lm_head.weight), torch.get_num_threads(), isa_level(), int(self.packed))
         self.isa = ISA_NAMES[isa_level()]
+        # A causal block of more than MAX_ROWS rows (a prefill) runs as passes of this many rows here, or on
+        # torch (0). Where weights are packed, 48-row passes beat oneDNN's 256-row products (benchmarks/
+        # RESULTS.md, "Prefill on the runtime"); with AMX torch keeps its tiles.
+        self.prefill_rows = PREFILL_ROWS if self.packed else 0
         for i, layer in enumerate(model.layers):
             lib.s2d_model_set_layer(
                 self.handle, i, _ptr(layer.attn_norm), _ptr(layer.qkv.weight), _ptr(layer.qkv.bias),
