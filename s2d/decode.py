@@ -163,6 +163,8 @@ def begin(target: Transformer, prompt: list[int], params: SamplingParams, max_ne
     cache.truncate(0)
     if drafter is not None:
         drafter.reset()
+        if params.seed is not None and not params.greedy:
+            drafter.forget_history()  # a seeded request draws as it would on a fresh engine
     return DecodeState(list(prompt), len(prompt), max_new_tokens, params, cache, params.generator(target.device),
                        drafter, num_draft_tokens)
 

@@ -59,6 +59,19 @@ def test_seeded_sampling_in_a_batch_equals_the_same_request_alone(family, method
     assert [s.output for s in engine.generate_batch("t", PROMPTS, params, MAX_NEW)] == expected
 
 
+@pytest.mark.parametrize("method", ["s2d", "lookup+s2d-tree"])
+def test_a_seeded_request_draws_the_same_whatever_the_engine_decoded_before(family, method):
+    """The cost-aware switch of s2d keeps running means across requests; a seeded sampled request forgets
+    them first, so a server answers it as a fresh ``s2d generate --seed`` does."""
+    target, draft = family
+    q = SamplingParams(temperature=1.0, top_p=0.9, seed=3)
+    fresh = alone(target, draft, method, PROMPTS[0], q, 30).output
+    engine = MultiTargetEngine({"t": target}, draft, method, eos_token_ids=())
+    engine.generate("t", PROMPTS[1], SamplingParams(temperature=1.0, seed=9), 40)
+    engine.generate("t", PROMPTS[3], SamplingParams(), 40)
+    assert engine.generate("t", PROMPTS[0], q, 30).output == fresh
+
+
 def test_more_rows_than_one_pass_takes(family):
     """20 sequences drafting up to 13 tokens each: the step verifies them in several passes of <= 64 rows."""
     target, draft = family

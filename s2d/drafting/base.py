@@ -180,6 +180,10 @@ class Drafter:
     def reset(self) -> None:
         """Forget all per-sequence state (a new sequence begins)."""
 
+    def forget_history(self) -> None:
+        """Forget what is kept across sequences too (the running means of a cost-aware switch): called before
+        a seeded sampled request, whose draws must not depend on what the engine decoded before it."""
+
     def feedback(self, num_proposed: int, num_accepted: int) -> None:
         """Told after each verification (adaptive draft lengths, cost-aware switches tune here)."""
 
@@ -228,6 +232,9 @@ class DrafterWrapper(Drafter):
 
     def reset(self) -> None:
         self.inner.reset()
+
+    def forget_history(self) -> None:
+        self.inner.forget_history()
 
     def feedback(self, num_proposed: int, num_accepted: int) -> None:
         self.inner.feedback(num_proposed, num_accepted)

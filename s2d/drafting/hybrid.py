@@ -68,6 +68,10 @@ class HybridDrafter(DrafterWrapper):
         self.lookup.reset()
         self._plain_steps = 0  # the running means are about the pair of models, kept across requests
 
+    def forget_history(self) -> None:
+        self.inner.forget_history()
+        self._accepted = self._proposed = None
+
     def token_cost(self, target: Transformer) -> float:
         return 0.0  # lookup's tokens are free, and the model's are drafted only while they pay
 
@@ -162,6 +166,10 @@ class HybridTreeDrafter(HybridDrafter):
         super().__init__(inner, config, target)
         self._shape = (0, 0)  # (depth, nodes) of the last model tree
         self._tree_cost: float | None = None  # running mean, in target passes
+
+    def forget_history(self) -> None:
+        super().forget_history()
+        self._tree_cost = None
 
     def feedback(self, num_proposed: int, num_accepted: int) -> None:
         if self.last_kind != "model":
