@@ -222,6 +222,16 @@ def test_a_long_prefill_runs_on_the_runtime_bit_identical_to_one_token_passes(fa
     torch.testing.assert_close(whole.v[:, :, :, :n].float(), on_torch.v[:, :, :, :n].float(), atol=0.05, rtol=0.05)
 
 
+def test_a_wide_model_prefills_on_torch(family, monkeypatch):
+    """Past PREFILL_MAX_WIDTH the runtime's prefill passes measured slower than torch's: such a model keeps torch."""
+    model = load_model(family["long"], dtype="bfloat16")
+    if not model.native_runtime().packed:
+        pytest.skip("this CPU does not pack weights")
+    monkeypatch.setattr(native, "PREFILL_MAX_WIDTH", model.cfg.hidden_size - 1)
+    model.drop_native()
+    assert model.native_runtime().prefill_rows == 0
+
+
 @pytest.mark.parametrize("method", ["sd", "pld", "sd-exit-1", "s2d"])
 def test_greedy_outputs_equal_the_reference_path(isa, family, method):
     """Plain and speculative greedy decoding: token-identical to the torch reference path (float32)."""

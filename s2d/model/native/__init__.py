@@ -226,6 +226,7 @@ def _torch_openmp() -> Path | None:
 # Levels whose bf16 products read packed weights (runtime.cpp's packs_at): AVX2 and AVX512-BF16; AMX uses tiles.
 PACKED_LEVELS = (1, 2)
 PREFILL_ROWS = int(os.environ.get("S2D_PREFILL_ROWS", "48"))  # see NativeRuntime.prefill_rows; 0 = torch
+PREFILL_MAX_WIDTH = 1024  # widest model (hidden size) prefilled on the runtime; measured at 576 (wins) and 2048
 
 
 def isa_level() -> int:
@@ -353,9 +354,12 @@ class NativeRuntime:
             _ptr(model.norm), _ptr(model.lm_head.weight), torch.get_num_threads(), isa_level(), int(self.packed))
         self.isa = ISA_NAMES[isa_level()]
         # A causal block of more than MAX_ROWS rows (a prefill) runs as passes of this many rows here, or on
-        # torch (0). Where weights are packed, 48-row passes beat oneDNN's 256-row products (benchmarks/
-        # RESULTS.md, "Prefill on the runtime"); with AMX torch keeps its tiles.
-        self.prefill_rows = PREFILL_ROWS if self.packed else 0
+        # torch (0). Where weights are packed and the model is narrow, 48-row passes beat oneDNN's 256-row
+        # products (zoo-l, width 576: 1.07x; AVX2 1.15x); at width 2048 (the 1B shape) they lose (0.87x: a
+        # call's 12 activation rows no longer fit L1). benchmarks/RESULTS.md, "Prefill on the runtime".
+        # With AMX torch keeps its tiles.
+        narrow = model.cfg.hidden_size <= PREFILL_MAX_WIDTH
+        self.prefill_rows = PREFILL_ROWS if self.packed and narrow else 0
         for i, layer in enumerate(model.layers):
             lib.s2d_model_set_layer(
                 self.handle, i, _ptr(layer.attn_norm), _ptr(layer.qkv.weight), _ptr(layer.qkv.bias),
