@@ -69,7 +69,7 @@ class HybridDrafter(DrafterWrapper):
         self._plain_steps = 0  # the running means are about the pair of models, kept across requests
 
     def forget_history(self) -> None:
-        self.inner.forget_history()
+        super().forget_history()
         self._accepted = self._proposed = None
 
     def token_cost(self, target: Transformer) -> float:

@@ -358,7 +358,7 @@ class NativeRuntime:
         # products (zoo-l, width 576: 1.07x; AVX2 1.15x); at width 2048 (the 1B shape) they lose (0.87x: a
         # call's 12 activation rows no longer fit L1). benchmarks/RESULTS.md, "Prefill on the runtime".
         # With AMX torch keeps its tiles.
-        narrow = model.cfg.hidden_size <= PREFILL_MAX_WIDTH
+        narrow = cfg.hidden_size <= PREFILL_MAX_WIDTH
         self.prefill_rows = PREFILL_ROWS if self.packed and narrow else 0
         for i, layer in enumerate(model.layers):
             lib.s2d_model_set_layer(
