@@ -110,13 +110,13 @@ class TargetPool:
             return slot
         return None
 
-    def drafter(self, slot: Slot, method: str, fresh: bool = False) -> tuple[Drafter | None, int]:
+    def drafter(self, slot: Slot, method: str) -> tuple[Drafter | None, int]:
         """The slot's drafter for ``method``, built on first use (drafters share the draft's weights).
 
-        Drafters learn across a slot's requests (the hybrid's running acceptance); ``fresh`` builds one
-        without that history, so a seeded sampling request draws exactly as it would alone.
+        Drafters learn across a slot's requests (the hybrid's running acceptance); ``decode.begin`` has a
+        seeded sampling request forget that history, so it draws exactly as it would alone.
         """
-        if fresh or method not in slot.drafters:
+        if method not in slot.drafters:
             opts = self.options(method)
             drafter = build_drafter(method, self.draft, opts, self.engine.target)
             slot.drafters[method] = (drafter, engine_draft_tokens(method, opts))
@@ -228,8 +228,7 @@ class Scheduler:
         r = job.request
         pool = self.pools[r.target]
         try:
-            seeded = r.params.seed is not None and not r.params.greedy
-            drafter, k = pool.drafter(job.slot, r.method, fresh=seeded)
+            drafter, k = pool.drafter(job.slot, r.method)
             if r.max_draft_tokens == 0:  # no speculation for this request: plain decoding
                 drafter, k = None, 1
             elif r.max_draft_tokens is not None:
