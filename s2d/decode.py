@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from s2d.drafting.base import Drafter, DraftTree
+from s2d.drafting.base import Drafter, DraftTree, common_prefix
 from s2d.drafting.batch import Proposal, run_alone, run_together
 from s2d.goodput import allocate, pass_cost
 from s2d.model import native
@@ -140,10 +140,11 @@ class DecodeState:
 
 
 def begin(target: Transformer, prompt: list[int], params: SamplingParams, max_new_tokens: int, cache: KVCache,
-          drafter: Drafter | None, num_draft_tokens: int) -> DecodeState:
-    """Validate a request and begin its sequence in ``cache`` (emptied; ``drafter``, this sequence's and bound to
-    ``target``, is reset). Nothing of the prompt is in the cache yet: ``prefill_chunk`` runs it, whole or in
-    chunks, before the first step."""
+          drafter: Drafter | None, num_draft_tokens: int, keep: int = 0) -> DecodeState:
+    """Validate a request and begin its sequence in ``cache`` (``drafter``, this sequence's and bound to
+    ``target``, is reset). The cache keeps its first ``keep`` positions (a prompt prefix they already hold:
+    ``reusable_prefix``) and drops the rest; ``prefill_chunk`` runs the rest of the prompt, whole or in chunks,
+    before the first step."""
     prompt = as_token_ids(prompt)
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, not {type(params).__name__}")
@@ -160,7 +161,9 @@ def begin(target: Transformer, prompt: list[int], params: SamplingParams, max_ne
     if len(prompt) + max_new_tokens > limit:
         raise InputError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds "
                          f"the model's context of {limit} tokens")
-    cache.truncate(0)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= min(cache.length, len(prompt) - 1):
+        raise ValueError(f"keep must be an int in [0, {min(cache.length, len(prompt) - 1)}], got {keep!r}")
+    cache.truncate(keep)
     if drafter is not None:
         drafter.reset()
         if params.seed is not None and not params.greedy:
@@ -199,6 +202,20 @@ def prefill_chunk(target: Transformer, state: DecodeState, max_tokens: int | Non
 # the runtime prefills in its own passes every row is the bits of a one-token pass, wherever it is cut),
 # so one rule keeps an output the same through generate, a batch and the server.
 PREFILL_CHUNK = 256
+
+
+def reusable_prefix(target: Transformer, cached: list[int], prompt: list[int], chunk: int = PREFILL_CHUNK) -> int:
+    """How many positions of a cache holding ``cached`` (token ids [0, cache length)) a new ``prompt`` can keep:
+    their common prefix, short of the prompt's last two tokens (prefill runs at least one, so a drafter that
+    reads the prefill's last row sees it; the first step runs the last). Where the target prefills on the
+    native runtime every row is the bits of a one-token pass wherever the prompt is cut, so any prefix is
+    exact; elsewhere (torch: AMX, wide models, CUDA) the kept part ends on a multiple of ``chunk``, so the
+    cuts after it fall where a whole prefill's do."""
+    n = common_prefix(cached, prompt[:len(prompt) - 2])
+    fast = target.native_runtime() if target.device.type == "cpu" else None
+    if fast is None or not fast.prefill_rows:
+        n -= n % chunk
+    return n
 
 
 def prefill(target: Transformer, prompt: list[int], params: SamplingParams, max_new_tokens: int, cache: KVCache,

@@ -104,9 +104,9 @@ class Run:
     """Jobs submitted to a scheduler before its thread starts (so all are admitted in its first step), with an
     ordered log of its model work: ("prefill", job, tokens) and ("step", jobs)."""
 
-    def __init__(self, family, chunk: int, monkeypatch, fail_prefill=None, on_prefill=None) -> None:
+    def __init__(self, family, chunk: int, monkeypatch, fail_prefill=None, on_prefill=None, max_slots: int = 8) -> None:
         tokenizer, models, draft = family
-        self.server = Server(tokenizer, models, draft, ServerConfig(max_slots=8, prefill_chunk=chunk))
+        self.server = Server(tokenizer, models, draft, ServerConfig(max_slots=max_slots, prefill_chunk=chunk))
         self.log: list[tuple] = []
         self.jobs: list[Job] = []
         self.events: dict[int, list[Event]] = {}
@@ -220,6 +220,58 @@ def test_short_prompts_go_first_and_a_long_one_is_cut_as_alone(family, monkeypat
     assert alone_run.prefills(0) == run.prefills(0)
     assert [job.state.output for job in run.jobs] == [alone(family, LONG, "ar", 4)] + [
         alone(family, p, m, 6) for p, m in SHORT]
+
+
+# --- the prompt cache: a slot's cache keeps the prefix a new prompt shares with the last one ---------------------
+
+def test_reusable_prefix_rules(family, checkpoints):
+    from s2d.decode import reusable_prefix
+
+    target = family[1]["a"]  # float32: prefills of more than 64 rows run on torch, whose bits depend on the cuts
+    cached = LONG[:200] + [3, 3, 3]
+    assert reusable_prefix(target, cached, LONG, 16) == 192  # ends on a cut a whole prefill makes too
+    assert reusable_prefix(target, cached, LONG[:100], 16) == 96  # short of the prompt's last two tokens
+    assert reusable_prefix(target, [9] + LONG, LONG, 16) == 0
+    bf16 = load_model(checkpoints["target"], dtype="bfloat16")
+    if native.library() is None or not bf16.native_runtime().prefill_rows:
+        pytest.skip("the runtime does not prefill here")
+    # prefilled on the runtime, every row is the bits of a one-token pass: any prefix is exact
+    assert reusable_prefix(bf16, cached, LONG, 16) == 200
+    assert reusable_prefix(bf16, LONG, LONG[:50], 16) == 48
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_slot_keeps_the_prefix_its_last_request_left(checkpoints, sorted_draft_dir, monkeypatch, dtype):
+    """One slot, three requests in turn: the second shares 200 tokens with the first, the third is the first
+    again. Each prefills only what its slot's cache did not hold, and each output equals the request decoded
+    alone (a whole prefill): in float32 the kept part ends on a multiple of the chunk, in bf16 on the runtime
+    anywhere."""
+    family = load_family({"a": str(checkpoints["target"])}, str(sorted_draft_dir), dtype, "cpu")
+    runtime_prefill = dtype == "bfloat16" and native.library() is not None \
+        and family[1]["a"].native_runtime().prefill_rows > 0
+    if dtype == "bfloat16" and not runtime_prefill:
+        pytest.skip("bf16 outputs are compared where the runtime prefills")
+    other = LONG[:200] + [7, 8, 9] * 20
+    run = Run(family, 16, monkeypatch, max_slots=1)
+    for prompt in (LONG, other, LONG):
+        run.submit(prompt, "s2d", 12)
+    run.run()
+    kept = [200, 200] if runtime_prefill else [192, 192]
+    assert run.server.scheduler.reused_prompt_tokens == sum(kept)
+    assert [sum(run.prefills(i)) for i in range(3)] == [len(LONG) - 1, len(other) - 1 - kept[0],
+                                                        len(LONG) - 1 - kept[1]]
+    assert [job.state.output for job in run.jobs] == [alone(family, p, "s2d", 12) for p in (LONG, other, LONG)]
+
+
+def test_a_failed_request_leaves_nothing_to_reuse(family, monkeypatch):
+    run = Run(family, 16, monkeypatch, fail_prefill=lambda run, job: job == 0 and len(run.prefills(0)) == 4,
+              max_slots=1)
+    run.submit(LONG, "ar", 4)
+    run.submit(LONG, "ar", 4)
+    run.run()
+    assert run.end(0).kind == "error" and run.end(1).kind == "done"
+    assert run.server.scheduler.reused_prompt_tokens == 0 and sum(run.prefills(1)) == len(LONG) - 1
+    assert run.jobs[1].state.output == alone(family, LONG, "ar", 4)
 
 
 def test_a_request_cancelled_mid_prefill_frees_its_slot(family, monkeypatch):

@@ -64,6 +64,8 @@ class Metrics:
         Gauge("s2d_requests_cancelled", "requests stopped because their client went away", registry=r).set_function(
             lambda: scheduler.cancelled)
         Gauge("s2d_sequences_active", "sequences being decoded", registry=r).set_function(lambda: scheduler.active)
+        Gauge("s2d_prompt_tokens_reused", "prompt tokens a slot's KV cache already held (prompt cache)",
+              registry=r).set_function(lambda: scheduler.reused_prompt_tokens)
 
     def finished(self, job: Job) -> None:
         model, stats = job.request.target, job.state.stats

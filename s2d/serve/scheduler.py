@@ -25,9 +25,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from s2d.decode import DecodeState, begin, decode_step_batch, prefill_chunk
+from s2d.decode import DecodeState, begin, decode_step_batch, prefill_chunk, reusable_prefix
 from s2d.drafting import DraftOptions, build_drafter, engine_draft_tokens
-from s2d.drafting.base import Drafter
+from s2d.drafting.base import Drafter, common_prefix
 from s2d.engine import Engine
 from s2d.model.cache import KVCache
 from s2d.model.llama import Transformer
@@ -86,6 +86,9 @@ class Slot:
     cache: KVCache
     drafters: dict[str, tuple[Drafter | None, int]] = field(default_factory=dict)  # method -> (drafter, k)
     busy: bool = False
+    # the token ids whose keys and values the cache holds at [0, len): the last request's, once it ended
+    # normally (empty while one runs or after one failed); a new prompt keeps their common prefix
+    tokens: list[int] = field(default_factory=list)
 
 
 class TargetPool:
@@ -99,11 +102,14 @@ class TargetPool:
         self.max_slots = max_slots
         self.slots: list[Slot] = []
 
-    def acquire(self) -> Slot | None:
-        for slot in self.slots:
-            if not slot.busy:
-                slot.busy = True
-                return slot
+    def acquire(self, prompt: list[int]) -> Slot | None:
+        """A free slot, the one whose cache holds the longest prefix of ``prompt`` (as llama-server's prompt
+        cache; the first among equals), or a new one where none is free."""
+        free = [slot for slot in self.slots if not slot.busy]
+        if free:
+            slot = max(free, key=lambda slot: common_prefix(slot.tokens, prompt))
+            slot.busy = True
+            return slot
         if len(self.slots) < self.max_slots:
             slot = Slot(self.engine.target.new_cache(), busy=True)
             self.slots.append(slot)
@@ -142,6 +148,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._stopping = False
         self.cancelled = 0  # requests stopped because their client went away
+        self.reused_prompt_tokens = 0  # prompt tokens a slot's cache already held (not prefilled again)
         self._admitted = 0
         self._thread = threading.Thread(target=self._run, name="s2d-scheduler", daemon=True)
 
@@ -186,7 +193,7 @@ class Scheduler:
                 self._end(job, Event("done", finish_reason="cancelled"))
                 continue
             try:
-                slot = self.pools[job.request.target].acquire()
+                slot = self.pools[job.request.target].acquire(job.request.prompt)
             except Exception as err:  # noqa: BLE001 - a KV cache that cannot be allocated fails its request, not the thread
                 self._waiting.remove(job)
                 self._end(job, Event("error", error=err))
@@ -233,8 +240,13 @@ class Scheduler:
                 drafter, k = None, 1
             elif r.max_draft_tokens is not None:
                 k = min(k, r.max_draft_tokens)
-            # validated and begun now; its prompt is prefilled chunk by chunk in the steps (_prefill)
-            job.state = begin(pool.engine.target, r.prompt, r.params, r.max_new_tokens, job.slot.cache, drafter, k)
+            # validated and begun now; its prompt is prefilled chunk by chunk in the steps (_prefill), after
+            # what the slot's cache already holds of it
+            keep = reusable_prefix(pool.engine.target, job.slot.tokens, r.prompt, self.prefill_chunk)
+            job.slot.tokens = []  # the cache is this request's now: nothing reusable until it ends normally
+            job.state = begin(pool.engine.target, r.prompt, r.params, r.max_new_tokens, job.slot.cache, drafter, k,
+                              keep)
+            self.reused_prompt_tokens += keep
         except Exception as err:  # noqa: BLE001 - a drafter that cannot be built, a prompt the engine refuses
             self._end(job, Event("error", error=err))
             return False
@@ -266,9 +278,8 @@ class Scheduler:
     def _prefill(self, engine: Engine, jobs: list[Job]) -> set[int]:
         """Run at most ``prefill_chunk`` prompt tokens of ``jobs`` (still prefilling), the shortest remaining
         first. A prompt is cut at multiples of ``prefill_chunk`` from its start, whatever else is prefilled:
-        a chunk runs whole or waits for the next step. Where the cuts fall changes the cache's bits (a chunk
-        of <= 64 rows runs on the native runtime, a longer one on torch, and torch's rounding depends on the
-        shape), so cuts that followed what other requests left of a step made an output depend on the load
+        a chunk runs whole or waits for the next step. Where the cuts fall can change the cache's bits (where
+        a chunk of more than 64 rows runs on torch, torch's rounding depends on the shape), so cuts that followed what other requests left of a step made an output depend on the load
         (bf16: 2 of 96 zoo-l completions differed from their sequential runs). Returns the ids of the jobs
         whose prefill failed (ended, their slots freed)."""
         budget = self.prefill_chunk
@@ -310,6 +321,7 @@ class Scheduler:
         if not state.finished:
             return True
         hit_eos = stopped or (bool(emitted) and emitted[-1] in engine.eos)
+        job.slot.tokens = state.tokens[:min(state.cache.length, len(state.tokens))]
         self._end(job, Event("done", finish_reason="stop" if hit_eos else "length"))
         return False
 
@@ -317,7 +329,7 @@ class Scheduler:
         job.finished_at = time.perf_counter()
         self.cancelled += event.finish_reason == "cancelled"
         if job.slot is not None:
-            job.slot.busy = False  # the next begin() on it truncates the cache and resets its drafters
+            job.slot.busy = False  # the next begin() on it keeps what it can reuse and resets its drafters
             job.slot = None
             self._admitted -= 1
         self._emit(job, event)
