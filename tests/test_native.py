@@ -42,6 +42,11 @@ def family(tmp_path_factory, sorted_draft_dir):
         # contexts past one attention chunk (256 keys)
         "long": write_random_checkpoint(root / "long", num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=2,
                                         intermediate_size=96, max_positions=1024, seed=13),
+        # head sizes 64 and 128: AVX512-BF16 scores them with the fixed-D kernels (qk_bf16), 16 keys at a time
+        "head64": write_random_checkpoint(root / "head64", num_layers=2, hidden_size=128, num_heads=2, num_kv_heads=1,
+                                          intermediate_size=96, max_positions=1024, seed=14),
+        "head128": write_random_checkpoint(root / "head128", num_layers=2, hidden_size=256, num_heads=2,
+                                           num_kv_heads=2, intermediate_size=96, max_positions=1024, seed=15),
         "draft": sorted_draft_dir,
     }
 
@@ -174,7 +179,8 @@ def test_layer_ranges_and_logits_rows(isa, family):
 
 
 # 250: the block crosses a chunk border; 40 tokens: more rows than one AMX tile holds
-@pytest.mark.parametrize("name,prefix,size", [("gqa", 20, 10), ("long", 250, 10), ("gqa", 20, 40)])
+@pytest.mark.parametrize("name,prefix,size", [("gqa", 20, 10), ("long", 250, 10), ("gqa", 20, 40), ("head64", 250, 21),
+                                              ("head128", 37, 40)])
 def test_bf16_block_pass_is_bit_identical_to_one_token_passes(isa, family, name, prefix, size):
     """Why greedy speculative decoding equals plain decoding even in bfloat16 on this runtime."""
     model = load_model(family[name], dtype="bfloat16")
@@ -355,15 +361,16 @@ def test_nonfinite_logits_are_refused_on_the_native_path(family):
             model.top1(torch.ones(model.cfg.hidden_size))
 
 
-def test_bf16_passes_stay_close_to_float32(isa, family):
+@pytest.mark.parametrize("name,prefix", [("gqa", 30), ("head64", 300), ("head128", 30)])
+def test_bf16_passes_stay_close_to_float32(isa, family, name, prefix):
     """bf16 weights through every path of this CPU (AMX attention rounds probabilities to bf16)."""
-    m16 = load_model(family["gqa"], dtype="bfloat16")
-    m32 = reference(load_model(family["gqa"], dtype="float32"))
-    ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(11))
+    m16 = load_model(family[name], dtype="bfloat16")
+    m32 = reference(load_model(family[name], dtype="float32"))
+    ids = torch.randint(0, 257, (1, prefix + 10), generator=torch.Generator().manual_seed(11))
     with torch.inference_mode():
         c16, c32 = m16.new_cache(), m32.new_cache()
         for m, c in ((m16, c16), (m32, c32)):
-            m(ids[:, :30], torch.arange(30), c, logits_at=None)
-        a = m16(ids[:, 30:], torch.arange(30, 40), c16).float()
-        b = m32(ids[:, 30:], torch.arange(30, 40), c32)
+            m(ids[:, :prefix], torch.arange(prefix), c, logits_at=None)
+        a = m16(ids[:, prefix:], torch.arange(prefix, prefix + 10), c16).float()
+        b = m32(ids[:, prefix:], torch.arange(prefix, prefix + 10), c32)
     assert (a - b).abs().max() < 0.05 * b.abs().max()
