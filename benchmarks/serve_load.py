@@ -44,7 +44,7 @@ path wherever a peer's arguments say ``{exit_gguf}``. The two-step way: run ``s2
 and name the file in ``-md``.
 
 llama-server caches each slot's last prompt and reuses it for a request that starts the same way
-(``cache_prompt``, on by default); s2d serve has no prefix cache. ``--no-peer-cache-prompt`` turns it off
+(``cache_prompt``, on by default), as s2d serve does (its prompt cache). ``--no-peer-cache-prompt`` turns it off
 per request, for a comparison of the decoding alone.
 
 The report (JSON on stdout and in ``--out``; a table on stderr) names the CPU and its kind (AMX /
