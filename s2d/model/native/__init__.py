@@ -226,7 +226,7 @@ def _torch_openmp() -> Path | None:
 # Levels whose bf16 products read packed weights (runtime.cpp's packs_at): AVX2 and AVX512-BF16; AMX uses tiles.
 PACKED_LEVELS = (1, 2)
 PREFILL_ROWS = int(os.environ.get("S2D_PREFILL_ROWS", "48"))  # see NativeRuntime.prefill_rows; 0 = torch
-PREFILL_MAX_WIDTH = 1024  # widest model (hidden size) prefilled on the runtime; measured at 576 (wins) and 2048
+PREFILL_MAX_WIDTH = 2048  # widest model (hidden size) prefilled on the runtime; measured at 576 (wins) and 2048 (ties)
 
 
 def isa_level() -> int:
@@ -354,10 +354,10 @@ class NativeRuntime:
             _ptr(model.norm), _ptr(model.lm_head.weight), torch.get_num_threads(), isa_level(), int(self.packed))
         self.isa = ISA_NAMES[isa_level()]
         # A causal block of more than MAX_ROWS rows (a prefill) runs as passes of this many rows here, or on
-        # torch (0). Where weights are packed and the model is narrow, 48-row passes beat oneDNN's 256-row
-        # products (zoo-l, width 576: 1.07x; AVX2 1.15x); at width 2048 (the 1B shape) they lose (0.87x: a
-        # call's 12 activation rows no longer fit L1). benchmarks/RESULTS.md, "Prefill on the runtime".
-        # With AMX torch keeps its tiles.
+        # torch (0). Where weights are packed and the model is at most 2048 wide, 48-row passes beat or tie
+        # oneDNN's 256-row products (zoo-l, width 576: 1.07x; AVX2 1.15x; the 1B shape, width 2048: 1.03-1.05x
+        # once rows 4 KB apart stopped sharing L1 sets, 0.77-0.87x before). Wider models are unmeasured: torch.
+        # benchmarks/RESULTS.md, "Prefill on the runtime". With AMX torch keeps its tiles.
         narrow = cfg.hidden_size <= PREFILL_MAX_WIDTH
         self.prefill_rows = PREFILL_ROWS if self.packed and narrow else 0
         for i, layer in enumerate(model.layers):
