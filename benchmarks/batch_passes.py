@@ -100,7 +100,8 @@ def main() -> None:
     runs = [(f"1 sequence, {r} rows after {c}", lambda c=c, r=r: single(model, c, r, args.reps))
             for c, r in pairs(args.single)]
     runs += [(f"{n} sequences x {r} rows after {args.context}",
-              lambda n=n, r=r: batch(model, n, r, args.context, args.reps, args.caches)) for n, r in pairs(args.batches)]
+              lambda n=n, r=r: batch(model, n, r, args.context, args.reps, args.caches))
+             for n, r in pairs(args.batches)]
     for name, run in runs:
         total, parts = run()
         print(f"{name:34s} {total:7.2f} ms  " + "  ".join(f"{k} {v:.2f}" for k, v in parts.items() if v))

@@ -371,7 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the code suite's prompts stay whole, its long ones left out)")
     ap.add_argument("--max-slots", type=int, default=4, help="s2d serve --max-slots")
     ap.add_argument("--device", default="cpu", help="s2d serve --device (cuda: the GPU path; peers stay as built)")
-    ap.add_argument("--serve-args", default="", help="more arguments for s2d serve, one string (e.g. '--prefill-chunk 512')")
+    ap.add_argument("--serve-args", default="",
+                    help="more arguments for s2d serve, one string (e.g. '--prefill-chunk 512')")
     ap.add_argument("--targets", default=",".join(TARGETS),
                     help="comma-separated zoo targets served (default: all three)")
     ap.add_argument("--method", default=None, help="the server's method (default: its own, s2d with a sorted draft)")

@@ -355,9 +355,10 @@ class NativeRuntime:
         self.isa = ISA_NAMES[isa_level()]
         # A causal block of more than MAX_ROWS rows (a prefill) runs as passes of this many rows here, or on
         # torch (0). Where weights are packed and the model is at most 2048 wide, 48-row passes beat or tie
-        # oneDNN's 256-row products (zoo-l, width 576: 1.07x; AVX2 1.15x; the 1B shape, width 2048: 1.03-1.05x,
-        # AVX2 1.03-1.09x, once rows 4 KB apart stopped sharing L1 sets, 0.77-0.87x before). Wider models are unmeasured: torch.
-        # benchmarks/RESULTS.md, "Prefill on the runtime". With AMX torch keeps its tiles.
+        # oneDNN's 256-row products (zoo-l, width 576: 1.07x; AVX2 1.15x; the 1B shape, width 2048:
+        # 1.03-1.05x, AVX2 1.03-1.09x, once rows 4 KB apart stopped sharing L1 sets; 0.77-0.87x before).
+        # Wider models are unmeasured and keep torch. benchmarks/RESULTS.md, "Prefill on the runtime".
+        # With AMX torch keeps its tiles.
         narrow = cfg.hidden_size <= PREFILL_MAX_WIDTH
         self.prefill_rows = PREFILL_ROWS if self.packed and narrow else 0
         for i, layer in enumerate(model.layers):
