@@ -162,3 +162,20 @@ def test_bf16_upcast_agrees_with_plain_bf16(monkeypatch, rows):
     assert fast.dtype == torch.bfloat16 and fast.shape == plain.shape
     # Same exact products; only the float32 summation order may differ: at most one bf16 ulp.
     torch.testing.assert_close(fast.float(), plain.float(), atol=1e-6, rtol=2 ** -7)
+
+
+def test_cache_memory_is_taken_where_written():
+    """A CPU cache reads as zeros everywhere (kernels may read past a sequence's length, weighted 0) and takes
+    memory only where it is written: a server's slots cost what their sequences fill, not the whole context."""
+    from s2d.model.cache import KVCache
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    before = resident()
+    cache = KVCache(4, 1, 8, 4096, 128, torch.bfloat16, "cpu")  # 2 x 32 MiB
+    cache.k[2, 0, 3, 100] = 1.5
+    assert resident() - before < 8 << 20  # one page written
+    assert cache.k.is_contiguous() and cache.k.shape == (4, 1, 8, 4096, 128) and cache.k.dtype == torch.bfloat16
+    assert cache.k[2, 0, 3, 100].eq(1.5).all() and cache.k.count_nonzero() == 128 and not cache.v.any()

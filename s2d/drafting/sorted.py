@@ -25,6 +25,7 @@ from s2d.drafting.cost import draft_cost_ratio
 from s2d.drafting.gates import ExitGates, GateRunner
 from s2d.drafting.length import DraftLength
 from s2d.drafting.vocab import subset_head
+from s2d.model.cache import lazy_zeros
 from s2d.model.config import CheckpointError
 from s2d.model.llama import Transformer
 from s2d.sampling import NONFINITE, SamplingParams, check_finite_logits, probabilities, sample
@@ -74,7 +75,7 @@ class SortedDrafter(Drafter):
         self.head, self.head_ids = subset_head(model, vocab) if vocab else (None, None)
         self.cache = model.new_cache(num_layers=config.exits[-1])
         # hidden[s]: position s's hidden state after the deepest layer it has been through.
-        self.hidden = torch.zeros(self.cache.capacity, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
+        self.hidden = lazy_zeros((self.cache.capacity, model.cfg.hidden_size), model.dtype, model.device)
         self.cached: list[int] = []  # tokens that have entered layer 0, in order
 
     def reset(self) -> None:

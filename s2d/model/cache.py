@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 from torch import Tensor
 
@@ -16,8 +19,8 @@ class KVCache:
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = lazy_zeros(shape, dtype, device)
+        self.v = lazy_zeros(shape, dtype, device)
         self.lengths = [0] * num_layers
         self.capacity = capacity
 
@@ -40,3 +43,18 @@ class KVCache:
         self.k[:, :, :, start:start + n] = self.k.index_select(3, idx)
         self.v[:, :, :, start:start + n] = self.v.index_select(3, idx)
         self.lengths = [start + n] * len(self.lengths)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """A zero tensor whose CPU memory is taken from the OS only where it is first written.
+
+    A cache holds the model's whole context (zoo-l: 56 MB a sequence) and a sequence fills a fraction of it;
+    ``torch.zeros`` writes every page at once (a server's 32 slots: 1.5 s of page faults on their first
+    requests, and all their memory resident). An anonymous mapping reads as zeros and gets a page on its first
+    write, so what the kernels may read past a sequence's length (AMX P.V reads whole blocks of 32 values,
+    weighted 0) is still zeros, never garbage that 0 x NaN would spread."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # the tensor holds the mapping (frombuffer keeps its buffer alive); it is unmapped with the tensor
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
