@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -286,3 +287,45 @@ def test_text_stream_holds_back_stop_prefixes():
     tail = TextStream(Chars(), ("END",))
     tail.push([ord(c) for c in "ok\ufffd"])
     assert tail.sent == "ok" and tail.flush() == "\ufffd"
+
+
+def _pushed(stream: TextStream, ids: list[int], steps: list[int]) -> str:
+    """Push ``ids`` in steps of the given sizes (cycled); check each push's whole text; the released text."""
+    out, n, i = [], 0, 0
+    while n < len(ids):
+        n = min(len(ids), n + steps[i % len(steps)])
+        i += 1
+        out.append(stream.push(ids[:n])[0])
+        assert stream._text == stream.tokenizer.decode(ids[:n], skip_special_tokens=True)
+    return "".join(out) + stream.flush()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_text_stream_decodes_incrementally_as_a_whole(seed):
+    """Each push decodes only the tokens past the settled text, and its text equals decoding the whole output:
+    random bytes (multi-byte characters split across tokens, invalid sequences, the end-of-text token skipped)
+    pushed 1-4 tokens at a time."""
+    from s2d.model.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    rng = random.Random(seed)
+    text = "".join(rng.choice(["a", " ", "é", "€", "😀", "\n", "x = 1"]) for _ in range(60))
+    ids = tok.encode(text)
+    ids[rng.randrange(len(ids))] = rng.randrange(128, 256)  # an invalid byte somewhere
+    ids.insert(rng.randrange(len(ids)), tok.eos_token_id)
+    assert _pushed(TextStream(tok), ids, [1, 2, 3, 4][seed:] + [1]) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_text_stream_keeps_sentencepiece_leading_spaces():
+    """A SentencePiece-style decoder drops the leading space of a text's first token: decoded alone, a window
+    would lose the space between words; the overlap of settled tokens keeps it."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "▁def", "▁f", "(x):", "▁return", "▁x", "▁+", "▁1"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    ids = [1, 2, 3, 4, 5, 6, 7]
+    assert tok.decode([4]) == "return"  # the space a window alone would lose
+    assert _pushed(TextStream(tok), ids, [1]) == "def f(x): return x + 1"

@@ -17,10 +17,18 @@ class TextStream:
         self._borders = [_borders(s) for s in self.stop]
         self.sent = ""  # text released so far
         self._text = ""  # the whole output's text at the last push
+        # Incremental decoding (as vLLM's detokenizer): the text of ids[:read] is settled in _settled; a
+        # push decodes only ids[prefix:], where ids[prefix:read] (decoded: _overlap) are a few tokens of
+        # context, so that a tokenizer that decodes a token differently at the start of a text (SentencePiece
+        # drops a leading space) still gives the text it gives inside the whole output.
+        self._settled = ""
+        self._prefix = self._read = 0
+        self._overlap = ""
 
     def push(self, output_ids: list[int]) -> tuple[str, bool]:
-        """The newly released text, and whether a stop string ended the output."""
-        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        """The newly released text, and whether a stop string ended the output (``output_ids``: the whole
+        output so far; each push extends the last one's)."""
+        text = self._decode(output_ids)
         self._text = text
         if self.stop:
             # Only text past what was released can hold a new match (the released text held none).
@@ -34,6 +42,22 @@ class TextStream:
         hold = max((_prefix_tail(stable[max(0, len(stable) - len(s) + 1):], s, b)
                     for s, b in zip(self.stop, self._borders)), default=0)
         return self._release(stable[:len(stable) - hold]), False
+
+    def _decode(self, ids: list[int]) -> str:
+        """The text of the whole output ``ids``, decoding only the tokens past the settled text (each step's
+        cost no longer grows with the output); a window that does not extend its overlap decodes it all."""
+        decode = self.tokenizer.decode
+        window = decode(ids[self._prefix:], skip_special_tokens=True)
+        if len(ids) >= self._read and window.startswith(self._overlap):
+            text = self._settled + window[len(self._overlap):]
+        else:  # not this output's continuation, or a tokenizer whose pieces do not add up: decode it all
+            text = decode(ids, skip_special_tokens=True)
+            self._settled, self._prefix, self._read, self._overlap = "", 0, 0, ""
+        # Settle everything but a trailing half character (a multi-byte character split across tokens).
+        if len(ids) > self._read and not text.endswith("\ufffd"):
+            self._settled, self._prefix, self._read = text, self._read, len(ids)
+            self._overlap = decode(ids[self._prefix:self._read], skip_special_tokens=True)
+        return text
 
     def flush(self) -> str:
         """At the end of the output (not at a stop string): whatever was held back."""
