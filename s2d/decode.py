@@ -368,7 +368,7 @@ def decode_step_batch(target: Transformer, states: list[DecodeState], eos: set[i
         free = [i for i, s in enumerate(states) if not (s.params.seed is not None and not s.params.greedy)]
         granted = allocate([max(draft_cap(states[i]), 0) for i in free],
                            [(states[i].stats.accepted_at, states[i].stats.proposed_at) for i in free],
-                           pass_cost(target))
+                           pass_cost(target), [states[i].cache.length for i in free])
         for i, k in zip(free, granted):
             budgets[i] = k
     results: dict[int, list[int] | Exception] = {}
@@ -409,6 +409,11 @@ def _verify_group(target: Transformer, steps: list[Step], eos: set[int] | frozen
                   ) -> list[list[int] | CheckpointError]:
     t1 = time.perf_counter()
     seqs = [SequenceRows(target.embed_tokens(s.block[None])[0], s.positions, s.state.cache, s.mask) for s in steps]
+    keys = [s.state.cache.length for s in steps]  # before the pass appends this step's rows
+    # the runtime times attention apart (its profile, cleared here): goodput's cost model needs it
+    fast = target.native_runtime() if target.device.type == "cpu" else None
+    if fast is not None:
+        fast.profile(True)
     with ExitStack() as stack:
         for s in steps:
             stack.enter_context(speculation(s))
@@ -426,7 +431,10 @@ def _verify_group(target: Transformer, steps: list[Step], eos: set[int] | frozen
             except CheckpointError as err:
                 outs.append(err)
     elapsed = time.perf_counter() - t1
-    pass_cost(target).observe(sum(s.block.numel() for s in steps), elapsed)
+    phases = fast.profile() if fast is not None else {}
+    rows = [s.block.numel() for s in steps]
+    pass_cost(target).observe(sum(rows), elapsed, phases["attention"] if any(phases.values()) else None,
+                              sum(keys), sum(r * k for r, k in zip(rows, keys)))
     results: list[list[int] | CheckpointError] = []
     for s, out, h in zip(steps, outs, hidden):
         s.state.stats.draft_s += s.draft_s

@@ -81,6 +81,31 @@ def test_more_rows_than_one_pass_takes(family):
     assert [s.output for s in engine.generate_batch("t", prompts, SamplingParams(), 16)] == expected
 
 
+def test_the_pass_cost_times_attention_apart_on_the_runtime(family):
+    """Batched passes on the native runtime feed goodput's cost model their attention time per cached key (the
+    runtime's profile); on torch the whole pass goes on the line in rows."""
+    from s2d.goodput import pass_cost
+    from s2d.model import native
+
+    target, draft = family
+    engine = MultiTargetEngine({"t": target}, draft, "s2d", eos_token_ids=())
+    cost = pass_cost(target)
+    cost.seconds.clear()
+    cost.per_key.clear()
+    target.use_native = native.library() is not None
+    try:
+        engine.generate_batch("t", PROMPTS, SamplingParams(), MAX_NEW)
+        timed = dict(cost.per_key)
+        cost.per_key.clear()
+        target.use_native = False
+        engine.generate_batch("t", PROMPTS, SamplingParams(), MAX_NEW)
+    finally:
+        target.use_native = True
+    assert cost.seconds and not cost.per_key
+    if native.library() is not None:
+        assert timed and all(v > 0 for v in timed.values())
+
+
 def test_streaming_a_batch_and_refusals(family):
     target, draft = family
     options = default_options("sd-exit-1", draft)
