@@ -23,7 +23,7 @@ from torch import Tensor
 
 from s2d.drafting.base import Drafter, DraftTree, common_prefix
 from s2d.drafting.batch import Proposal, run_alone, run_together
-from s2d.goodput import allocate, pass_cost
+from s2d.goodput import Allocation, allocate, pass_cost
 from s2d.model import native
 from s2d.model.cache import KVCache
 from s2d.model.config import CheckpointError
@@ -351,7 +351,7 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
 
 @torch.inference_mode()
 def decode_step_batch(target: Transformer, states: list[DecodeState], eos: set[int] | frozenset[int],
-                      goodput: bool = True) -> list[list[int] | Exception]:
+                      goodput: "bool | Allocation" = True) -> list[list[int] | Exception]:
     """One step of several sequences of one target: they draft together (the model drafters' calls batched,
     one draft pass per level for all: ``drafting/batch.py``), then one target pass verifies every block
     (``Transformer.run_layers_multi``: the weights read once for all rows), and each accepts and commits on
@@ -362,11 +362,12 @@ def decode_step_batch(target: Transformer, states: list[DecodeState], eos: set[i
 
     ``goodput``: each sequence's draft length is chosen for the batch (``goodput.allocate``: the slots most
     likely accepted, while they raise the batch's expected tokens per second); a seeded sampling request keeps
-    its method's length, so it draws as it does alone. False: every sequence drafts its method's length."""
+    its method's length, so it draws as it does alone. False: every sequence drafts its method's length. Another
+    allocation (``allocate``'s signature) may stand in for it: benchmarks compare fixed caps with it this way."""
     budgets: list[int | None] = [None] * len(states)
     if goodput and len(states) > 1:
         free = [i for i, s in enumerate(states) if not (s.params.seed is not None and not s.params.greedy)]
-        granted = allocate([max(draft_cap(states[i]), 0) for i in free],
+        granted = (allocate if goodput is True else goodput)([max(draft_cap(states[i]), 0) for i in free],
                            [(states[i].stats.accepted_at, states[i].stats.proposed_at) for i in free],
                            pass_cost(target), [states[i].cache.length for i in free])
         for i, k in zip(free, granted):

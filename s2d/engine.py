@@ -23,6 +23,7 @@ from s2d.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from s2d.drafting import DraftOptions
+    from s2d.goodput import Allocation
 
 __all__ = ["DecodeState", "DecodeStats", "Engine", "EngineBusyError", "InputError", "MultiTargetEngine",
            "add_by_position", "add_histogram", "as_token_ids"]
@@ -140,7 +141,8 @@ class Engine:
 
     def stream_batch(self, prompts: list[list[int]], params: "SamplingParams | list[SamplingParams]" = SamplingParams(),
                      max_new_tokens: "int | list[int]" = 128, drafters: "list[Drafter | None] | None" = None,
-                     state_out: list[DecodeState] | None = None, goodput: bool = True) -> Iterator[list[list[int]]]:
+                     state_out: list[DecodeState] | None = None,
+                     goodput: "bool | Allocation" = True) -> Iterator[list[list[int]]]:
         """Decode several sequences together: every step drafts for each and verifies all of them in one
         target pass (``decode_step_batch``). Yields, per step, each sequence's new tokens (empty once it
         has finished); the states (with stats) are appended to ``state_out``. ``params`` and
@@ -149,7 +151,8 @@ class Engine:
 
         Each sequence's tokens are the ones ``generate`` gives it alone (greedy: bit-identical rows;
         seeded sampling: the same draws, from its own generator). ``goodput``: draft lengths chosen for the
-        batch (``s2d/goodput.py``); False: each sequence drafts its method's length."""
+        batch (``s2d/goodput.py``); False: each sequence drafts its method's length; or another allocation
+        (``goodput.allocate``'s signature)."""
         n = len(prompts)
         if not isinstance(prompts, (list, tuple)) or n == 0:
             raise InputError("a batch needs a non-empty list of prompts")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from s2d.model import native
@@ -130,6 +131,10 @@ def survival(accepted_at: list[int], proposed_at: list[int], position: int) -> f
     if position == 0:
         return FIRST_SURVIVAL
     return survival(accepted_at, proposed_at, position - 1) * DECAY
+
+
+# (caps, stats, cost, contexts) -> draft tokens per sequence: ``allocate``, or a stand-in for it
+Allocation = Callable[[list[int], list[tuple[list[int], list[int]]], "PassCost", "list[int] | None"], list[int]]
 
 
 def allocate(caps: list[int], stats: list[tuple[list[int], list[int]]], cost: PassCost,

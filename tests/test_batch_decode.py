@@ -155,3 +155,23 @@ def test_the_batched_sampler_keeps_the_targets_distribution(drafter_class, lossl
             counts[state.output[0] * 8 + state.output[1]] += 1
     stat, df = lumped_chi2(counts, exact * counts.sum())
     assert (stat < chi2_critical(df)) == lossless, (stat, chi2_critical(df))
+
+
+def test_policies_interleaved_step_by_step(family):
+    """benchmarks/batch_goodput.py --interleave: a batch's steps take the policies in turn, each step's tokens
+    counted for its own policy, and the outputs are still those decoded alone."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "batch_goodput.py"
+    spec = importlib.util.spec_from_file_location("batch_goodput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    target, draft = family
+    expected = [alone(target, draft, "s2d", p, SamplingParams(), 40).output for p in PROMPTS]
+    multi = MultiTargetEngine({"t": target}, draft, "s2d", eos_token_ids=())
+    row = bench.interleaved(multi, PROMPTS, expected, ["cap0", "cap2", "goodput"], 40)
+    assert row["identical_to_alone"] == len(PROMPTS)
+    steps = [row[p]["steps"] for p in ("cap0", "cap2", "goodput")]
+    assert min(steps) >= 1 and max(steps) - min(steps) <= 1  # in turn
+    assert row["cap0"]["tokens"] <= len(PROMPTS) * row["cap0"]["steps"]  # no draft: one token a sequence a step
