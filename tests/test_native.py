@@ -136,6 +136,33 @@ def test_block_rows_equal_one_token_passes_packed_or_not(family, monkeypatch, pa
     torch.testing.assert_close(block[0].float(), want.float(), atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("level", [1, 2], ids=["avx2", "avx512"])
+def test_passes_on_two_threads_are_the_bits_of_one(family, monkeypatch, level):
+    """Passes of up to 16 rows hand a product's panels out at run time (each thread its own half in order,
+    then what is left of the other's): on two threads every row is the bits of the one-thread pass, for
+    one-token passes and blocks, whichever thread computed which panel."""
+    if level not in LEVELS:
+        pytest.skip("this CPU lacks the instruction set")
+    monkeypatch.setenv("S2D_NATIVE_ISA", ISA_ENV[level])
+    model = load_model(family["gqa"], dtype="bfloat16")
+    assert model.native_runtime().packed
+    ids = torch.randint(0, 257, (1, 60), generator=torch.Generator().manual_seed(5))
+
+    def passes() -> list[torch.Tensor]:
+        cache, out = model.new_cache(), []
+        with torch.inference_mode():
+            model(ids[:, :20], torch.arange(20), cache, logits_at=None)
+            for start, rows in ((20, 1), (21, 6), (27, 16), (43, 1), (44, 9)):
+                out.append(model(ids[:, start:start + rows], torch.arange(start, start + rows), cache))
+        return out
+
+    with native.threads(1):
+        one = passes()
+    with native.threads(2):
+        for _ in range(3):  # who takes which panel changes from run to run; the bits must not
+            assert all(torch.equal(a, b) for a, b in zip(passes(), one))
+
+
 @pytest.mark.parametrize("name,prefix", [("gqa", 30), ("qwen", 30), ("long", 600)])
 def test_passes_match_the_reference_in_float32(isa, family, name, prefix):
     """One-token, block and tree-masked passes: logits within float32 rounding of the torch path."""

@@ -337,6 +337,13 @@ struct TopPart {
 constexpr int kMaxRows = 64;         // tokens per pass (native.MAX_ROWS)
 constexpr int64_t kKeyChunk = 256;  // keys per attention work unit (see kernels.inc)
 
+// A product's output panels handed out at run time (see Ctx::claim): one counter per (product, thread),
+// each on its own cache line.
+struct alignas(64) Claim {
+  std::atomic<int64_t> next{0};
+};
+constexpr int kStealRows = 16;  // passes of at most this many rows balance their products by claims
+
 // Scratch, sized for the largest T seen. Shared buffers hold one phase's outputs for all threads;
 // private ones hold what each thread computes redundantly (norms) or converts (AVX2 widening).
 struct Scratch {
@@ -356,6 +363,8 @@ struct Scratch {
   std::vector<float> head_out;             // [T, head rows] logits when the caller wants only the top-1
   std::vector<TopPart> top;                // [threads, T]
   std::vector<float> top_chunks;           // [T, ceil(head rows / 16)] sums of exp(logit - row max)
+  std::unique_ptr<Claim[]> claims;         // [layers x 4 products x threads], reset before each layers job
+  int64_t claims_size = 0;
 };
 
 using JobFn = void (*)(void*, int, int);
@@ -442,6 +451,17 @@ struct Model {
     }
     const size_t parts = static_cast<size_t>(rows) * H * ((keys + kKeyChunk - 1) / kKeyChunk) * (D + 2);
     if (s.parts.size() < parts) s.parts.resize(parts);
+  }
+
+  // Every product's claim counters back to 0 (before a layers job; the pool's start publishes them).
+  void reset_claims(int n) {
+    Scratch& s = scratch;
+    const int64_t need = static_cast<int64_t>(num_layers) * 4 * n;
+    if (s.claims_size < need) {
+      s.claims.reset(new Claim[need]);
+      s.claims_size = need;
+    }
+    for (int64_t i = 0; i < need; ++i) s.claims[i].next.store(0, std::memory_order_relaxed);
   }
 };
 
@@ -637,6 +657,7 @@ int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, v
     if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
   m->ensure_scratch(T, slot + T, pool->size());
   if (slot + T > capacity) return -3;
+  m->reset_claims(pool->size());
   m->job = {m, T, x, pos, kc, vc, layer_stride, head_stride, slot, capacity, mask, start, end, nullptr, nullptr, 0,
             nullptr};
   if (m->profile) m->prof.start();
@@ -673,6 +694,7 @@ int s2d_run_layers_multi(void* handle, void* x, int T, const int64_t* pos, int n
   }
   if (row0 != T) return -5;
   m->ensure_scratch(T, keys, pool->size());
+  m->reset_claims(pool->size());
   m->job = {m, T, x, pos, kcs[0], vcs[0], layer_stride, head_stride, slots[0], capacity, nullptr, start, end, nullptr,
             nullptr, 0, nullptr, nseg, segs.data()};
   if (m->profile) m->prof.start();
