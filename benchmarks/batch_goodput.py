@@ -4,7 +4,7 @@
         [--method s2d] [--batches 1,4,8,16,32] [--max-new-tokens 128] [--device cpu] [--out runs/batch_goodput.json]
         [--prompts-file ../shared/data/foreign_code.jsonl] [--interleave cap1,cap3,cap5,goodput]
 
-Each batch size decodes that many code-suite prompts (cut to --prompt-chars) together with
+Each batch size decodes that many prompts (the code suite's, or ``--prompts-file``'s; cut to --prompt-chars) with
 ``MultiTargetEngine.generate_batch`` (one target pass per step for every sequence), greedy, every output
 checked against the same prompt decoded alone (on the CPU an assertion: rows are bit-identical there; on a
 GPU, where cuBLAS picks kernels by shape and bf16 rows may differ in their last bits, a count reported). Three ways per batch size, interleaved: plain decoding
