@@ -338,9 +338,12 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
     t1 = time.perf_counter()
     with speculation(step):
         try:
-            hidden = target.run_layers(target.embed_tokens(step.block[None]), step.positions, state.cache,
-                                       block_mask=step.mask)[0]
-            out = _read_out(target, state.params, hidden)
+            if state.params.greedy:  # one native call: embedding, layers, head (Transformer.greedy_hidden)
+                out, hidden = target.greedy_hidden(step.block[None], step.positions, state.cache, step.mask)
+            else:
+                hidden = target.run_layers(target.embed_tokens(step.block[None]), step.positions, state.cache,
+                                           block_mask=step.mask)[0]
+                out = _read_out(target, state.params, hidden)
         except CheckpointError:
             state.finished = True  # the cache now holds this pass: the sequence cannot go on
             raise

@@ -11,6 +11,7 @@ import torch
 from s2d.drafting import DraftOptions, build_drafter
 from s2d.engine import Engine
 from s2d.model import native
+from s2d.model.config import CheckpointError
 from s2d.model.loading import load_model
 from s2d.model.tiny import write_random_checkpoint
 from s2d.sampling import SamplingParams
@@ -356,6 +357,55 @@ def test_greedy_pass_matches_forward_argmax(isa, family):
             got = m.greedy(ids[:, 30:], torch.arange(30, 40), caches[0])
             want = m(ids[:, 30:], torch.arange(30, 40), caches[1])[0].argmax(-1)
             assert got.dtype == torch.long and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["gqa", "qwen", "long"])
+def test_one_call_greedy_pass_is_the_bits_of_layers_then_head(isa, family, name, dtype):
+    """``greedy_hidden``'s one native call (embedding, layers, head) against ``run_layers`` then ``argmax``:
+    the same tokens, hidden states, cache contents and lengths, for chains of 1 to 64 rows and a tree."""
+    model = load_model(family[name], dtype=dtype)
+    limit = 300 if name == "long" else 60  # "long": contexts past one attention chunk
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, limit + 64), generator=gen)
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    with torch.inference_mode():
+        fused, split = model.new_cache(capacity=limit + 64), model.new_cache(capacity=limit + 64)
+        for c in (fused, split):
+            model(ids[:, :limit - 20], torch.arange(limit - 20), c, logits_at=None)
+        for rows, mask in ((1, None), (7, None), (4, tree), (64, None)):
+            block = ids[:, limit:limit + rows]
+            pos = torch.arange(limit, limit + rows)
+            tokens, hidden = model.greedy_hidden(block, pos, fused, mask)
+            want_hidden = model.run_layers(model.embed_tokens(block), pos, split, block_mask=mask)[0]
+            want = model.argmax(want_hidden)
+            assert torch.equal(tokens, want) and tokens.dtype == torch.long
+            assert torch.equal(hidden, want_hidden)
+            assert fused.lengths == split.lengths
+            assert torch.equal(fused.k, split.k) and torch.equal(fused.v, split.v)
+            for c in (fused, split):
+                c.truncate(limit - 20)
+
+
+def test_one_call_greedy_pass_refuses_bad_input_and_keeps_the_cache(family):
+    model = load_model(family["gqa"], dtype="bfloat16")
+    with torch.inference_mode():
+        cache = model.new_cache(capacity=16)
+        model(torch.arange(1, 9)[None], torch.arange(8), cache, logits_at=None)
+        keys = cache.k.clone()
+        with pytest.raises(IndexError, match="token ids must lie in"):
+            model.greedy(torch.tensor([[3, model.cfg.vocab_size]]), torch.arange(8, 10), cache)
+        with pytest.raises(ValueError, match="positions must lie"):
+            model.greedy(torch.tensor([[3]]), torch.tensor([10**6]), cache)
+        with pytest.raises(ValueError, match="cache overflow"):
+            model.greedy(torch.arange(1, 10)[None], torch.arange(8, 17), cache)
+        assert cache.lengths == [8] * model.cfg.num_layers and torch.equal(cache.k, keys)
+        # logits that are not finite: refused after the layers wrote the block, as run_layers then argmax
+        model.norm.data.fill_(float("inf"))
+        model.drop_native()
+        with pytest.raises(CheckpointError):
+            model.greedy(torch.tensor([[3, 4]]), torch.arange(8, 10), cache)
+        assert cache.lengths == [10] * model.cfg.num_layers
 
 
 def test_own_thread_pool_gives_the_same_tokens(family):

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from s2d.model import native
 from s2d.model.cache import KVCache
-from s2d.model.config import ModelConfig
+from s2d.model.config import CheckpointError, ModelConfig
 from s2d.sampling import check_finite_logits
 
 
@@ -203,11 +203,7 @@ class Transformer(nn.Module):
         """
         end = self.cfg.num_layers if end is None else end
         bsz, t, _ = hidden.shape
-        slot = cache.lengths[start]
-        if any(cache.lengths[i] != slot for i in range(start, end)):
-            raise ValueError(f"layers {start}..{end - 1} hold different cache lengths: {cache.lengths[start:end]}")
-        if slot + t > cache.capacity:
-            raise ValueError(f"cache overflow: {slot} + {t} tokens > capacity {cache.capacity}")
+        slot = self._free_slot(cache, start, end, t)
         fast = self._native_for(hidden)
         if fast is not None and hidden.dtype == self.dtype and cache.k.device.type == "cpu":
             if t <= native.MAX_ROWS:
@@ -231,6 +227,16 @@ class Transformer(nn.Module):
             hidden = self._block(self.layers[i], i, hidden, cos, sin, cache, slot, mask, causal)
             cache.lengths[i] = slot + t
         return hidden
+
+    @staticmethod
+    def _free_slot(cache: KVCache, start: int, end: int, t: int) -> int:
+        """The slot where layers ``start .. end-1`` append a block of ``t`` rows (their common length)."""
+        slot = cache.lengths[start]
+        if any(cache.lengths[i] != slot for i in range(start, end)):
+            raise ValueError(f"layers {start}..{end - 1} hold different cache lengths: {cache.lengths[start:end]}")
+        if slot + t > cache.capacity:
+            raise ValueError(f"cache overflow: {slot} + {t} tokens > capacity {cache.capacity}")
+        return slot
 
     def run_layers_multi(self, seqs: list[SequenceRows], start: int = 0, end: int | None = None) -> list[Tensor]:
         """Layers ``start .. end-1`` over the new rows of several sequences, each appended to its own cache.
@@ -301,7 +307,27 @@ class Transformer(nn.Module):
         so the decode loop never runs a torch op over [T, V] (whose OpenMP threads would compete with
         the runtime's own).
         """
-        return self.argmax(self.run_layers(self.embed_tokens(ids), positions, cache, block_mask=block_mask)[0])
+        return self.greedy_hidden(ids, positions, cache, block_mask)[0]
+
+    def greedy_hidden(self, ids: Tensor, positions: Tensor, cache: KVCache, block_mask: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+        """ids [1, T] -> (the argmax token after each position [T], the last layer's hidden states [T, C]):
+        ``run_layers`` then ``argmax``. The native runtime runs it as one call (embedding, layers, head), the
+        same bits; elsewhere, and for more rows than a native pass takes, the two steps as they are."""
+        t = ids.shape[-1]
+        fast = self._native_for(ids) if t <= native.MAX_ROWS and cache.k.device.type == "cpu" else None
+        if fast is None:
+            hidden = self.run_layers(self.embed_tokens(ids), positions, cache, block_mask=block_mask)[0]
+            return self.argmax(hidden), hidden
+        layers = self.cfg.num_layers
+        slot = self._free_slot(cache, 0, layers, t)
+        try:
+            out = fast.greedy(ids[0], positions, cache, slot, block_mask)
+        except CheckpointError:  # the pass wrote the block's keys and values before its head refused the logits
+            cache.lengths[:layers] = [slot + t] * layers
+            raise
+        cache.lengths[:layers] = [slot + t] * layers
+        return out
 
     def argmax(self, hidden: Tensor) -> Tensor:
         """hidden [T, C] (last layer's) -> the argmax token of each row [T]; non-finite logits are refused."""

@@ -371,6 +371,7 @@ using JobFn = void (*)(void*, int, int);
 
 struct Kernels {
   JobFn layers[2][2];  // [weights bf16][cache bf16]
+  JobFn greedy[2][2];  // layers, then the head's top-1 of every row: one job (s2d_greedy)
   JobFn logits[2];     // [weights bf16]
   JobFn linear[2];     // [bf16]
 };
@@ -398,6 +399,8 @@ struct Model {
   const float* sin;  // [max_pos, D], sign folded in: rotate_half(x) * sin == roll(x, D/2) * table
   const void* final_norm;
   const void* head_w;  // [V, C]
+  const void* embed_w = nullptr;  // [embed_rows, C] the input embedding (s2d_model_set_embedding), or null
+  int64_t embed_rows = 0;
   const uint32_t* head_p = nullptr;  // packed head_w, or null
   bool packed = false;               // products read packed weights (see pack_into)
   PackedBuffer arena;                // every packed copy, one after the other (one huge-page region)
@@ -451,6 +454,38 @@ struct Model {
     }
     const size_t parts = static_cast<size_t>(rows) * H * ((keys + kKeyChunk - 1) / kKeyChunk) * (D + 2);
     if (s.parts.size() < parts) s.parts.resize(parts);
+  }
+
+  // Before a logits job that reduces each row to its top-1: the threads' parts and the chunk sums, sized
+  // (and the logits' scratch, when the caller does not want them).
+  void prepare_top(int T, int64_t V, int n, bool logits_out) {
+    Scratch& s = scratch;
+    if (!logits_out && s.head_out.size() < static_cast<size_t>(T) * V) s.head_out.resize(static_cast<size_t>(T) * V);
+    s.top.assign(static_cast<size_t>(n) * T, TopPart{-INFINITY, 0, true});
+    s.top_chunks.resize(static_cast<size_t>(T) * ((V + 15) / 16));
+  }
+
+  // After it: each row's argmax (the first, as torch's) and softmax probability from the n threads' shares,
+  // merged in column order (ties go to the lowest index; the same bits on any thread count). tokens and
+  // probs may be null. Returns 0, or -4 when a row holds NaN or inf logits.
+  int finish_top(int T, int64_t V, int n, int64_t* tokens, float* probs) const {
+    const Scratch& s = scratch;
+    for (const TopPart& p : s.top)
+      if (!p.finite) return -4;
+    const int64_t chunks = (V + 15) / 16;
+    for (int t = 0; t < T; ++t) {
+      float best = -INFINITY;
+      int64_t arg = 0;
+      for (int i = 0; i < n; ++i) {
+        const TopPart& p = s.top[static_cast<size_t>(i) * T + t];
+        if (p.max > best) best = p.max, arg = p.arg;
+      }
+      float sum = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) sum += s.top_chunks[static_cast<size_t>(t) * chunks + c];
+      if (tokens) tokens[t] = arg;
+      if (probs) probs[t] = 1.0f / sum;
+    }
+    return 0;
   }
 
   // Every product's claim counters back to 0 (before a layers job; the pool's start publishes them).
@@ -714,36 +749,54 @@ int s2d_head(void* handle, const void* x, int T, const void* head_w, int64_t row
   if (T < 1 || T > s2d::kMaxRows) return -2;
   const int64_t V = head_w ? rows : m->V;
   m->ensure_scratch(T, 0, pool->size());
-  s2d::Scratch& s = m->scratch;
   const bool top = tokens != nullptr || probs != nullptr;
-  if (top) {
-    if (out == nullptr && s.head_out.size() < static_cast<size_t>(T) * V) s.head_out.resize(static_cast<size_t>(T) * V);
-    s.top.assign(static_cast<size_t>(pool->size()) * T, s2d::TopPart{-INFINITY, 0, true});
-    s.top_chunks.resize(static_cast<size_t>(T) * ((V + 15) / 16));
-  }
+  if (top) m->prepare_top(T, V, pool->size(), out != nullptr);
   m->job = {m, T, const_cast<void*>(x), nullptr, nullptr, nullptr, 0, 0, 0, 0, nullptr, 0, 0, out,
-            head_w ? head_w : m->head_w, V, top ? &s.top : nullptr};
+            head_w ? head_w : m->head_w, V, top ? &m->scratch.top : nullptr};
   if (m->profile) m->prof.start();
   pool->run(m->kernels.logits[m->bf16_weights], &m->job);
-  if (top) {
-    for (const s2d::TopPart& p : s.top)
-      if (!p.finite) return -4;
-    // Merge the threads' shares in column order: ties go to the lowest index.
-    for (int t = 0; t < T; ++t) {
-      float best = -INFINITY;
-      int64_t arg = 0;
-      for (int i = 0; i < pool->size(); ++i) {
-        const s2d::TopPart& p = s.top[static_cast<size_t>(i) * T + t];
-        if (p.max > best) best = p.max, arg = p.arg;
-      }
-      float sum = 0.f;  // in column order: the same bits on any thread count
-      const int64_t chunks = (V + 15) / 16;
-      for (int64_t c = 0; c < chunks; ++c) sum += s.top_chunks[static_cast<size_t>(t) * chunks + c];
-      if (tokens) tokens[t] = arg;
-      if (probs) probs[t] = 1.0f / sum;
-    }
-  }
-  return 0;
+  return top ? m->finish_top(T, V, pool->size(), tokens, probs) : 0;
+}
+
+// The input embedding s2d_greedy reads: w [rows, C] in the model's dtype, kept alive by the caller.
+void s2d_model_set_embedding(void* handle, const void* w, int64_t rows) {
+  auto* m = static_cast<s2d::Model*>(handle);
+  std::lock_guard<std::mutex> lock(m->mu);
+  m->embed_w = w;
+  m->embed_rows = rows;
+}
+
+// A greedy pass in one call: the embedding rows of ids [T] into x [T, C] (model dtype), every layer over
+// them (keys and values at slots slot .. as s2d_run_layers; x ends as the last layer's output), then the
+// final norm and head, each row reduced to its argmax in tokens [T]: the same bits as s2d_run_layers
+// followed by s2d_head, in one job on the threads (no return to the caller between layers and head).
+// Returns as s2d_run_layers and s2d_head, and -6 (nothing done) for a token outside the embedding or a
+// model without one.
+int s2d_greedy(void* handle, const int64_t* ids, int T, const int64_t* pos, void* kc, void* vc, int cache_bf16,
+               int64_t layer_stride, int64_t head_stride, int64_t capacity, int64_t slot, const uint8_t* mask,
+               void* x, int64_t* tokens, int threads) {
+  auto* m = static_cast<s2d::Model*>(handle);
+  std::lock_guard<std::mutex> lock(m->mu);
+  s2d::Pool* pool = threads > 0 ? shared_pool(threads) : m->pool;
+  if (T < 1 || T > s2d::kMaxRows) return -2;
+  for (int t = 0; t < T; ++t)
+    if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
+  if (m->embed_w == nullptr) return -6;
+  for (int t = 0; t < T; ++t)
+    if (ids[t] < 0 || ids[t] >= m->embed_rows) return -6;
+  if (slot < 0 || slot + T > capacity) return -3;
+  const size_t row_bytes = static_cast<size_t>(m->C) * m->dsize();
+  for (int t = 0; t < T; ++t)
+    std::memcpy(static_cast<char*>(x) + t * row_bytes, static_cast<const char*>(m->embed_w) + ids[t] * row_bytes,
+                row_bytes);
+  m->ensure_scratch(T, slot + T, pool->size());
+  m->reset_claims(pool->size());
+  m->prepare_top(T, m->V, pool->size(), false);
+  m->job = {m, T, x, pos, kc, vc, layer_stride, head_stride, slot, capacity, mask, 0, m->num_layers, nullptr,
+            m->head_w, m->V, &m->scratch.top};
+  if (m->profile) m->prof.start();
+  pool->run(m->kernels.greedy[m->bf16_weights][cache_bf16 != 0], &m->job);
+  return m->finish_top(T, m->V, pool->size(), tokens, nullptr);
 }
 
 // y [M, N] float32 = x [M, K] @ w [N, K]^T, both float32 or both bf16: the product every pass uses,
