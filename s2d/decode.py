@@ -299,8 +299,9 @@ def speculation(step: Step) -> AbstractContextManager:
     return state.drafter.speculate(state.tokens + step.tokens.tolist(), next_cap, state.params, state.generator)
 
 
-def commit_step(step: Step, out: Tensor, hidden: Tensor, eos: set[int] | frozenset[int]) -> list[int]:
-    """The verdict on the target's ``out`` (argmax [N+1] or probabilities [N+1, V]) and ``hidden`` [N+1, C]:
+def commit_step(step: Step, out: Tensor, hidden: Tensor | None, eos: set[int] | frozenset[int]) -> list[int]:
+    """The verdict on the target's ``out`` (argmax [N+1] or probabilities [N+1, V]) and ``hidden`` [N+1, C]
+    (None where the sequence has no drafter to observe it):
     keep the accepted path in the cache, count the pass, tell the drafter; returns the tokens emitted."""
     state, tree, drafter = step.state, step.tree, step.state.drafter
     base = state.cache.length - step.block.numel()
@@ -338,7 +339,9 @@ def decode_step(target: Transformer, state: DecodeState, eos: set[int] | frozens
     t1 = time.perf_counter()
     with speculation(step):
         try:
-            if state.params.greedy:  # one native call: embedding, layers, head (Transformer.greedy_hidden)
+            if state.params.greedy and state.drafter is None:  # one native call (Transformer.greedy)
+                out, hidden = target.greedy(step.block[None], step.positions, state.cache, step.mask), None
+            elif state.params.greedy:  # the drafter observes the target's hidden states
                 out, hidden = target.greedy_hidden(step.block[None], step.positions, state.cache, step.mask)
             else:
                 hidden = target.run_layers(target.embed_tokens(step.block[None]), step.positions, state.cache,

@@ -102,7 +102,15 @@ def test_packed_weights_follow_in_place_changes(family, monkeypatch):
         got = model(ids, torch.arange(6), model.new_cache())
         assert model.native_runtime() is not before
         want = reference(model)(ids, torch.arange(6), reference(model).new_cache())
-    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+        torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+        # norms are read in place, not packed: a change to one needs no rebuild, and passes see it at once
+        after = model.native_runtime()
+        model.layers[1].attn_norm.mul_(3)
+        assert not after.stale()
+        got = model(ids, torch.arange(6), model.new_cache())
+        assert model.native_runtime() is after
+        want = reference(model)(ids, torch.arange(6), reference(model).new_cache())
+        torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
 
 
 def test_a_model_loaded_in_inference_mode_runs(family):
@@ -362,16 +370,16 @@ def test_greedy_pass_matches_forward_argmax(isa, family):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["gqa", "qwen", "long"])
 def test_one_call_greedy_pass_is_the_bits_of_layers_then_head(isa, family, name, dtype):
-    """``greedy_hidden``'s one native call (embedding, layers, head) against ``run_layers`` then ``argmax``:
-    the same tokens, hidden states, cache contents and lengths, for chains of 1 to 64 rows and a tree."""
+    """``greedy_hidden``'s and ``greedy``'s one native call (embedding, layers, head) against ``run_layers``
+    then ``argmax``: the same tokens, hidden states, cache contents and lengths, for 1 to 64 rows and a tree."""
     model = load_model(family[name], dtype=dtype)
     limit = 300 if name == "long" else 60  # "long": contexts past one attention chunk
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, model.cfg.vocab_size, (1, limit + 64), generator=gen)
     tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
     with torch.inference_mode():
-        fused, split = model.new_cache(capacity=limit + 64), model.new_cache(capacity=limit + 64)
-        for c in (fused, split):
+        fused, split, bare = (model.new_cache(capacity=limit + 64) for _ in range(3))
+        for c in (fused, split, bare):
             model(ids[:, :limit - 20], torch.arange(limit - 20), c, logits_at=None)
         for rows, mask in ((1, None), (7, None), (4, tree), (64, None)):
             block = ids[:, limit:limit + rows]
@@ -383,7 +391,9 @@ def test_one_call_greedy_pass_is_the_bits_of_layers_then_head(isa, family, name,
             assert torch.equal(hidden, want_hidden)
             assert fused.lengths == split.lengths
             assert torch.equal(fused.k, split.k) and torch.equal(fused.v, split.v)
-            for c in (fused, split):
+            assert torch.equal(model.greedy(block, pos, bare, mask), want)  # tokens only: the runtime's own rows
+            assert bare.lengths == split.lengths and torch.equal(bare.k, split.k)
+            for c in (fused, split, bare):
                 c.truncate(limit - 20)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 
@@ -23,6 +24,14 @@ class KVCache:
         self.v = lazy_zeros(shape, dtype, device)
         self.lengths = [0] * num_layers
         self.capacity = capacity
+
+    @functools.cached_property
+    def native_layout(self) -> tuple[int, int, int, int, int, int]:
+        """(keys' address, values' address, 1 if bfloat16, elements between layers, between KV heads, slots
+        per head): how the native runtime reads this cache (``k`` and ``v`` are fixed for its life)."""
+        k = self.k
+        return (k.data_ptr(), self.v.data_ptr(), int(k.dtype == torch.bfloat16), k.stride(0), k.stride(2),
+                k.shape[3])
 
     @property
     def length(self) -> int:

@@ -307,22 +307,26 @@ class Transformer(nn.Module):
         so the decode loop never runs a torch op over [T, V] (whose OpenMP threads would compete with
         the runtime's own).
         """
-        return self.greedy_hidden(ids, positions, cache, block_mask)[0]
+        return self._greedy(ids, positions, cache, block_mask, hidden=False)[0]
 
     def greedy_hidden(self, ids: Tensor, positions: Tensor, cache: KVCache, block_mask: Tensor | None = None
                       ) -> tuple[Tensor, Tensor]:
         """ids [1, T] -> (the argmax token after each position [T], the last layer's hidden states [T, C]):
         ``run_layers`` then ``argmax``. The native runtime runs it as one call (embedding, layers, head), the
         same bits; elsewhere, and for more rows than a native pass takes, the two steps as they are."""
+        return self._greedy(ids, positions, cache, block_mask, hidden=True)
+
+    def _greedy(self, ids: Tensor, positions: Tensor, cache: KVCache, block_mask: Tensor | None,
+                hidden: bool) -> tuple[Tensor, Tensor | None]:
         t = ids.shape[-1]
         fast = self._native_for(ids) if t <= native.MAX_ROWS and cache.k.device.type == "cpu" else None
         if fast is None:
-            hidden = self.run_layers(self.embed_tokens(ids), positions, cache, block_mask=block_mask)[0]
-            return self.argmax(hidden), hidden
+            states = self.run_layers(self.embed_tokens(ids), positions, cache, block_mask=block_mask)[0]
+            return self.argmax(states), states
         layers = self.cfg.num_layers
         slot = self._free_slot(cache, 0, layers, t)
         try:
-            out = fast.greedy(ids[0], positions, cache, slot, block_mask)
+            out = fast.greedy(ids, positions, cache, slot, block_mask, hidden)
         except CheckpointError:  # the pass wrote the block's keys and values before its head refused the logits
             cache.lengths[:layers] = [slot + t] * layers
             raise

@@ -348,8 +348,12 @@ class NativeRuntime:
         # version counters at packing time tell (``stale``).
         self.packed = self.bf16 and isa_level() in PACKED_LEVELS and os.environ.get("S2D_NATIVE_PACK", "1") != "0"
         # Inference tensors (a model loaded under torch.inference_mode()) keep no version counter; they can
-        # change in place only inside inference mode, which no optimizer step runs in.
-        self._params = [p for p in model.parameters() if not p.is_inference()]
+        # change in place only inside inference mode, which no optimizer step runs in. Only the packed
+        # weights are watched: norms and biases are read in place. (Each counter read costs ~0.8 us right
+        # after a pass, whose weights have flushed every cache: 74 of them took 62 us of a 2.4 ms zoo-l pass.)
+        packed_weights = [w for layer in model.layers for w in (layer.qkv.weight, layer.o.weight,
+                                                                  layer.gate_up.weight, layer.down.weight)]
+        self._params = [p for p in [*packed_weights, model.lm_head.weight] if not p.is_inference()]
         self._version = weights_version(self._params)
         self.handle = lib.s2d_model_new(
             cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
@@ -439,29 +443,28 @@ class NativeRuntime:
         self._check(status, f"slots {slots} + rows {rows}", k.shape[3], t, pos)
         return x
 
-    def greedy(self, ids: Tensor, positions: Tensor, cache: "KVCache", slot: int,
-               block_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """ids [T] -> (the argmax token after each row [T], the last layer's hidden states [T, C]) through the
-        embedding, every layer (keys/values at slots slot..slot+T-1) and the head, in one call: the tokens and
-        bits of ``run_layers`` then ``argmax``, without returning to Python between them (a decoding step's
-        Python work runs on caches the pass has just flushed: ~0.3 ms of a 2.4 ms zoo-l pass here)."""
-        t = ids.shape[0]
+    def greedy(self, ids: Tensor, positions: Tensor, cache: "KVCache", slot: int, block_mask: Tensor | None,
+               hidden: bool = True) -> tuple[Tensor, Tensor | None]:
+        """ids [1, T] -> (the argmax token after each row [T], the last layer's hidden states [T, C] or, without
+        ``hidden``, None) through the embedding, every layer (keys/values at slots slot..slot+T-1) and the head,
+        in one call: the tokens and bits of ``run_layers`` then ``argmax``, without returning to Python between
+        them (a decoding step's Python work runs on caches the pass has just flushed: each torch call costs
+        10-20 us there, and the two calls' Python ~0.3 ms of a 2.4 ms zoo-l pass)."""
+        t = ids.shape[-1]
         if ids.dtype != torch.int64 or not ids.is_contiguous():
             ids = ids.to(torch.int64).contiguous()
         if positions.dtype != torch.int64 or not positions.is_contiguous():
             positions = positions.to(torch.int64).contiguous()
         mask = None if block_mask is None else block_mask.to(torch.uint8).contiguous()
-        x = torch.empty(t, self.hidden_size, dtype=self.dtype)
+        x = torch.empty(t, self.hidden_size, dtype=self.dtype) if hidden else None
         tokens = torch.empty(t, dtype=torch.int64)
-        k, v = cache.k, cache.v
-        status = self.lib.s2d_greedy(self.handle, ids.data_ptr(), t, positions.data_ptr(), k.data_ptr(),
-                                     v.data_ptr(), int(k.dtype == torch.bfloat16), k.stride(0), k.stride(2),
-                                     k.shape[3], slot, _ptr(mask), x.data_ptr(), tokens.data_ptr(), call_threads())
+        status = self.lib.s2d_greedy(self.handle, ids.data_ptr(), t, positions.data_ptr(), *cache.native_layout, slot,
+                                     _ptr(mask), _ptr(x), tokens.data_ptr(), call_threads())
         if status == -6:
             raise IndexError(f"token ids must lie in [0, {self.embed_rows}), got {ids.tolist()}")
         if status == -4:
             raise CheckpointError(NONFINITE.format(model="model"))
-        self._check(status, f"{slot} + {t} tokens", k.shape[3], t, positions)
+        self._check(status, f"{slot} + {t} tokens", cache.capacity, t, positions)
         return tokens, x
 
     def _check(self, status: int, filled: str, capacity: int, t: int, pos: Tensor) -> None:

@@ -361,6 +361,7 @@ struct Scratch {
   std::vector<std::vector<float>> pv_a;      // per thread: [T, chunk] bf16 probabilities (AMX)
   std::vector<std::vector<float>> kv_virtual;  // per thread: [2, chunk, D] a masked row's keys and values
   std::vector<float> head_out;             // [T, head rows] logits when the caller wants only the top-1
+  std::vector<uint8_t> hidden;             // [T, C] model dtype: s2d_greedy's rows when the caller keeps none
   std::vector<TopPart> top;                // [threads, T]
   std::vector<float> top_chunks;           // [T, ceil(head rows / 16)] sums of exp(logit - row max)
   std::unique_ptr<Claim[]> claims;         // [layers x 4 products x threads], reset before each layers job
@@ -766,8 +767,9 @@ void s2d_model_set_embedding(void* handle, const void* w, int64_t rows) {
   m->embed_rows = rows;
 }
 
-// A greedy pass in one call: the embedding rows of ids [T] into x [T, C] (model dtype), every layer over
-// them (keys and values at slots slot .. as s2d_run_layers; x ends as the last layer's output), then the
+// A greedy pass in one call: the embedding rows of ids [T] into x [T, C] (model dtype; null: the model's
+// scratch), every layer over them (keys and values at slots slot .. as s2d_run_layers; x ends as the last
+// layer's output), then the
 // final norm and head, each row reduced to its argmax in tokens [T]: the same bits as s2d_run_layers
 // followed by s2d_head, in one job on the threads (no return to the caller between layers and head).
 // Returns as s2d_run_layers and s2d_head, and -6 (nothing done) for a token outside the embedding or a
@@ -786,6 +788,11 @@ int s2d_greedy(void* handle, const int64_t* ids, int T, const int64_t* pos, void
     if (ids[t] < 0 || ids[t] >= m->embed_rows) return -6;
   if (slot < 0 || slot + T > capacity) return -3;
   const size_t row_bytes = static_cast<size_t>(m->C) * m->dsize();
+  if (x == nullptr) {
+    std::vector<uint8_t>& own = m->scratch.hidden;
+    if (own.size() < T * row_bytes) own.resize(T * row_bytes);
+    x = own.data();
+  }
   for (int t = 0; t < T; ++t)
     std::memcpy(static_cast<char*>(x) + t * row_bytes, static_cast<const char*>(m->embed_w) + ids[t] * row_bytes,
                 row_bytes);
