@@ -22,6 +22,12 @@ read ~10% faster than sum, and a bfloat16 sum no faster: the floor takes the fas
 floor is timed in the same rounds as the passes (round-robin with the sizes; back to back, its own run
 of reads in each round), because this host's bandwidth drifts 2-3x between minutes: ``1 tok / floor`` compares times
 taken within the same seconds. A model whose weights fit in L3 (zoo-s) can run below this floor.
+
+The ``arith`` columns are the arithmetic floor of a k-token pass: its products' multiply-adds (2 k flops per
+weight it streams) at the rate the runtime's own product reaches when nothing waits on memory (``peak``: 64
+rows against a [2048, 576] weight that stays in the CPU's caches, packed where passes pack, the same threads),
+timed in the same rounds as the passes and the memory floor. A pass cannot beat the larger of its two floors:
+``pass / bound`` says how far above that it runs, and which bound it is (mem or arith).
 """
 
 from __future__ import annotations
@@ -68,6 +74,37 @@ class Floor:
         return measured * self.scale
 
 
+PEAK_SHAPE = (64, 2048, 576)  # rows, outputs, inputs of the product that measures the arithmetic rate
+
+
+class Peak:
+    """Calling it runs the runtime's product over PEAK_SHAPE four times: the first brings the weight into cache
+    (a pass before it has flushed it), the fastest of the other three is a sample (``take``: their median)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        m, n, k = PEAK_SHAPE
+        gen = torch.Generator().manual_seed(0)
+        self.w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
+        self.x = torch.randn(m, k, generator=gen).to(dtype)
+        packs = dtype == torch.bfloat16 and native.isa_level() in native.PACKED_LEVELS
+        self.panels = native.pack(self.w) if packs else None  # packed once, as a model's weights are
+        self.samples: list[float] = []
+
+    def __call__(self) -> None:
+        native.linear(self.x, self.w, packed=self.panels)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            native.linear(self.x, self.w, packed=self.panels)
+            best = min(best, time.perf_counter() - t0)
+        self.samples.append(best)
+
+    def take(self) -> float:
+        """Seconds of one call with the weight in cache: the median sample since the last take."""
+        samples, self.samples = sorted(self.samples), []
+        return samples[len(samples) // 2]
+
+
 def timed_together(fns: dict, reps: int) -> dict:
     """Median seconds of each function, called round-robin (one call of each per round), so that a
     machine whose speed drifts during the run shifts all of them alike and their ratios stay true."""
@@ -108,32 +145,42 @@ def pass_fn(model, cache, ids, context: int, new: int):
 
 
 @torch.inference_mode()
-def block_costs(model, context: int, sizes: list[int], reps: int, floor: Floor | None = None) -> dict:
+def block_costs(model, context: int, sizes: list[int], reps: int, floor: Floor | None = None,
+                peak: Peak | None = None) -> dict:
     """Seconds of one greedy verification pass as the engine runs it (``new`` tokens in, their argmax out),
-    by size; with ``floor``, also its read of the weights' bytes (key "floor"), in the same rounds."""
+    by size; with ``floor``, also its read of the weights' bytes (key "floor"), and with ``peak``, one call
+    of the peak product (key "peak"), in the same rounds."""
     # One cache for all sizes (each pass truncates it back to the context): separate caches would
     # multiply the working set and push the weights out of the CPU's caches.
     cache, ids = prefilled(model, context, max(sizes))
     steps = {new: pass_fn(model, cache, ids, context, new) for new in sizes}
     if floor is not None:
         steps["floor"] = floor
+    if peak is not None:
+        steps["peak"] = peak
     times = timed_together(steps, reps)
     if floor is not None:
         times["floor"] = floor.seconds(times["floor"])
+    if peak is not None:
+        times["peak"] = peak.take()
     return times
 
 
 @torch.inference_mode()
 def block_costs_back_to_back(model, context: int, sizes: list[int], reps: int, rounds: int = 3,
-                             floor: Floor | None = None) -> dict:
+                             floor: Floor | None = None, peak: Peak | None = None) -> dict:
     """Seconds of a greedy pass when passes of one size follow each other (as in plain decoding): each
     size ``reps`` times in a row, ``rounds`` rounds alternating the sizes, the best round's median; with
-    ``floor``, its reads ``reps`` times in a row in each round too (key "floor")."""
+    ``floor`` (``peak``), its reads (calls) ``reps`` times in a row in each round too (key "floor", "peak")."""
     cache, ids = prefilled(model, context, max(sizes))
     best: dict = {}
     for _ in range(rounds):
         if floor is not None:
             best["floor"] = min(best.get("floor", float("inf")), floor.seconds(timed(floor, reps)))
+        if peak is not None:
+            for _ in range(reps):
+                peak()
+            best["peak"] = min(best.get("peak", float("inf")), peak.take())
         for new in sizes:
             best[new] = min(best.get(new, float("inf")), timed(pass_fn(model, cache, ids, context, new), reps))
     return best
@@ -185,6 +232,27 @@ def exit_cost(draft, context: int, layers: int, reps: int, head_only: bool = Fal
     return timed(step, reps)
 
 
+def print_bounds(report: dict, sizes: list[int]) -> None:
+    """Each pass against the larger of its memory and arithmetic floors (see above), per path timed."""
+    print("\n| target | path | peak GFLOP/s | " + " | ".join(f"{k} tok: arith | {k} tok / bound" for k in sizes) + " |")
+    print("|---|---|---|" + "---|---|" * len(sizes))
+    for name, row in report["targets"].items():
+        for path_name in ("native", "back to back"):
+            r = row.get(path_name, {})
+            if "peak" not in r:
+                continue
+            flops = 2 * PEAK_SHAPE[0] * PEAK_SHAPE[1] * PEAK_SHAPE[2]  # of one peak call, r["peak"] ms
+            gflops = flops / r["peak"] / 1e6
+            cells = []
+            for k in sizes:
+                arith = r["peak"] * 2 * k * row["params"] / flops  # ms
+                bound, which = (arith, "arith") if arith > r["floor"] else (r["floor"], "mem")
+                cells.append(f"{arith:.2f} | {r[k] / bound:.2f} ({which})")
+            print(f"| {name} | {path_name} | {gflops:.0f} | " + " | ".join(cells) + " |")
+    print("\narith: a pass's products at the peak (64 rows against a weight in cache, the runtime's own product, "
+          "timed in the same rounds); bound: the larger of arith and the memory floor.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, help="the zoo directory (targets zoo-s, zoo-m, zoo-l)")
@@ -224,23 +292,25 @@ def main() -> None:
     for name, path in targets.items():
         target = load_model(path, dtype=args.dtype)
         floor = None if args.no_floor else Floor(streamed_bytes(target))
+        peak = Peak(target.dtype) if floor is not None and native.library() is not None else None
         row: dict = {"native": {k: 1000 * v for k, v in
-                                block_costs(target, args.context, sizes, args.reps, floor).items()}}
+                                block_costs(target, args.context, sizes, args.reps, floor, peak).items()}}
         if floor is not None:
             row["weights_MB"] = floor.nbytes / 1e6
+            row["params"] = streamed_bytes(target) // target.embed.weight.element_size()
         if target.native_runtime() is not None:
             row["breakdown"] = step_breakdown(target, args.context, args.reps * 3)
         if args.back_to_back:
             row["back to back"] = {k: 1000 * v for k, v in
                                    block_costs_back_to_back(target, args.context, sizes, args.reps * 5,
-                                                            floor=floor).items()}
+                                                            floor=floor, peak=peak).items()}
         if args.reference:
             target.use_native = False
             row["reference"] = {k: 1000 * v for k, v in
                                 block_costs(target, args.context, sizes, args.reps, floor).items()}
             target.use_native = True
         report["targets"][name] = row
-        print(f"{name}: " + ", ".join(f"{k}: {v:.2f}" for k, v in row["native"].items()), flush=True)
+        print(f"{name}: " + ", ".join(f"{k}: {v:.2f}" for k, v in row["native"].items() if k != "peak"), flush=True)
 
     floors = not args.no_floor
     print("\n| target | path | " + " | ".join(f"{k} tok" for k in sizes) + " | 6 tok / 1 tok |"
@@ -261,6 +331,8 @@ def main() -> None:
             + f") once with torch.amax, {report['threads']} threads, timed in the same rounds as the passes; "
             "GB/s: " + ", ".join(f"{name} {row['weights_MB'] / row['native']['floor']:.1f}"
                                  for name, row in report["targets"].items()))
+    if floors and any("peak" in row["native"] for row in report["targets"].values()):
+        print_bounds(report, sizes)
     print("\nOne-token pass by part (ms):")
     for name, row in report["targets"].items():
         if "breakdown" in row:
