@@ -238,7 +238,7 @@ class Step:
     state: DecodeState
     tree: DraftTree
     chain: bool  # one path: verified by the chain rules, with no tree mask
-    tokens: Tensor  # [N] the draft's tokens, on the target's device
+    tokens: Tensor  # [N] the draft's tokens, on the target's device (an empty draft's may stay on the CPU)
     block: Tensor  # [N+1] the last committed token, then the draft
     positions: Tensor  # [N+1] RoPE positions (a tree's follow its depths)
     mask: Tensor | None  # [N+1, N+1] a tree's ancestor mask; None: causal
@@ -277,6 +277,10 @@ def _lay_out(target: Transformer, state: DecodeState, tree: DraftTree, draft_s: 
     """The block a drafted ``tree`` makes for the target pass: the last committed token, then the draft."""
     device = target.device
     base = state.cache.length  # == len(state.tokens) - 1
+    if not len(tree):  # plain decoding: the last token alone (two torch calls; each costs 10-20 us after a pass)
+        block = torch.tensor([state.tokens[-1]], device=device)
+        return Step(state, tree, True, tree.tokens, block, torch.arange(base, base + 1, device=device), None, [],
+                    draft_s)
     chain = tree.is_chain
     tokens = tree.tokens.to(device)
     block = torch.cat([torch.tensor([state.tokens[-1]], device=device), tokens])

@@ -49,6 +49,9 @@ class Draft:
         return cls(torch.empty(0, dtype=torch.long, device=device))
 
 
+_NO_TOKENS = torch.empty(0, dtype=torch.long)  # every empty tree's (plain decoding builds one each step)
+
+
 @dataclass
 class DraftTree:
     """A token tree; the root is the last committed token (not stored), which the verification runs first."""
@@ -63,7 +66,7 @@ class DraftTree:
 
     @classmethod
     def empty(cls) -> DraftTree:
-        return cls(torch.empty(0, dtype=torch.long), [])
+        return cls(_NO_TOKENS, [])  # shared: a tensor of no elements has nothing to change
 
     @classmethod
     def chain(cls, draft: Draft) -> DraftTree:
