@@ -585,6 +585,14 @@ s2d::Pool* shared_pool(int threads) {
   return pools.back().get();
 }
 
+// A pass's rows and their positions checked: 0, -2 (not 1..kMaxRows rows) or -1 (a position outside the RoPE table).
+int check_rows(const s2d::Model& m, int T, const int64_t* pos) {
+  if (T < 1 || T > s2d::kMaxRows) return -2;
+  for (int t = 0; t < T; ++t)
+    if (pos[t] < 0 || pos[t] >= m.max_pos) return -1;
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -688,9 +696,7 @@ int s2d_run_layers(void* handle, void* x, int T, const int64_t* pos, void* kc, v
   auto* m = static_cast<s2d::Model*>(handle);
   std::lock_guard<std::mutex> lock(m->mu);
   s2d::Pool* pool = threads > 0 ? shared_pool(threads) : m->pool;
-  if (T < 1 || T > s2d::kMaxRows) return -2;
-  for (int t = 0; t < T; ++t)
-    if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
+  if (const int bad = check_rows(*m, T, pos)) return bad;
   m->ensure_scratch(T, slot + T, pool->size());
   if (slot + T > capacity) return -3;
   m->reset_claims(pool->size());
@@ -713,10 +719,8 @@ int s2d_run_layers_multi(void* handle, void* x, int T, const int64_t* pos, int n
   auto* m = static_cast<s2d::Model*>(handle);
   std::lock_guard<std::mutex> lock(m->mu);
   s2d::Pool* pool = threads > 0 ? shared_pool(threads) : m->pool;
-  if (T < 1 || T > s2d::kMaxRows) return -2;
+  if (const int bad = check_rows(*m, T, pos)) return bad;
   if (nseg < 1 || nseg > T) return -5;
-  for (int t = 0; t < T; ++t)
-    if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
   static thread_local std::vector<s2d::Segment> segs;
   segs.assign(nseg, {});
   int row0 = 0;
@@ -769,9 +773,8 @@ void s2d_model_set_embedding(void* handle, const void* w, int64_t rows) {
 
 // A greedy pass in one call: the embedding rows of ids [T] into x [T, C] (model dtype; null: the model's
 // scratch), every layer over them (keys and values at slots slot .. as s2d_run_layers; x ends as the last
-// layer's output), then the
-// final norm and head, each row reduced to its argmax in tokens [T]: the same bits as s2d_run_layers
-// followed by s2d_head, in one job on the threads (no return to the caller between layers and head).
+// layer's output), then the final norm and head, each row reduced to its argmax in tokens [T]: the same
+// bits as s2d_run_layers followed by s2d_head, in one job on the threads (no return to the caller between).
 // Returns as s2d_run_layers and s2d_head, and -6 (nothing done) for a token outside the embedding or a
 // model without one.
 int s2d_greedy(void* handle, const int64_t* ids, int T, const int64_t* pos, void* kc, void* vc, int cache_bf16,
@@ -780,9 +783,7 @@ int s2d_greedy(void* handle, const int64_t* ids, int T, const int64_t* pos, void
   auto* m = static_cast<s2d::Model*>(handle);
   std::lock_guard<std::mutex> lock(m->mu);
   s2d::Pool* pool = threads > 0 ? shared_pool(threads) : m->pool;
-  if (T < 1 || T > s2d::kMaxRows) return -2;
-  for (int t = 0; t < T; ++t)
-    if (pos[t] < 0 || pos[t] >= m->max_pos) return -1;
+  if (const int bad = check_rows(*m, T, pos)) return bad;
   if (m->embed_w == nullptr) return -6;
   for (int t = 0; t < T; ++t)
     if (ids[t] < 0 || ids[t] >= m->embed_rows) return -6;
