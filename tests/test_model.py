@@ -179,3 +179,18 @@ def test_cache_memory_is_taken_where_written():
     assert resident() - before < 8 << 20  # one page written
     assert cache.k.is_contiguous() and cache.k.shape == (4, 1, 8, 4096, 128) and cache.k.dtype == torch.bfloat16
     assert cache.k[2, 0, 3, 100].eq(1.5).all() and cache.k.count_nonzero() == 128 and not cache.v.any()
+
+
+def test_a_copied_cache_reads_and_writes_its_own_tensors():
+    """The addresses the native runtime reads a cache at are computed once (``native_layout``); a deep copy
+    holds new tensors, so its layout must be its own (a copied one made a pass on the copy write the original)."""
+    import copy
+
+    from s2d.model.cache import KVCache
+
+    cache = KVCache(2, 1, 2, 16, 8, torch.float32, "cpu")
+    layout = cache.native_layout
+    twin = copy.deepcopy(cache)
+    assert twin.native_layout[:2] == (twin.k.data_ptr(), twin.v.data_ptr())
+    assert twin.native_layout[2:] == layout[2:] and cache.native_layout == layout
+    assert copy.copy(cache).native_layout == layout  # a shallow copy shares the tensors

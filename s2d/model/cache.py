@@ -33,6 +33,12 @@ class KVCache:
         return (k.data_ptr(), self.v.data_ptr(), int(k.dtype == torch.bfloat16), k.stride(0), k.stride(2),
                 k.shape[3])
 
+    def __getstate__(self) -> dict:
+        """A copy's layout is its own: a deep copy (or a pickle) holds new tensors, at other addresses."""
+        state = dict(self.__dict__)
+        state.pop("native_layout", None)
+        return state
+
     @property
     def length(self) -> int:
         """Tokens every layer holds (the committed prefix)."""
