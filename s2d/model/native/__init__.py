@@ -412,11 +412,9 @@ class NativeRuntime:
         x = hidden.reshape(t, c).clone(memory_format=torch.contiguous_format)
         pos = positions.to(torch.int64).contiguous()
         mask = None if block_mask is None else block_mask.to(torch.uint8).contiguous()
-        k, v = cache.k, cache.v
-        status = self.lib.s2d_run_layers(self.handle, x.data_ptr(), t, pos.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                         int(k.dtype == torch.bfloat16), k.stride(0), k.stride(2), k.shape[3], slot,
+        status = self.lib.s2d_run_layers(self.handle, x.data_ptr(), t, pos.data_ptr(), *cache.native_layout, slot,
                                          _ptr(mask), start, end, call_threads())
-        self._check(status, f"{slot} + {t} tokens", k.shape[3], t, pos)
+        self._check(status, f"{slot} + {t} tokens", cache.capacity, t, pos)
         return x.view(1, t, c)
 
     def run_layers_multi(self, hidden: Tensor, positions: Tensor, caches: list["KVCache"], rows: list[int],
@@ -430,17 +428,16 @@ class NativeRuntime:
         n = len(caches)
         keep = [None if m is None else m.to(torch.uint8).contiguous() for m in masks]  # alive during the call
         seg_rows = (ctypes.c_int * n)(*rows)
-        kcs = (ctypes.c_void_p * n)(*[cache.k.data_ptr() for cache in caches])
-        vcs = (ctypes.c_void_p * n)(*[cache.v.data_ptr() for cache in caches])
+        layouts = [cache.native_layout for cache in caches]  # one layout for all (the caller checks)
+        kcs = (ctypes.c_void_p * n)(*[layout[0] for layout in layouts])
+        vcs = (ctypes.c_void_p * n)(*[layout[1] for layout in layouts])
         seg_slots = (ctypes.c_int64 * n)(*slots)
         seg_masks = (ctypes.c_void_p * n)(*[_ptr(m) for m in keep])
-        k = caches[0].k
         status = self.lib.s2d_run_layers_multi(self.handle, x.data_ptr(), t, pos.data_ptr(), n, seg_rows, kcs, vcs,
-                                               seg_slots, seg_masks, int(k.dtype == torch.bfloat16), k.stride(0),
-                                               k.stride(2), k.shape[3], start, end, call_threads())
+                                               seg_slots, seg_masks, *layouts[0][2:], start, end, call_threads())
         if status == -5:
             raise ValueError(f"the sequences' rows {rows} must each be >= 1 and add up to the pass's {t}")
-        self._check(status, f"slots {slots} + rows {rows}", k.shape[3], t, pos)
+        self._check(status, f"slots {slots} + rows {rows}", caches[0].capacity, t, pos)
         return x
 
     def greedy(self, ids: Tensor, positions: Tensor, cache: "KVCache", slot: int, block_mask: Tensor | None,
