@@ -5,8 +5,8 @@
 
 For each target: the time of one greedy verification pass over 1 new token and over k new tokens
 at a fixed context length (sizes timed round-robin, so machine drift does not bend their ratios), through the native runtime and through the torch reference path (``--reference``);
-where a one-token pass goes (products by stage, attention, head, and everything outside the native
-call: Python, embedding, argmax); for the draft: one token through the layers of each exit plus the
+where a one-token pass goes (products by stage, attention, head, and everything else: Python, the ctypes
+call, the embedding row, the threads' start and joins); for the draft: one token through the layers of each exit plus the
 head, and the head alone. Ratios to the target's 1-token pass are the c of Leviathan et al.:
 expected speedup ~ MAT / (1 + k * c) * (t_1 / t_{k+1}).
 
@@ -132,14 +132,19 @@ def prefilled(model, context: int, extra: int):
 
 
 def pass_fn(model, cache, ids, context: int, new: int):
-    """One greedy pass over ``new`` tokens after ``context`` cached ones, as the engine runs it (the cache
-    truncated back to the context first, so every call sees the same context)."""
+    """One greedy pass over ``new`` tokens after ``context`` cached ones, as the engine runs it (one token: plain
+    decoding's ``greedy_token``; more: a verification pass's ``greedy``), the cache truncated back to the
+    context first, so every call sees the same context."""
     block, positions = ids[:, context:context + new], torch.arange(context, context + new)
+    token = int(ids[0, context])
 
     @torch.inference_mode()
     def step() -> None:
         cache.truncate(context)
-        model.greedy(block, positions, cache)
+        if new == 1:
+            model.greedy_token(token, context, cache)
+        else:
+            model.greedy(block, positions, cache)
 
     return step
 
@@ -191,11 +196,7 @@ def step_breakdown(model, context: int, reps: int) -> dict[str, float]:
     """Milliseconds per one-token pass by part (native runtime only)."""
     runtime = model.native_runtime()
     cache, ids = prefilled(model, context, 1)
-    pos = torch.arange(context, context + 1)
-
-    def step():
-        cache.truncate(context)
-        model.greedy(ids[:, context:], pos, cache)
+    step = pass_fn(model, cache, ids, context, 1)
 
     step()
     runtime.profile(True)
@@ -207,7 +208,7 @@ def step_breakdown(model, context: int, reps: int) -> dict[str, float]:
     out = {"products (qkv, o, gate_up, down)": parts["qkv"] + parts["o"] + parts["gate_up"] + parts["down"],
            "attention (incl. cache writes)": parts["attention"] + parts["kv_write"],
            "head": parts["head"]}
-    out["outside the native call (Python, embedding, argmax)"] = total - sum(out.values())
+    out["the rest (Python, dispatch, embedding)"] = total - sum(out.values())
     out["total"] = total
     return {k: 1000 * v for k, v in out.items()}
 

@@ -366,10 +366,10 @@ class Ours:
         torch, model, cache, depth = self.torch, self.model, self.cache, self.depth
         with torch.inference_mode():
             cache.truncate(depth)
-            token = self.ids[:, depth:]
+            token = int(self.ids[0, depth])
             t0 = time.perf_counter()
-            for i in range(NEW_TOKENS):
-                token = model.greedy(token, torch.arange(depth + i, depth + i + 1), cache).view(1, 1)
+            for i in range(NEW_TOKENS):  # as the Engine's plain greedy step runs it
+                token = model.greedy_token(token, depth + i, cache)
             return time.perf_counter() - t0
 
     def decode_ms(self, reps: int) -> float:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from s2d.drafting import DraftOptions, build_drafter
-from s2d.engine import Engine
+from s2d.engine import Engine, InputError
 from s2d.model import native
 from s2d.model.config import CheckpointError
 from s2d.model.loading import load_model
@@ -419,6 +419,70 @@ def test_one_call_greedy_pass_refuses_bad_input_and_keeps_the_cache(family):
         with pytest.raises(CheckpointError):
             model.greedy(torch.tensor([[3, 4]]), torch.arange(8, 10), cache)
         assert cache.lengths == [10] * model.cfg.num_layers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["gqa", "qwen", "long"])
+def test_plain_greedy_fast_step_equals_the_general_step(isa, family, name, dtype):
+    """``decode_step``'s plain greedy path (``greedy_token``: ints, no tensors) against the general step with an
+    empty draft: the same tokens, statistics, cache contents and lengths, EOS and the token budget included."""
+    from s2d.decode import _general_step, decode_step, prefill
+
+    model = load_model(family[name], dtype=dtype)
+    prompt = torch.randint(1, model.cfg.vocab_size, (300 if name == "long" else 30,),
+                           generator=torch.Generator().manual_seed(3)).tolist()
+    runs = []
+    for step in (decode_step, _general_step):
+        state = prefill(model, prompt, SamplingParams(), 40, model.new_cache(), None, 1)
+        out = [step(model, state, frozenset()) for _ in range(39)]
+        eos = frozenset({out[10][0]})  # the 11th token ends a second run's output early
+        second = prefill(model, prompt, SamplingParams(), 40, model.new_cache(), None, 1)
+        while not second.finished:
+            step(model, second, eos)
+        runs.append((state, out, second))
+    (fast, fast_out, fast_eos), (ref, ref_out, ref_eos) = runs
+    assert fast_out == ref_out and fast.tokens == ref.tokens
+    assert fast.finished == ref.finished and fast_eos.tokens == ref_eos.tokens and fast_eos.finished
+    assert len(fast_eos.output) <= 11
+    for a, b in ((fast, ref), (fast_eos, ref_eos)):
+        assert a.cache.lengths == b.cache.lengths
+        assert torch.equal(a.cache.k, b.cache.k) and torch.equal(a.cache.v, b.cache.v)
+        for attr in ("target_passes", "new_tokens", "proposed", "accepted", "proposed_at", "accepted_at",
+                     "exit_counts"):
+            assert getattr(a.stats, attr) == getattr(b.stats, attr), attr
+    assert fast.stats.verify_s > 0 and not fast.finished
+    decode_step(model, fast, frozenset())  # the 40th token: the budget is spent
+    assert fast.finished and len(fast.output) == 40
+    with pytest.raises(InputError, match="finished"):
+        decode_step(model, fast, frozenset())
+
+
+def test_greedy_token_is_greedy_of_one_row_and_refuses_bad_input(isa, family):
+    model = load_model(family["gqa"], dtype="bfloat16")
+    ref = reference(model)
+    with torch.inference_mode():
+        caches = [model.new_cache(capacity=16), ref.new_cache(capacity=16)]
+        for m, c in zip((model, ref), caches):
+            m(torch.arange(1, 9)[None], torch.arange(8), c, logits_at=None)
+        want = model.greedy(torch.tensor([[5]]), torch.tensor([8]), copy.deepcopy(caches[0]))
+    # outside inference mode too: the fast path makes no tensor, the reference path enters inference mode itself
+    for m, c in zip((model, ref), caches):
+        assert m.greedy_token(5, 8, c) == int(want[0]) and c.lengths == [9] * m.cfg.num_layers
+    cache = caches[0]
+    keys = cache.k.clone()
+    with pytest.raises(IndexError, match="token ids must lie in"):
+        model.greedy_token(model.cfg.vocab_size, 9, cache)
+    with pytest.raises(ValueError, match="positions must lie"):
+        model.greedy_token(3, 10**6, cache)
+    full = model.new_cache(capacity=9)
+    full.lengths = [9] * model.cfg.num_layers
+    with pytest.raises(ValueError, match="cache overflow"):
+        model.greedy_token(3, 9, full)
+    assert cache.lengths == [9] * model.cfg.num_layers and torch.equal(cache.k, keys)
+    model.norm.data.fill_(float("inf"))  # logits that are not finite: refused after the layers wrote the token
+    with pytest.raises(CheckpointError):
+        model.greedy_token(3, 9, cache)
+    assert cache.lengths == [10] * model.cfg.num_layers
 
 
 def test_own_thread_pool_gives_the_same_tokens(family):

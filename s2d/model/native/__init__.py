@@ -457,21 +457,36 @@ class NativeRuntime:
         tokens = torch.empty(t, dtype=torch.int64)
         status = self.lib.s2d_greedy(self.handle, ids.data_ptr(), t, positions.data_ptr(), *cache.native_layout, slot,
                                      _ptr(mask), _ptr(x), tokens.data_ptr(), call_threads())
-        if status == -6:
-            raise IndexError(f"token ids must lie in [0, {self.embed_rows}), got {ids.tolist()}")
-        if status == -4:
-            raise CheckpointError(NONFINITE.format(model="model"))
-        self._check(status, f"{slot} + {t} tokens", cache.capacity, t, positions)
+        if status:
+            self._greedy_error(status, ids.tolist(), positions.tolist(), slot, cache.capacity)
         return tokens, x
 
-    def _check(self, status: int, filled: str, capacity: int, t: int, pos: Tensor) -> None:
+    def greedy_token(self, token: int, position: int, cache: "KVCache", slot: int) -> int:
+        """``greedy`` of one row with ints in and out: its ids live in ctypes cells, not tensors (the decoding
+        loop's hot path; ``Transformer.greedy_token``)."""
+        ids, pos, out = ctypes.c_int64(token), ctypes.c_int64(position), ctypes.c_int64()
+        status = self.lib.s2d_greedy(self.handle, ctypes.addressof(ids), 1, ctypes.addressof(pos), *cache.native_layout,
+                                     slot, None, None, ctypes.addressof(out), call_threads())
+        if status:
+            self._greedy_error(status, [token], [position], slot, cache.capacity)
+        return out.value
+
+    def _greedy_error(self, status: int, ids: list[int], positions: list[int], slot: int, capacity: int) -> None:
+        if status == -6:
+            raise IndexError(f"token ids must lie in [0, {self.embed_rows}), got {ids}")
+        if status == -4:
+            raise CheckpointError(NONFINITE.format(model="model"))
+        self._check(status, f"{slot} + {len(ids)} tokens", capacity, len(ids), positions)
+
+    def _check(self, status: int, filled: str, capacity: int, t: int, pos: Tensor | list[int]) -> None:
         """A layers call's status as the error it means (0: none)."""
         if status == -3:
             raise ValueError(f"cache overflow: {filled} > capacity {capacity}")
         if status == -2:
             raise ValueError(f"a native pass takes 1 to {MAX_ROWS} tokens, got {t}")
         if status:
-            raise ValueError(f"positions must lie in [0, {self.max_positions}), got {pos.tolist()}")
+            raise ValueError(f"positions must lie in [0, {self.max_positions}), got "
+                             f"{pos.tolist() if isinstance(pos, Tensor) else pos}")
 
     def logits(self, hidden: Tensor, head: Tensor | None = None) -> Tensor:
         """hidden [..., C] -> float32 logits [..., V] (``head`` [V', C]: another head, e.g. a vocabulary subset)."""
