@@ -376,9 +376,7 @@ def _general_step(target: Transformer, state: DecodeState, eos: set[int] | froze
     t1 = time.perf_counter()
     with speculation(step):
         try:
-            if state.params.greedy and state.drafter is None:  # one native call (Transformer.greedy)
-                out, hidden = target.greedy(step.block[None], step.positions, state.cache, step.mask), None
-            elif state.params.greedy:  # the drafter observes the target's hidden states
+            if state.params.greedy:  # one native call; a drafter observes the target's hidden states
                 out, hidden = target.greedy_hidden(step.block[None], step.positions, state.cache, step.mask)
             else:
                 hidden = target.run_layers(target.embed_tokens(step.block[None]), step.positions, state.cache,

@@ -8,7 +8,9 @@ written by slot, callers choose which layers run and which positions get logits.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,8 @@ from s2d.model import native
 from s2d.model.cache import KVCache
 from s2d.model.config import CheckpointError, ModelConfig
 from s2d.sampling import check_finite_logits
+
+_R = TypeVar("_R")  # what a native pass returns (Transformer._native_append)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -323,15 +327,7 @@ class Transformer(nn.Module):
         tensors spent ~0.3 ms of a 2.6-3.8 ms zoo-l step outside the pass. It returns no tensor, so autograd's
         mode is no reason to leave the runtime; the reference (``greedy``) runs under inference mode."""
         if cache.k.device.type == "cpu" and (fast := self.native_runtime()):
-            layers = self.cfg.num_layers
-            slot = self._free_slot(cache, 0, layers, 1)
-            try:
-                out = fast.greedy_token(token, position, cache, slot)
-            except CheckpointError:  # the pass wrote the token's keys and values before its head refused the logits
-                cache.lengths[:layers] = [slot + 1] * layers
-                raise
-            cache.lengths[:layers] = [slot + 1] * layers
-            return out
+            return self._native_append(cache, 1, lambda slot: fast.greedy_token(token, position, cache, slot))
         with torch.inference_mode():
             device = self.device
             return int(self.greedy(torch.tensor([[token]], device=device), torch.tensor([position], device=device),
@@ -344,11 +340,17 @@ class Transformer(nn.Module):
         if fast is None:
             states = self.run_layers(self.embed_tokens(ids), positions, cache, block_mask=block_mask)[0]
             return self.argmax(states), states
+        return self._native_append(cache, t, lambda slot: fast.greedy(ids, positions, cache, slot, block_mask, hidden))
+
+    def _native_append(self, cache: KVCache, t: int, run: Callable[[int], _R]) -> _R:
+        """``run(slot)``: a native pass through every layer that appends ``t`` rows to ``cache`` at ``slot``, their
+        common length; the lengths then count the rows, also where the head refused non-finite logits (the
+        layers had written the rows' keys and values by then)."""
         layers = self.cfg.num_layers
         slot = self._free_slot(cache, 0, layers, t)
         try:
-            out = fast.greedy(ids, positions, cache, slot, block_mask, hidden)
-        except CheckpointError:  # the pass wrote the block's keys and values before its head refused the logits
+            out = run(slot)
+        except CheckpointError:
             cache.lengths[:layers] = [slot + t] * layers
             raise
         cache.lengths[:layers] = [slot + t] * layers
