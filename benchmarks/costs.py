@@ -28,11 +28,19 @@ weight it streams) at the rate the runtime's own product reaches when nothing wa
 rows against a [2048, 576] weight that stays in the CPU's caches, packed where passes pack, the same threads),
 timed in the same rounds as the passes and the memory floor. A pass cannot beat the larger of its two floors:
 ``pass / bound`` says how far above that it runs, and which bound it is (mem or arith).
+
+``--stream`` adds the product kernel alone: k rows against one weight of the pass's bytes (the model's width,
+packed where passes pack, at least 64 MiB), one call, timed in the same rounds. It is a pass's products with
+nothing else (no attention, norms, head argmax or barriers between products), so it shows how far the kernel
+overlaps its arithmetic with its reads. ``(k tok stream - 1 tok stream) / 1 tok`` is the share of a one-token
+pass that k rows add in the products alone: where it exceeds 0.3 for k = 6, no change outside the product
+kernel brings a 6-token pass within 1.3x of a one-token pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -105,6 +113,29 @@ class Peak:
         return samples[len(samples) // 2]
 
 
+class Stream:
+    """``stream(k)`` runs the runtime's product of k rows against one DRAM-resident weight [N, width] of the
+    pass's bytes (at least FLOOR_MIN_BYTES), packed where passes pack; ``seconds(t)`` scales a call to those
+    bytes, as Floor does."""
+
+    def __init__(self, nbytes: int, width: int, dtype: torch.dtype, sizes: list[int]) -> None:
+        size = torch.tensor([], dtype=dtype).element_size()
+        outputs = max(nbytes, FLOOR_MIN_BYTES) // (width * size) // 32 * 32  # whole panels
+        gen = torch.Generator().manual_seed(0)
+        self.w = torch.empty(outputs, width, dtype=dtype).uniform_(-0.05, 0.05, generator=gen)
+        packs = dtype == torch.bfloat16 and native.isa_level() in native.PACKED_LEVELS
+        self.panels = native.pack(self.w) if packs else None
+        self.x = {k: torch.randn(k, width, generator=gen).to(dtype) for k in sizes}
+        self.out = {k: torch.empty(k, outputs) for k in sizes}  # written in place: no allocation per call
+        self.scale = nbytes / (outputs * width * size)
+
+    def __call__(self, k: int) -> None:
+        native.linear(self.x[k], self.w, packed=self.panels, out=self.out[k])
+
+    def seconds(self, measured: float) -> float:
+        return measured * self.scale
+
+
 def timed_together(fns: dict, reps: int) -> dict:
     """Median seconds of each function, called round-robin (one call of each per round), so that a
     machine whose speed drifts during the run shifts all of them alike and their ratios stay true."""
@@ -151,10 +182,11 @@ def pass_fn(model, cache, ids, context: int, new: int):
 
 @torch.inference_mode()
 def block_costs(model, context: int, sizes: list[int], reps: int, floor: Floor | None = None,
-                peak: Peak | None = None) -> dict:
+                peak: Peak | None = None, stream: Stream | None = None) -> dict:
     """Seconds of one greedy verification pass as the engine runs it (``new`` tokens in, their argmax out),
-    by size; with ``floor``, also its read of the weights' bytes (key "floor"), and with ``peak``, one call
-    of the peak product (key "peak"), in the same rounds."""
+    by size; with ``floor``, also its read of the weights' bytes (key "floor"), with ``peak``, one call
+    of the peak product (key "peak"), and with ``stream``, its k-row product (key "stream k"), in the same
+    rounds."""
     # One cache for all sizes (each pass truncates it back to the context): separate caches would
     # multiply the working set and push the weights out of the CPU's caches.
     cache, ids = prefilled(model, context, max(sizes))
@@ -163,9 +195,14 @@ def block_costs(model, context: int, sizes: list[int], reps: int, floor: Floor |
         steps["floor"] = floor
     if peak is not None:
         steps["peak"] = peak
+    if stream is not None:
+        steps.update({f"stream {k}": functools.partial(stream, k) for k in sizes})
     times = timed_together(steps, reps)
     if floor is not None:
         times["floor"] = floor.seconds(times["floor"])
+    if stream is not None:
+        for k in sizes:
+            times[f"stream {k}"] = stream.seconds(times[f"stream {k}"])
     if peak is not None:
         times["peak"] = peak.take()
     return times
@@ -173,10 +210,12 @@ def block_costs(model, context: int, sizes: list[int], reps: int, floor: Floor |
 
 @torch.inference_mode()
 def block_costs_back_to_back(model, context: int, sizes: list[int], reps: int, rounds: int = 3,
-                             floor: Floor | None = None, peak: Peak | None = None) -> dict:
+                             floor: Floor | None = None, peak: Peak | None = None,
+                             stream: Stream | None = None) -> dict:
     """Seconds of a greedy pass when passes of one size follow each other (as in plain decoding): each
     size ``reps`` times in a row, ``rounds`` rounds alternating the sizes, the best round's median; with
-    ``floor`` (``peak``), its reads (calls) ``reps`` times in a row in each round too (key "floor", "peak")."""
+    ``floor`` (``peak``, ``stream``), its reads (calls) ``reps`` times in a row in each round too (key
+    "floor", "peak", "stream k")."""
     cache, ids = prefilled(model, context, max(sizes))
     best: dict = {}
     for _ in range(rounds):
@@ -188,6 +227,9 @@ def block_costs_back_to_back(model, context: int, sizes: list[int], reps: int, r
             best["peak"] = min(best.get("peak", float("inf")), peak.take())
         for new in sizes:
             best[new] = min(best.get(new, float("inf")), timed(pass_fn(model, cache, ids, context, new), reps))
+            if stream is not None:
+                key = f"stream {new}"
+                best[key] = min(best.get(key, float("inf")), stream.seconds(timed(functools.partial(stream, new), reps)))
     return best
 
 
@@ -254,6 +296,24 @@ def print_bounds(report: dict, sizes: list[int]) -> None:
           "timed in the same rounds); bound: the larger of arith and the memory floor.")
 
 
+def print_stream(report: dict, sizes: list[int]) -> None:
+    """The product kernel alone over the pass's bytes (``--stream``), against the passes of the same rounds."""
+    print("\n| target | path | " + " | ".join(f"{k} tok: stream" for k in sizes)
+          + " | " + " | ".join(f"{k} tok: (stream - stream 1) / 1 tok" for k in sizes if k > 1) + " |")
+    print("|---|---|" + "---|" * (2 * len(sizes) - (1 in sizes)))
+    for name, row in report["targets"].items():
+        for path_name in ("native", "back to back"):
+            r = row.get(path_name, {})
+            if "stream 1" not in r or 1 not in r:
+                continue
+            cells = [f"{r[f'stream {k}']:.2f}" for k in sizes]
+            cells += [f"{(r[f'stream {k}'] - r['stream 1']) / r[1]:.2f}" for k in sizes if k > 1]
+            print(f"| {name} | {path_name} | " + " | ".join(cells) + " |")
+    print("\nstream: a k-token pass's products alone (the runtime's product of k rows over one weight of the pass's "
+          "bytes, timed in the same rounds); (stream - stream 1) / 1 tok: what k rows add in the products alone, "
+          "as a share of the one-token pass.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, help="the zoo directory (targets zoo-s, zoo-m, zoo-l)")
@@ -268,6 +328,8 @@ def main() -> None:
     ap.add_argument("--back-to-back", action="store_true",
                     help="also time each size alone, passes of one size in a row (the fair ratio to a one-token pass)")
     ap.add_argument("--no-floor", action="store_true", help="leave out the memory floor (see above)")
+    ap.add_argument("--stream", action="store_true",
+                    help="also time the product kernel alone over the pass's bytes, k rows (see above)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.models:
@@ -294,8 +356,11 @@ def main() -> None:
         target = load_model(path, dtype=args.dtype)
         floor = None if args.no_floor else Floor(streamed_bytes(target))
         peak = Peak(target.dtype) if floor is not None and native.library() is not None else None
+        stream = None
+        if args.stream and native.library() is not None:
+            stream = Stream(streamed_bytes(target), target.cfg.hidden_size, target.dtype, sizes)
         row: dict = {"native": {k: 1000 * v for k, v in
-                                block_costs(target, args.context, sizes, args.reps, floor, peak).items()}}
+                                block_costs(target, args.context, sizes, args.reps, floor, peak, stream).items()}}
         if floor is not None:
             row["weights_MB"] = floor.nbytes / 1e6
             row["params"] = streamed_bytes(target) // target.embed.weight.element_size()
@@ -304,14 +369,16 @@ def main() -> None:
         if args.back_to_back:
             row["back to back"] = {k: 1000 * v for k, v in
                                    block_costs_back_to_back(target, args.context, sizes, args.reps * 5,
-                                                            floor=floor, peak=peak).items()}
+                                                            floor=floor, peak=peak, stream=stream).items()}
         if args.reference:
             target.use_native = False
             row["reference"] = {k: 1000 * v for k, v in
                                 block_costs(target, args.context, sizes, args.reps, floor).items()}
             target.use_native = True
         report["targets"][name] = row
-        print(f"{name}: " + ", ".join(f"{k}: {v:.2f}" for k, v in row["native"].items() if k != "peak"), flush=True)
+        print(f"{name}: " + ", ".join(f"{k}: {v:.2f}" for k, v in row["native"].items()
+                                      if k != "peak" and not str(k).startswith("stream")), flush=True)
+        del stream  # its weight is as large as the model's
 
     floors = not args.no_floor
     print("\n| target | path | " + " | ".join(f"{k} tok" for k in sizes) + " | 6 tok / 1 tok |"
@@ -334,6 +401,8 @@ def main() -> None:
                                  for name, row in report["targets"].items()))
     if floors and any("peak" in row["native"] for row in report["targets"].values()):
         print_bounds(report, sizes)
+    if any("stream 1" in row["native"] for row in report["targets"].values()):
+        print_stream(report, sizes)
     print("\nOne-token pass by part (ms):")
     for name, row in report["targets"].items():
         if "breakdown" in row:

@@ -90,6 +90,20 @@ def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k, p
         torch.set_num_threads(threads)
 
 
+def test_product_writes_into_out_and_refuses_a_wrong_one():
+    """``out`` takes the product in place (measurements reuse it); a wrong shape, dtype or layout is refused."""
+    if native.library() is None:
+        pytest.skip("no native runtime here")
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(6, 576, generator=g).bfloat16(), torch.randn(70, 576, generator=g).bfloat16()
+    out = torch.full((6, 70), float("nan"))
+    assert native.linear(x, w, out=out) is out
+    assert torch.equal(out, native.linear(x, w))
+    for bad in (torch.empty(6, 71), torch.empty(6, 70, dtype=torch.bfloat16), torch.empty(70, 6).T):
+        with pytest.raises(ValueError, match="out must be"):
+            native.linear(x, w, out=bad)
+
+
 def test_packed_weights_follow_in_place_changes(family, monkeypatch):
     """Where the runtime packs bf16 weights, an in-place change (an optimizer step) rebuilds the copy."""
     if 2 not in LEVELS:

@@ -260,13 +260,15 @@ def pack(w: Tensor) -> Tensor:
     return out
 
 
-def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor | None = None) -> Tensor:
+def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor | None = None,
+           out: Tensor | None = None) -> Tensor:
     """x [M, K] @ w [N, K]^T -> float32 [M, N] through the runtime's product (both float32 or both bf16).
 
     For tests and measurements; ``level`` caps the instruction set (1 AVX2, 2 AVX512-BF16, 3 AMX; the
     default is the best this CPU has). ``packed``: the product over packed weights (bfloat16 at levels 1-2
     only), as passes there use them; None = as passes do, False = the row-major product (the path of
-    other heads), or ``pack(w)`` made once (measurements).
+    other heads), or ``pack(w)`` made once (measurements). ``out``: a contiguous float32 [M, N] to write
+    into (a measurement's repeated calls then allocate nothing).
     """
     lib = library()
     if lib is None:
@@ -288,7 +290,10 @@ def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor
         panels = pack(w)
     else:
         panels = None
-    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    shape = (x.shape[0], w.shape[0])
+    if out is not None and (out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {list(shape)}")
+    y = torch.empty(shape, dtype=torch.float32) if out is None else out
     lib.s2d_linear(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], w.shape[0],
                    int(x.dtype == torch.bfloat16), torch.get_num_threads(), level, _ptr(panels))
     return y
