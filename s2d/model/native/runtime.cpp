@@ -238,12 +238,15 @@ inline int64_t packed_words(int64_t N, int64_t K) {
   return (words + 15) / 16 * 16;
 }
 
+// uint32 words of one packed panel of a weight with K inputs: kPanel outputs x its k-pairs.
+inline int64_t panel_words(int64_t K) { return (K + 1) / 2 * kPanel; }
+
 // w [N, K] bf16 (rows of stride ldw elements) packed into panels at dst (packed_words(N, K)); odd K is
 // padded with a zero pair half, and the last panel's missing outputs with zero weights. stride: uint32
 // words from one panel's start to the next (0: a panel's own size, panels back to back).
 inline void pack_into(const uint16_t* w, int64_t ldw, int64_t N, int64_t K, uint32_t* dst, int64_t stride = 0) {
   const int64_t pairs = (K + 1) / 2, panels = (N + kPanel - 1) / kPanel;
-  if (stride == 0) stride = pairs * kPanel;
+  if (stride == 0) stride = panel_words(K);
   for (int64_t p = 0; p < panels; ++p)
     for (int64_t o = 0; o < kPanel; ++o) {
       const int64_t n = p * kPanel + o;
@@ -288,9 +291,9 @@ struct LayerWeights {
   // Packed copies (null: products read the row-major weights above). Gate and up separately, so that a
   // thread's share of each starts on a panel whatever F, but alternately in one buffer (gate panel p, up
   // panel p, gate panel p + 1, ...; gu_stride words from one gate panel to the next): a thread takes the
-  // gate and up panels of the same outputs one after the other, so it reads one stream, not two. Two
-  // streams 36 KB apart read 4-7% slower where memory is fast (zoo-l, Zen 4: benchmarks/RESULTS.md, seventh
-  // session).
+  // gate and up panels of the same outputs one after the other, so it reads one stream, not two (two
+  // streams in separate buffers made the gate/up phase 4-9% slower where memory is fast; zoo-l, Zen 4:
+  // benchmarks/RESULTS.md, seventh session).
   const uint32_t* qkv_p = nullptr;
   const uint32_t* o_p = nullptr;
   const uint32_t* gate_p = nullptr;
@@ -438,15 +441,14 @@ struct Model {
   }
 
   // Packed copies of a and b, both [N, K] bf16, panels alternating (a's panel p, then b's): a's copy; b's
-  // starts one panel later, and each one's panels are 2 * pairs * kPanel words apart. The arena holds
+  // starts panel_words(K) later, and each one's panels are 2 * panel_words(K) apart. The arena holds
   // packed_words(N, K) for each.
   const uint32_t* pack_alternating(const void* a, const void* b, int64_t N, int64_t K) {
     if (arena_used + 2 * packed_words(N, K) > arena_words) return nullptr;
     uint32_t* dst = arena.get() + arena_used;
     arena_used += 2 * packed_words(N, K);
-    const int64_t panel = (K + 1) / 2 * kPanel;
-    pack_into(static_cast<const uint16_t*>(a), K, N, K, dst, 2 * panel);
-    pack_into(static_cast<const uint16_t*>(b), K, N, K, dst + panel, 2 * panel);
+    pack_into(static_cast<const uint16_t*>(a), K, N, K, dst, 2 * panel_words(K));
+    pack_into(static_cast<const uint16_t*>(b), K, N, K, dst + panel_words(K), 2 * panel_words(K));
     return dst;
   }
 
@@ -689,8 +691,8 @@ void s2d_model_set_layer(void* handle, int i, const void* attn_norm, const void*
     L.o_p = m->pack(o_w, shapes[1][0], shapes[1][1]);
     L.gate_p = m->pack_alternating(gu_w, up_w, m->F, m->C);
     if (L.gate_p != nullptr) {
-      L.gu_stride = 2 * ((m->C + 1) / 2) * s2d::kPanel;
-      L.up_p = L.gate_p + L.gu_stride / 2;
+      L.up_p = L.gate_p + s2d::panel_words(m->C);
+      L.gu_stride = 2 * s2d::panel_words(m->C);
     }
     L.down_p = m->pack(down_w, shapes[4][0], shapes[4][1]);
   }
