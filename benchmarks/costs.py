@@ -119,7 +119,7 @@ class Stream:
     bytes, as Floor does."""
 
     def __init__(self, nbytes: int, width: int, dtype: torch.dtype, sizes: list[int]) -> None:
-        size = torch.tensor([], dtype=dtype).element_size()
+        size = dtype.itemsize
         outputs = max(nbytes, FLOOR_MIN_BYTES) // (width * size) // 32 * 32  # whole panels
         gen = torch.Generator().manual_seed(0)
         self.w = torch.empty(outputs, width, dtype=dtype).uniform_(-0.05, 0.05, generator=gen)

@@ -689,10 +689,10 @@ void s2d_model_set_layer(void* handle, int i, const void* attn_norm, const void*
     const void* up_w = static_cast<const uint16_t*>(gu_w) + static_cast<int64_t>(m->F) * m->C;  // gu_w's up rows
     L.qkv_p = m->pack(qkv_w, shapes[0][0], shapes[0][1]);
     L.o_p = m->pack(o_w, shapes[1][0], shapes[1][1]);
-    L.gate_p = m->pack_alternating(gu_w, up_w, m->F, m->C);
+    L.gate_p = m->pack_alternating(gu_w, up_w, shapes[2][0], shapes[2][1]);  // gate and up share a shape
     if (L.gate_p != nullptr) {
-      L.up_p = L.gate_p + s2d::panel_words(m->C);
-      L.gu_stride = 2 * s2d::panel_words(m->C);
+      L.up_p = L.gate_p + s2d::panel_words(shapes[2][1]);
+      L.gu_stride = 2 * s2d::panel_words(shapes[2][1]);
     }
     L.down_p = m->pack(down_w, shapes[4][0], shapes[4][1]);
   }
