@@ -90,6 +90,23 @@ def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k, p
         torch.set_num_threads(threads)
 
 
+def test_bf16_stores_round_as_the_scalar_rule(isa):
+    """Vector stores of activations round as the scalar f2bf: nearest even, NaN kept NaN (quiet, its high bits)."""
+    g = torch.Generator().manual_seed(5)
+    special = [0x3F808000, 0x3F818000, 0xBF808000, 0x3F807FFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000,
+               0x7F800001, 0xFFC00001, 0x7FA12345, 0x00008000, 0x00018000, 0x80000000, 0x00000001, 0x477FFFFF]
+    bits = torch.cat([torch.tensor(special, dtype=torch.int64),
+                      torch.randint(0, 2**32, (1021,), generator=g, dtype=torch.int64)])  # a tail past whole vectors
+    x = bits.to(torch.int32).view(torch.float32)
+    got = native.put_bf16(x, isa).view(torch.int16).to(torch.int64) & 0xFFFF
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    want = torch.where(nan, (bits >> 16) | 0x40, rounded)
+    assert torch.equal(got, want)
+    finite = ~nan
+    assert torch.equal(got[finite], x[finite].bfloat16().view(torch.int16).to(torch.int64) & 0xFFFF)  # torch's rounding
+
+
 def test_product_writes_into_out_and_refuses_a_wrong_one():
     """``out`` takes the product in place (measurements reuse it); a wrong shape, dtype or layout is refused."""
     if native.library() is None:

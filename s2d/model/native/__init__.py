@@ -71,6 +71,7 @@ _SIGNATURES = {
     "s2d_model_set_embedding": ([_VP, _VP, _I64], None),
     "s2d_greedy": ([_VP, _VP, _I, _VP, _VP, _VP, _I, _I64, _I64, _I64, _I64, _VP, _VP, _VP, _I], _I),
     "s2d_linear": ([_VP, _VP, _VP, _I, _I64, _I64, _I, _I, _I, _VP], None),
+    "s2d_put_bf16": ([_VP, _I64, _VP, _I], None),
     "s2d_packed_size": ([_I64, _I64], _I64),
     "s2d_pack": ([_VP, _I64, _I64, _VP], None),
 }
@@ -257,6 +258,23 @@ def pack(w: Tensor) -> Tensor:
     w = w.contiguous()
     out = torch.empty(lib.s2d_packed_size(*w.shape), dtype=torch.int32)
     lib.s2d_pack(w.data_ptr(), w.shape[0], w.shape[1], out.data_ptr())
+    return out
+
+
+def put_bf16(x: Tensor, level: int | None = None) -> Tensor:
+    """float32 x rounded to bfloat16 as the runtime stores activations (nearest even; NaN stays NaN).
+
+    For tests: the kernels of ``level`` (as ``linear``'s) round whole vectors, then a scalar tail.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU runtime is unavailable here")
+    if x.dtype != torch.float32:
+        raise ValueError("put_bf16 takes float32")
+    level = isa_level() if level is None else min(level, lib.s2d_isa())
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    lib.s2d_put_bf16(x.data_ptr(), x.numel(), out.data_ptr(), level)
     return out
 
 

@@ -385,6 +385,7 @@ struct Kernels {
   JobFn greedy[2][2];  // layers, then the head's top-1 of every row: one job (s2d_greedy)
   JobFn logits[2];     // [weights bf16]
   JobFn linear[2];     // [bf16]
+  void (*put_bf16)(const float*, int64_t, bf16*);  // float32 -> bf16 as passes store activations (vectors, then a tail)
 };
 
 // Where a pass's time goes, when profiling is on: thread 0's wall time per phase, in seconds.
@@ -847,6 +848,9 @@ void s2d_linear(const void* x, const void* w, float* y, int M, int64_t K, int64_
 }
 
 // The packed copy of a bf16 weight [N, K] (see pack_into) into out: s2d_packed_size(N, K) uint32.
+// out[i] = x[i] rounded to bf16 by the kernels of `isa`, as passes store activations (for tests).
+void s2d_put_bf16(const float* x, int64_t n, uint16_t* out, int isa) { kernels_for(isa).put_bf16(x, n, out); }
+
 int64_t s2d_packed_size(int64_t N, int64_t K) { return s2d::packed_words(N, K); }
 
 void s2d_pack(const void* w, int64_t N, int64_t K, uint32_t* out) {
