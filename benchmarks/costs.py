@@ -29,6 +29,12 @@ rows against a [2048, 576] weight that stays in the CPU's caches, packed where p
 timed in the same rounds as the passes and the memory floor. A pass cannot beat the larger of its two floors:
 ``pass / bound`` says how far above that it runs, and which bound it is (mem or arith).
 
+The ``ceiling`` table bounds the goals stated as ratios ("a k-token pass within x of a one-token pass"):
+the instruction set's multiply-add rate with nothing but registers (``native.dot_peak``: AVX512-BF16 dot
+products or AVX2 FMAs; AMX is not measured), timed in the same rounds, and the least time a k-token pass's
+products and attention could take at it. Where that least time over the one-token pass measured exceeds a
+goal's ratio, no kernel can meet the goal against that one-token pass.
+
 ``--stream`` adds the product kernel alone: k rows against one weight of the pass's bytes (the model's width,
 packed where passes pack, at least 64 MiB), one call, timed in the same rounds. It is a pass's products with
 nothing else (no attention, norms, head argmax or barriers between products), so it shows how far the kernel
@@ -87,7 +93,9 @@ PEAK_SHAPE = (64, 2048, 576)  # rows, outputs, inputs of the product that measur
 
 class Peak:
     """Calling it runs the runtime's product over PEAK_SHAPE four times: the first brings the weight into cache
-    (a pass before it has flushed it), the fastest of the other three is a sample (``take``: their median)."""
+    (a pass before it has flushed it), the fastest of the other three is a sample (``take``: their median).
+    Each call also measures the instruction set's multiply-add ceiling (``native.dot_peak``, registers only);
+    ``take`` leaves the fastest since the last take in ``ceiling`` (GFLOP/s; None where it is not measured)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         m, n, k = PEAK_SHAPE
@@ -97,6 +105,8 @@ class Peak:
         packs = dtype == torch.bfloat16 and native.isa_level() in native.PACKED_LEVELS
         self.panels = native.pack(self.w) if packs else None  # packed once, as a model's weights are
         self.samples: list[float] = []
+        self.ceilings: list[float] = []
+        self.ceiling: float | None = None
 
     def __call__(self) -> None:
         native.linear(self.x, self.w, packed=self.panels)
@@ -106,10 +116,14 @@ class Peak:
             native.linear(self.x, self.w, packed=self.panels)
             best = min(best, time.perf_counter() - t0)
         self.samples.append(best)
+        ceiling = native.dot_peak(seconds=0.005)
+        if ceiling is not None:
+            self.ceilings.append(ceiling)
 
     def take(self) -> float:
         """Seconds of one call with the weight in cache: the median sample since the last take."""
         samples, self.samples = sorted(self.samples), []
+        self.ceiling, self.ceilings = max(self.ceilings, default=None), []
         return samples[len(samples) // 2]
 
 
@@ -205,6 +219,8 @@ def block_costs(model, context: int, sizes: list[int], reps: int, floor: Floor |
             times[f"stream {k}"] = stream.seconds(times[f"stream {k}"])
     if peak is not None:
         times["peak"] = peak.take()
+        if peak.ceiling is not None:
+            times["ceiling"] = peak.ceiling
     return times
 
 
@@ -225,6 +241,8 @@ def block_costs_back_to_back(model, context: int, sizes: list[int], reps: int, r
             for _ in range(reps):
                 peak()
             best["peak"] = min(best.get("peak", float("inf")), peak.take())
+            if peak.ceiling is not None:
+                best["ceiling"] = max(best.get("ceiling", 0.0), peak.ceiling)
         for new in sizes:
             best[new] = min(best.get(new, float("inf")), timed(pass_fn(model, cache, ids, context, new), reps))
             if stream is not None:
@@ -294,6 +312,38 @@ def print_bounds(report: dict, sizes: list[int]) -> None:
             print(f"| {name} | {path_name} | {gflops:.0f} | " + " | ".join(cells) + " |")
     print("\narith: a pass's products at the peak (64 rows against a weight in cache, the runtime's own product, "
           "timed in the same rounds); bound: the larger of arith and the memory floor.")
+    many = [k for k in sizes if k > 1]
+    if 1 not in sizes or not many or not any("ceiling" in row.get(p, {}) for row in report["targets"].values()
+                                             for p in ("native", "back to back")):
+        return
+    print("\n| target | path | ceiling GFLOP/s | " + " | ".join(f"{k} tok: least | {k} tok / 1 tok: least" for k in many)
+          + " |")
+    print("|---|---|---|" + "---|---|" * len(many))
+    for name, row in report["targets"].items():
+        for path_name in ("native", "back to back"):
+            r = row.get(path_name, {})
+            if "ceiling" not in r:
+                continue
+            cells = []
+            for k in many:
+                least = pass_flops(row, k) / r["ceiling"] / 1e6  # ms
+                cells.append(f"{least:.2f} | {least / r[1]:.2f}")
+            print(f"| {name} | {path_name} | {r['ceiling']:.0f} | " + " | ".join(cells) + " |")
+    print("\nceiling: the instruction set's multiply-add rate, registers only (native.dot_peak), the fastest in the "
+          "same rounds; least: a k-token pass's products and attention (QK and PV at the context) at that rate, the "
+          "least time any kernel could take, and that over the one-token pass timed: where it exceeds a goal's "
+          "ratio, no design meets that goal against this one-token pass.")
+
+
+def in_ms(times: dict) -> dict:
+    """block_costs' seconds in milliseconds; the ceiling stays in GFLOP/s."""
+    return {k: v if k == "ceiling" else 1000 * v for k, v in times.items()}
+
+
+def pass_flops(row: dict, k: int) -> float:
+    """Multiply-add flops of a k-token pass: its products (2 k per weight it streams) and attention (scores and
+    values against the context: 4 k context head_dim flops per head and layer)."""
+    return 2 * k * row["params"] + k * row["attention_flops_per_row"]
 
 
 def print_stream(report: dict, sizes: list[int]) -> None:
@@ -359,25 +409,24 @@ def main() -> None:
         stream = None
         if args.stream and native.library() is not None:
             stream = Stream(streamed_bytes(target), target.cfg.hidden_size, target.dtype, sizes)
-        row: dict = {"native": {k: 1000 * v for k, v in
-                                block_costs(target, args.context, sizes, args.reps, floor, peak, stream).items()}}
+        row: dict = {"native": in_ms(block_costs(target, args.context, sizes, args.reps, floor, peak, stream))}
         if floor is not None:
             row["weights_MB"] = floor.nbytes / 1e6
             row["params"] = streamed_bytes(target) // target.embed.weight.element_size()
+            cfg = target.cfg
+            row["attention_flops_per_row"] = 4 * args.context * cfg.head_dim * cfg.num_heads * cfg.num_layers
         if target.native_runtime() is not None:
             row["breakdown"] = step_breakdown(target, args.context, args.reps * 3)
         if args.back_to_back:
-            row["back to back"] = {k: 1000 * v for k, v in
-                                   block_costs_back_to_back(target, args.context, sizes, args.reps * 5,
-                                                            floor=floor, peak=peak, stream=stream).items()}
+            row["back to back"] = in_ms(block_costs_back_to_back(target, args.context, sizes, args.reps * 5,
+                                                                 floor=floor, peak=peak, stream=stream))
         if args.reference:
             target.use_native = False
-            row["reference"] = {k: 1000 * v for k, v in
-                                block_costs(target, args.context, sizes, args.reps, floor).items()}
+            row["reference"] = in_ms(block_costs(target, args.context, sizes, args.reps, floor))
             target.use_native = True
         report["targets"][name] = row
         print(f"{name}: " + ", ".join(f"{k}: {v:.2f}" for k, v in row["native"].items()
-                                      if k != "peak" and not str(k).startswith("stream")), flush=True)
+                                      if k not in ("peak", "ceiling") and not str(k).startswith("stream")), flush=True)
         del stream  # its weight is as large as the model's
 
     floors = not args.no_floor

@@ -1,4 +1,5 @@
-"""benchmarks/costs.py's stream probe (``--stream``): the product it times is the runtime's, over the bytes it claims."""
+"""benchmarks/costs.py: the stream probe (``--stream``) times the runtime's product over the bytes it claims; the
+ceiling table bounds what any kernel could reach."""
 
 from __future__ import annotations
 
@@ -41,3 +42,28 @@ def test_stream_table_reports_what_rows_add(capsys):
     out = capsys.readouterr().out
     assert "| m | native | 1.50 | 2.20 | 0.35 |" in out
     assert "back to back" not in out
+
+
+def test_ceiling_table_gives_the_least_time_any_kernel_could_take(capsys):
+    """``least``: a k-token pass's products and attention at the ceiling's rate, and that over the one-token pass."""
+    row = {"params": 50_000_000, "attention_flops_per_row": 10_000_000,
+           "native": {1: 2.0, 16: 6.0, "floor": 1.5, "peak": 1.0, "ceiling": 500.0}}
+    costs.print_bounds({"targets": {"m": row}}, [1, 16])
+    out = capsys.readouterr().out
+    # 16 rows: 2 * 16 * 5e7 + 16 * 1e7 = 1.76 GFLOP at 500 GFLOP/s = 3.52 ms, 1.76x the 2 ms one-token pass
+    assert "| m | native | 500 | 3.52 | 1.76 |" in out
+    assert costs.pass_flops(row, 16) == pytest.approx(1.76e9)
+    costs.print_bounds({"targets": {"m": {**row, "native": {k: v for k, v in row["native"].items() if k != "ceiling"}}}},
+                       [1, 16])
+    assert "ceiling GFLOP/s" not in capsys.readouterr().out  # not measured (AMX): no table
+
+
+def test_peak_measures_the_ceiling_in_the_same_calls(monkeypatch):
+    if native.library() is None:
+        pytest.skip("no native runtime here")
+    monkeypatch.setattr(costs, "PEAK_SHAPE", (4, 64, 64))
+    peak = costs.Peak(torch.bfloat16)
+    for _ in range(3):
+        peak()
+    assert peak.take() > 0 and peak.ceiling is not None and peak.ceiling > 0
+    assert peak.ceilings == []  # taken: the next take starts afresh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
 
 import pytest
 import torch
@@ -105,6 +106,24 @@ def test_bf16_stores_round_as_the_scalar_rule(isa):
     assert torch.equal(got, want)
     finite = ~nan
     assert torch.equal(got[finite], x[finite].bfloat16().view(torch.int16).to(torch.int64) & 0xFFFF)  # torch's rounding
+
+
+def test_dot_peak_is_a_ceiling_the_products_stay_under(isa):
+    """The multiply-add ceiling costs.py bounds ratios with: above what the runtime's own product reaches in cache
+    (a folded loop or a wrong flop count would break either side of this), and below a physical limit."""
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(16, 576, generator=g).bfloat16(), torch.randn(1024, 576, generator=g).bfloat16()
+    out = torch.empty(16, 1024)
+    native.linear(x, w, isa, out=out)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        native.linear(x, w, isa, out=out)
+    product = 2 * 16 * 1024 * 576 * 50 / (time.perf_counter() - t0) / 1e9
+    ceiling = native.dot_peak(isa, seconds=0.02)
+    if isa >= 3:
+        assert ceiling is None  # AMX tiles: not measured
+        return
+    assert product < 1.15 * ceiling < 1.15 * 200 * torch.get_num_threads() * 64  # <= 64 flops a cycle at 200 GHz
 
 
 def test_product_writes_into_out_and_refuses_a_wrong_one():

@@ -72,6 +72,7 @@ _SIGNATURES = {
     "s2d_greedy": ([_VP, _VP, _I, _VP, _VP, _VP, _I, _I64, _I64, _I64, _I64, _VP, _VP, _VP, _I], _I),
     "s2d_linear": ([_VP, _VP, _VP, _I, _I64, _I64, _I, _I, _I, _VP], None),
     "s2d_put_bf16": ([_VP, _I64, _VP, _I], None),
+    "s2d_dot_peak": ([_I, _I, _I64], ctypes.c_double),
     "s2d_packed_size": ([_I64, _I64], _I64),
     "s2d_pack": ([_VP, _I64, _I64, _VP], None),
 }
@@ -276,6 +277,24 @@ def put_bf16(x: Tensor, level: int | None = None) -> Tensor:
     out = torch.empty(x.shape, dtype=torch.bfloat16)
     lib.s2d_put_bf16(x.data_ptr(), x.numel(), out.data_ptr(), level)
     return out
+
+
+def dot_peak(level: int | None = None, seconds: float = 0.05) -> float | None:
+    """The arithmetic ceiling of the runtime's products, GFLOP/s, on torch's threads: the widest multiply-add
+    they use (AVX512-BF16 bf16 pair dot products, AVX2 float32 FMAs), 12 independent accumulators per thread,
+    registers only, for about ``seconds``. No product can run faster. None at level 3 (AMX tiles: not measured)
+    or without the runtime."""
+    lib = library()
+    if lib is None:
+        return None
+    level = isa_level() if level is None else min(level, lib.s2d_isa())
+    if level >= 3:
+        return None
+    threads = torch.get_num_threads()
+    lib.s2d_dot_peak(level, threads, 1000)  # the threads wake and settle
+    rate = lib.s2d_dot_peak(level, threads, 100_000)
+    iters = max(1000, int(seconds * rate * 1e9 / threads / (12 * 64)))
+    return lib.s2d_dot_peak(level, threads, iters)
 
 
 def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor | None = None,

@@ -385,7 +385,9 @@ struct Kernels {
   JobFn greedy[2][2];  // layers, then the head's top-1 of every row: one job (s2d_greedy)
   JobFn logits[2];     // [weights bf16]
   JobFn linear[2];     // [bf16]
-  void (*put_bf16)(const float*, int64_t, bf16*);  // float32 -> bf16 as passes store activations (vectors, then a tail)
+  void (*put_bf16)(const float*, int64_t, bf16*);
+  JobFn dot_peak;      // PeakArgs: registers-only multiply-adds, the arithmetic ceiling of the products
+  int peak_flops;      // flops one dot_peak iteration does on one thread  // float32 -> bf16 as passes store activations (vectors, then a tail)
 };
 
 // Where a pass's time goes, when profiling is on: thread 0's wall time per phase, in seconds.
@@ -525,6 +527,11 @@ struct Model {
 };
 
 // A bare product's arguments (s2d_linear).
+struct PeakArgs {
+  int64_t iters;
+  float sink[64];  // per thread: what the accumulators summed to, so that the loop is not folded away
+};
+
 struct LinearArgs {
   const void* x;
   const void* w;
@@ -850,6 +857,20 @@ void s2d_linear(const void* x, const void* w, float* y, int M, int64_t K, int64_
 // The packed copy of a bf16 weight [N, K] (see pack_into) into out: s2d_packed_size(N, K) uint32.
 // out[i] = x[i] rounded to bf16 by the kernels of `isa`, as passes store activations (for tests).
 void s2d_put_bf16(const float* x, int64_t n, uint16_t* out, int isa) { kernels_for(isa).put_bf16(x, n, out); }
+
+// The multiply-add ceiling of `isa`'s products on `threads` threads, GFLOP/s: `iters` rounds of 12 independent
+// accumulators through the widest multiply-add the products use (AVX512-BF16: bf16 pair dot products; AVX2:
+// float32 FMAs), registers only. AMX tiles are not measured: 0.
+double s2d_dot_peak(int isa, int threads, int64_t iters) {
+  if (isa >= 3 || threads < 1 || threads > 64) return 0.0;
+  const s2d::Kernels k = kernels_for(isa);
+  s2d::PeakArgs args{iters, {}};
+  s2d::Pool* pool = shared_pool(threads);
+  const auto t0 = std::chrono::steady_clock::now();
+  pool->run(k.dot_peak, &args);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return static_cast<double>(iters) * k.peak_flops * threads / seconds / 1e9;
+}
 
 int64_t s2d_packed_size(int64_t N, int64_t K) { return s2d::packed_words(N, K); }
 
