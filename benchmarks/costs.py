@@ -29,6 +29,12 @@ rows against a [2048, 576] weight that stays in the CPU's caches, packed where p
 timed in the same rounds as the passes and the memory floor. A pass cannot beat the larger of its two floors:
 ``pass / bound`` says how far above that it runs, and which bound it is (mem or arith).
 
+Each round also times the threads' hand-off of one cache line (``native.handoff_ns``): a VM's two vCPUs may
+sit on two cores that share an L3 (~30 ns) or on two dies (~170 ns), and move between the two from minute to
+minute; on the Zen 4 host, the second placement streams memory faster and slows every exchange between the
+threads (barriers, rows one thread writes and the other reads), so one-token passes get faster and many-row
+passes slower there.
+
 The ``ceiling`` table bounds the goals stated as ratios ("a k-token pass within x of a one-token pass"):
 the instruction set's multiply-add rate with nothing but registers (``native.dot_peak``: AVX512-BF16 dot
 products or AVX2 FMAs; AMX is not measured), timed in the same rounds, and the least time a k-token pass's
@@ -94,8 +100,9 @@ PEAK_SHAPE = (64, 2048, 576)  # rows, outputs, inputs of the product that measur
 class Peak:
     """Calling it runs the runtime's product over PEAK_SHAPE four times: the first brings the weight into cache
     (a pass before it has flushed it), the fastest of the other three is a sample (``take``: their median).
-    Each call also measures the instruction set's multiply-add ceiling (``native.dot_peak``, registers only);
-    ``take`` leaves the fastest since the last take in ``ceiling`` (GFLOP/s; None where it is not measured)."""
+    Each call also measures the instruction set's multiply-add ceiling (``native.dot_peak``, registers only)
+    and the threads' hand-off time (``native.handoff_ns``); ``take`` leaves the fastest ceiling since the last
+    take in ``ceiling`` (GFLOP/s) and the median hand-off in ``handoff`` (ns; None where not measured)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         m, n, k = PEAK_SHAPE
@@ -107,6 +114,8 @@ class Peak:
         self.samples: list[float] = []
         self.ceilings: list[float] = []
         self.ceiling: float | None = None
+        self.handoffs: list[float] = []
+        self.handoff: float | None = None
 
     def __call__(self) -> None:
         native.linear(self.x, self.w, packed=self.panels)
@@ -119,11 +128,16 @@ class Peak:
         ceiling = native.dot_peak(seconds=0.005)
         if ceiling is not None:
             self.ceilings.append(ceiling)
+        handoff = native.handoff_ns(2000)
+        if handoff is not None:
+            self.handoffs.append(handoff)
 
     def take(self) -> float:
         """Seconds of one call with the weight in cache: the median sample since the last take."""
         samples, self.samples = sorted(self.samples), []
         self.ceiling, self.ceilings = max(self.ceilings, default=None), []
+        handoffs, self.handoffs = sorted(self.handoffs), []
+        self.handoff = handoffs[len(handoffs) // 2] if handoffs else None
         return samples[len(samples) // 2]
 
 
@@ -221,6 +235,8 @@ def block_costs(model, context: int, sizes: list[int], reps: int, floor: Floor |
         times["peak"] = peak.take()
         if peak.ceiling is not None:
             times["ceiling"] = peak.ceiling
+        if peak.handoff is not None:
+            times["handoff"] = peak.handoff
     return times
 
 
@@ -231,10 +247,12 @@ def block_costs_back_to_back(model, context: int, sizes: list[int], reps: int, r
     """Seconds of a greedy pass when passes of one size follow each other (as in plain decoding): each
     size ``reps`` times in a row, ``rounds`` rounds alternating the sizes, the best round's median; with
     ``floor`` (``peak``, ``stream``), its reads (calls) ``reps`` times in a row in each round too (key
-    "floor", "peak", "stream k")."""
+    "floor", "peak", "stream k"). Key "rounds": each round's medians by size, and its hand-off (ns) where
+    measured: the best of each size may come from different rounds, a ratio within a round from one."""
     cache, ids = prefilled(model, context, max(sizes))
-    best: dict = {}
+    best: dict = {"rounds": []}
     for _ in range(rounds):
+        this: dict = {}
         if floor is not None:
             best["floor"] = min(best.get("floor", float("inf")), floor.seconds(timed(floor, reps)))
         if peak is not None:
@@ -243,11 +261,16 @@ def block_costs_back_to_back(model, context: int, sizes: list[int], reps: int, r
             best["peak"] = min(best.get("peak", float("inf")), peak.take())
             if peak.ceiling is not None:
                 best["ceiling"] = max(best.get("ceiling", 0.0), peak.ceiling)
+            if peak.handoff is not None:
+                best.setdefault("handoffs", []).append(peak.handoff)
+                this["handoff"] = peak.handoff
         for new in sizes:
-            best[new] = min(best.get(new, float("inf")), timed(pass_fn(model, cache, ids, context, new), reps))
+            this[new] = timed(pass_fn(model, cache, ids, context, new), reps)
+            best[new] = min(best.get(new, float("inf")), this[new])
             if stream is not None:
                 key = f"stream {new}"
                 best[key] = min(best.get(key, float("inf")), stream.seconds(timed(functools.partial(stream, new), reps)))
+        best["rounds"].append(this)
     return best
 
 
@@ -335,9 +358,31 @@ def print_bounds(report: dict, sizes: list[int]) -> None:
           "ratio, no design meets that goal against this one-token pass.")
 
 
+def print_placement(report: dict, sizes: list[int]) -> None:
+    """Each back-to-back round's ratios with its threads' hand-off, then every hand-off measured."""
+    for name, row in report["targets"].items():
+        rounds = row.get("back to back", {}).get("rounds", [])
+        if 1 in sizes and len(sizes) > 1 and rounds:
+            print(f"back to back, {name}, round by round: " + "; ".join(
+                (f"hand-off {r['handoff']:.0f} ns: " if "handoff" in r else "")
+                + ", ".join(f"{k} tok / 1 tok {r[k] / r[1]:.2f}" for k in sizes if k != 1) for r in rounds))
+    handoffs = [f"{name}, {path}: {fmt_handoff(row[path].get('handoff', row[path].get('handoffs')))}"
+                for name, row in report["targets"].items() for path in ("native", "back to back")
+                if "handoff" in row.get(path, {}) or "handoffs" in row.get(path, {})]
+    if handoffs:
+        print("threads' hand-off (ns each way, in the same rounds; ~30: the two cores share an L3, ~170: they sit on "
+              "different dies): " + "; ".join(handoffs))
+
+
+def fmt_handoff(v: float | list[float]) -> str:
+    """One median, or one per round (back to back) joined by slashes."""
+    return "/".join(f"{x:.0f}" for x in v) if isinstance(v, list) else f"{v:.0f}"
+
+
 def in_ms(times: dict) -> dict:
-    """block_costs' seconds in milliseconds; the ceiling stays in GFLOP/s."""
-    return {k: v if k == "ceiling" else 1000 * v for k, v in times.items()}
+    """block_costs' seconds in milliseconds (each round's too); the ceiling stays in GFLOP/s, hand-offs in ns."""
+    return {k: [in_ms(r) for r in v] if k == "rounds" else v if k in ("ceiling", "handoff", "handoffs") else 1000 * v
+            for k, v in times.items()}
 
 
 def pass_flops(row: dict, k: int) -> float:
@@ -426,7 +471,7 @@ def main() -> None:
             target.use_native = True
         report["targets"][name] = row
         print(f"{name}: " + ", ".join(f"{k}: {v:.2f}" for k, v in row["native"].items()
-                                      if k not in ("peak", "ceiling") and not str(k).startswith("stream")), flush=True)
+                                      if isinstance(k, int) or k == "floor"), flush=True)
         del stream  # its weight is as large as the model's
 
     floors = not args.no_floor
@@ -448,6 +493,7 @@ def main() -> None:
             + f") once with torch.amax, {report['threads']} threads, timed in the same rounds as the passes; "
             "GB/s: " + ", ".join(f"{name} {row['weights_MB'] / row['native']['floor']:.1f}"
                                  for name, row in report["targets"].items()))
+    print_placement(report, sizes)
     if floors and any("peak" in row["native"] for row in report["targets"].values()):
         print_bounds(report, sizes)
     if any("stream 1" in row["native"] for row in report["targets"].values()):

@@ -67,3 +67,18 @@ def test_peak_measures_the_ceiling_in_the_same_calls(monkeypatch):
         peak()
     assert peak.take() > 0 and peak.ceiling is not None and peak.ceiling > 0
     assert peak.ceilings == []  # taken: the next take starts afresh
+
+
+def test_placement_lines_give_each_round_its_ratios_and_hand_off(capsys):
+    """Back to back, the best of each size may come from different rounds: ratios are printed round by round,
+    each with the threads' hand-off measured in it."""
+    rounds = [{1: 2.0, 6: 2.3, 16: 3.6, "handoff": 31.0}, {1: 1.6, 6: 2.4, 16: 4.4, "handoff": 170.0}]
+    report = {"targets": {"m": {"native": {1: 2.1, "handoff": 33.0},
+                                "back to back": {1: 1.6, 6: 2.3, 16: 3.6, "rounds": rounds, "handoffs": [31.0, 170.0]}}}}
+    costs.print_placement(report, [1, 6, 16])
+    out = capsys.readouterr().out
+    assert ("hand-off 31 ns: 6 tok / 1 tok 1.15, 16 tok / 1 tok 1.80; "
+            "hand-off 170 ns: 6 tok / 1 tok 1.50, 16 tok / 1 tok 2.75") in out
+    assert "m, native: 33; m, back to back: 31/170" in out
+    assert costs.in_ms({1: 0.002, "handoff": 31.0, "rounds": [{1: 0.002, "handoff": 31.0}]}) == {
+        1: 2.0, "handoff": 31.0, "rounds": [{1: 2.0, "handoff": 31.0}]}

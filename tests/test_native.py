@@ -126,6 +126,20 @@ def test_dot_peak_is_a_ceiling_the_products_stay_under(isa):
     assert product < 1.15 * ceiling < 1.15 * 200 * torch.get_num_threads() * 64  # <= 64 flops a cycle at 200 GHz
 
 
+def test_handoff_times_two_threads_and_needs_two():
+    if native.library() is None:
+        pytest.skip("no native runtime here")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ns = native.handoff_ns(2000)
+        assert ns is not None and 1 < ns < 1e6  # a hand-off between cores: from nanoseconds to a time slice
+        torch.set_num_threads(1)
+        assert native.handoff_ns() is None
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_product_writes_into_out_and_refuses_a_wrong_one():
     """``out`` takes the product in place (measurements reuse it); a wrong shape, dtype or layout is refused."""
     if native.library() is None:

@@ -73,6 +73,7 @@ _SIGNATURES = {
     "s2d_linear": ([_VP, _VP, _VP, _I, _I64, _I64, _I, _I, _I, _VP], None),
     "s2d_put_bf16": ([_VP, _I64, _VP, _I], None),
     "s2d_dot_peak": ([_I, _I, _I64], ctypes.c_double),
+    "s2d_handoff_ns": ([_I, _I64], ctypes.c_double),
     "s2d_packed_size": ([_I64, _I64], _I64),
     "s2d_pack": ([_VP, _I64, _I64, _VP], None),
 }
@@ -295,6 +296,17 @@ def dot_peak(level: int | None = None, seconds: float = 0.05) -> float | None:
     rate = lib.s2d_dot_peak(level, threads, 100_000)
     iters = max(1000, int(seconds * rate * 1e9 / threads / (12 * 64)))
     return lib.s2d_dot_peak(level, threads, iters)
+
+
+def handoff_ns(iters: int = 20_000) -> float | None:
+    """Nanoseconds for one hand-off of a cache line between two of torch's threads, each way: ~30 where the
+    two cores share an L3, several times that where they sit on different dies (a VM's vCPUs may move
+    between the two from minute to minute). None with one thread or without the runtime."""
+    lib = library()
+    threads = torch.get_num_threads()
+    if lib is None or threads < 2:
+        return None
+    return lib.s2d_handoff_ns(threads, iters)
 
 
 def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor | None = None,

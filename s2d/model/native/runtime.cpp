@@ -527,6 +527,27 @@ struct Model {
 };
 
 // A bare product's arguments (s2d_linear).
+// Threads 0 and 1 hand a counter back and forth `iters` times; thread 0 times it (s2d_handoff_ns).
+struct HandoffArgs {
+  int64_t iters;
+  alignas(64) std::atomic<int64_t> turn{0};
+  double seconds = 0.0;
+};
+
+inline void handoff_job(void* arg, int tid, int nt) {
+  HandoffArgs& a = *static_cast<HandoffArgs*>(arg);
+  if (nt < 2 || tid > 1) return;
+  const int64_t warm = 1000;  // the first hand-offs wait for the other thread to wake: not timed
+  auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < warm + a.iters; ++i) {
+    if (i == warm) t0 = std::chrono::steady_clock::now();
+    const int64_t mine = 2 * i + tid;  // thread 0 moves on even turns, thread 1 on odd ones
+    while (a.turn.load(std::memory_order_acquire) != mine) cpu_relax();
+    a.turn.store(mine + 1, std::memory_order_release);
+  }
+  if (tid == 0) a.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 struct PeakArgs {
   int64_t iters;
   float sink[64];  // per thread: what the accumulators summed to, so that the loop is not folded away
@@ -870,6 +891,16 @@ double s2d_dot_peak(int isa, int threads, int64_t iters) {
   pool->run(k.dot_peak, &args);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return static_cast<double>(iters) * k.peak_flops * threads / seconds / 1e9;
+}
+
+// Nanoseconds for one hand-off of a cache line between the first two of `threads` threads (each way): ~30 on
+// two cores that share an L3, several times that across dies. 0 with one thread.
+double s2d_handoff_ns(int threads, int64_t iters) {
+  if (threads < 2 || iters < 1) return 0.0;
+  s2d::HandoffArgs args;
+  args.iters = iters;
+  shared_pool(threads)->run(s2d::handoff_job, &args);
+  return args.seconds / (2.0 * iters) * 1e9;
 }
 
 int64_t s2d_packed_size(int64_t N, int64_t K) { return s2d::packed_words(N, K); }
