@@ -316,42 +316,41 @@ def exit_cost(draft, context: int, layers: int, reps: int, head_only: bool = Fal
     return timed(step, reps)
 
 
+def timed_paths(report: dict, key: str):
+    """(target, path, the target's row, the path's times) for each path of each target that measured ``key``."""
+    for name, row in report["targets"].items():
+        for path_name in ("native", "back to back"):
+            if key in row.get(path_name, {}):
+                yield name, path_name, row, row[path_name]
+
+
 def print_bounds(report: dict, sizes: list[int]) -> None:
     """Each pass against the larger of its memory and arithmetic floors (see above), per path timed."""
     print("\n| target | path | peak GFLOP/s | " + " | ".join(f"{k} tok: arith | {k} tok / bound" for k in sizes) + " |")
     print("|---|---|---|" + "---|---|" * len(sizes))
-    for name, row in report["targets"].items():
-        for path_name in ("native", "back to back"):
-            r = row.get(path_name, {})
-            if "peak" not in r:
-                continue
-            flops = 2 * PEAK_SHAPE[0] * PEAK_SHAPE[1] * PEAK_SHAPE[2]  # of one peak call, r["peak"] ms
-            gflops = flops / r["peak"] / 1e6
-            cells = []
-            for k in sizes:
-                arith = r["peak"] * 2 * k * row["params"] / flops  # ms
-                bound, which = (arith, "arith") if arith > r["floor"] else (r["floor"], "mem")
-                cells.append(f"{arith:.2f} | {r[k] / bound:.2f} ({which})")
-            print(f"| {name} | {path_name} | {gflops:.0f} | " + " | ".join(cells) + " |")
+    for name, path_name, row, r in timed_paths(report, "peak"):
+        flops = 2 * PEAK_SHAPE[0] * PEAK_SHAPE[1] * PEAK_SHAPE[2]  # of one peak call, r["peak"] ms
+        gflops = flops / r["peak"] / 1e6
+        cells = []
+        for k in sizes:
+            arith = r["peak"] * 2 * k * row["params"] / flops  # ms
+            bound, which = (arith, "arith") if arith > r["floor"] else (r["floor"], "mem")
+            cells.append(f"{arith:.2f} | {r[k] / bound:.2f} ({which})")
+        print(f"| {name} | {path_name} | {gflops:.0f} | " + " | ".join(cells) + " |")
     print("\narith: a pass's products at the peak (64 rows against a weight in cache, the runtime's own product, "
           "timed in the same rounds); bound: the larger of arith and the memory floor.")
     many = [k for k in sizes if k > 1]
-    if 1 not in sizes or not many or not any("ceiling" in row.get(p, {}) for row in report["targets"].values()
-                                             for p in ("native", "back to back")):
+    if 1 not in sizes or not many or next(timed_paths(report, "ceiling"), None) is None:
         return
     print("\n| target | path | ceiling GFLOP/s | " + " | ".join(f"{k} tok: least | {k} tok / 1 tok: least" for k in many)
           + " |")
     print("|---|---|---|" + "---|---|" * len(many))
-    for name, row in report["targets"].items():
-        for path_name in ("native", "back to back"):
-            r = row.get(path_name, {})
-            if "ceiling" not in r:
-                continue
-            cells = []
-            for k in many:
-                least = pass_flops(row, k) / r["ceiling"] / 1e6  # ms
-                cells.append(f"{least:.2f} | {least / r[1]:.2f}")
-            print(f"| {name} | {path_name} | {r['ceiling']:.0f} | " + " | ".join(cells) + " |")
+    for name, path_name, row, r in timed_paths(report, "ceiling"):
+        cells = []
+        for k in many:
+            least = pass_flops(row, k) / r["ceiling"] / 1e6  # ms
+            cells.append(f"{least:.2f} | {least / r[1]:.2f}")
+        print(f"| {name} | {path_name} | {r['ceiling']:.0f} | " + " | ".join(cells) + " |")
     print("\nceiling: the instruction set's multiply-add rate, registers only (native.dot_peak), the fastest in the "
           "same rounds; least: a k-token pass's products and attention (QK and PV at the context) at that rate, the "
           "least time any kernel could take, and that over the one-token pass timed: where it exceeds a goal's "
