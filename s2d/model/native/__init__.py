@@ -293,8 +293,9 @@ def dot_peak(level: int | None = None, seconds: float = 0.05) -> float | None:
         return None
     threads = torch.get_num_threads()
     lib.s2d_dot_peak(level, threads, 1000)  # the threads wake and settle
-    rate = lib.s2d_dot_peak(level, threads, 100_000)
-    iters = max(1000, int(seconds * rate * 1e9 / threads / (12 * 64)))
+    t0 = time.perf_counter()
+    lib.s2d_dot_peak(level, threads, 100_000)
+    iters = max(1000, int(100_000 * seconds / (time.perf_counter() - t0)))  # about `seconds` at this rate
     return lib.s2d_dot_peak(level, threads, iters)
 
 

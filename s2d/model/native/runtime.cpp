@@ -385,9 +385,9 @@ struct Kernels {
   JobFn greedy[2][2];  // layers, then the head's top-1 of every row: one job (s2d_greedy)
   JobFn logits[2];     // [weights bf16]
   JobFn linear[2];     // [bf16]
-  void (*put_bf16)(const float*, int64_t, bf16*);
+  void (*put_bf16)(const float*, int64_t, bf16*);  // float32 -> bf16 as passes store activations (vectors, then a tail)
   JobFn dot_peak;      // PeakArgs: registers-only multiply-adds, the arithmetic ceiling of the products
-  int peak_flops;      // flops one dot_peak iteration does on one thread  // float32 -> bf16 as passes store activations (vectors, then a tail)
+  int peak_flops;      // flops one dot_peak iteration does on one thread
 };
 
 // Where a pass's time goes, when profiling is on: thread 0's wall time per phase, in seconds.
