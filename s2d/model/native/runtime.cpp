@@ -526,7 +526,6 @@ struct Model {
   }
 };
 
-// A bare product's arguments (s2d_linear).
 // Threads 0 and 1 hand a counter back and forth `iters` times; thread 0 times it (s2d_handoff_ns).
 struct HandoffArgs {
   int64_t iters;
@@ -553,6 +552,7 @@ struct PeakArgs {
   float sink[64];  // per thread: what the accumulators summed to, so that the loop is not folded away
 };
 
+// A bare product's arguments (s2d_linear).
 struct LinearArgs {
   const void* x;
   const void* w;
@@ -875,7 +875,6 @@ void s2d_linear(const void* x, const void* w, float* y, int M, int64_t K, int64_
   args.pool->run(kernels_for(isa).linear[bf16 != 0], &args);
 }
 
-// The packed copy of a bf16 weight [N, K] (see pack_into) into out: s2d_packed_size(N, K) uint32.
 // out[i] = x[i] rounded to bf16 by the kernels of `isa`, as passes store activations (for tests).
 void s2d_put_bf16(const float* x, int64_t n, uint16_t* out, int isa) { kernels_for(isa).put_bf16(x, n, out); }
 
@@ -903,6 +902,7 @@ double s2d_handoff_ns(int threads, int64_t iters) {
   return args.seconds / (2.0 * iters) * 1e9;
 }
 
+// The packed copy of a bf16 weight [N, K] (see pack_into) into out: s2d_packed_size(N, K) uint32.
 int64_t s2d_packed_size(int64_t N, int64_t K) { return s2d::packed_words(N, K); }
 
 void s2d_pack(const void* w, int64_t N, int64_t K, uint32_t* out) {
