@@ -3,7 +3,7 @@
     python benchmarks/prefill_paths.py --model runs/llama-1b-shape [--tokens 400] [--rounds 3]
 
 Tokens/s of a whole prefill of ``--tokens`` random tokens (bf16), the runtime's passes then torch's in each
-round; the model is admitted to the runtime's prefill whatever its width (``native.PREFILL_MAX_WIDTH`` is
+round; the model is admitted to the runtime's prefill whatever its width and instruction set (``native.PREFILL_MAX_WIDTH`` is
 what this measures). Hold the instruction set with ``S2D_NATIVE_ISA`` and ``ONEDNN_MAX_CPU_ISA``.
 """
 
@@ -28,9 +28,10 @@ def main() -> None:
     native.PREFILL_MAX_WIDTH = 1 << 30
     model = load_model(args.model, "bfloat16")
     runtime = model.native_runtime()
-    if runtime is None or runtime.prefill_rows == 0:
-        raise SystemExit("prefill_paths: the runtime does not prefill here (no runtime, unpacked weights, or AMX)")
-    rows = runtime.prefill_rows
+    # With AMX passes keep torch's prefill (prefill_rows 0) but the runtime can run it: measured as elsewhere.
+    rows = runtime.prefill_rows or (native.PREFILL_ROWS if runtime is not None and runtime.packed else 0)
+    if rows == 0:
+        raise SystemExit("prefill_paths: the runtime does not prefill here (no runtime, or unpacked weights)")
     ids = torch.randint(0, model.cfg.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
 
     def speed(prefill_rows: int) -> float:

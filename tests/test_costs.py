@@ -65,7 +65,11 @@ def test_peak_measures_the_ceiling_in_the_same_calls(monkeypatch):
     peak = costs.Peak(torch.bfloat16)
     for _ in range(3):
         peak()
-    assert peak.take() > 0 and peak.ceiling is not None and peak.ceiling > 0
+    assert peak.take() > 0
+    if native.isa_level() >= 3:
+        assert peak.ceiling is None  # AMX tiles: no ceiling measured (native.dot_peak)
+        return
+    assert peak.ceiling is not None and peak.ceiling > 0
     assert peak.ceilings == []  # taken: the next take starts afresh
 
 

@@ -71,7 +71,7 @@ def reference(model):
                                    (23, 48, 96)])
 @pytest.mark.parametrize("packed", [None, False], ids=["as-passes", "row-major"])
 def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k, packed):
-    if packed is False and not (dtype == torch.bfloat16 and isa in (1, 2)):
+    if packed is False and not (dtype == torch.bfloat16 and isa in (1, 2, 3)):
         pytest.skip("the row-major product is what passes use here already")
     g = torch.Generator().manual_seed(m * 1000 + k)
     x = torch.randn(m, k, generator=g).to(dtype)
@@ -189,10 +189,10 @@ def test_a_model_loaded_in_inference_mode_runs(family):
     assert torch.isfinite(got.float()).all()
 
 
-@pytest.mark.parametrize("level", [1, 2], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("level", [1, 2, 3], ids=["avx2", "avx512", "amx"])
 @pytest.mark.parametrize("pack", ["1", "0"], ids=["packed", "in-place"])
 def test_block_rows_equal_one_token_passes_packed_or_not(family, monkeypatch, pack, level):
-    """bf16 on AVX2 and AVX512-BF16, weights packed or read in place (S2D_NATIVE_PACK=0): a block's rows are
+    """bf16 on AVX2, AVX512-BF16 and AMX, weights packed or read in place (S2D_NATIVE_PACK=0): a block's rows are
     the bits of one-token passes, and the two layouts agree within bf16 rounding."""
     if level not in LEVELS:
         pytest.skip("this CPU lacks the instruction set")
@@ -212,7 +212,7 @@ def test_block_rows_equal_one_token_passes_packed_or_not(family, monkeypatch, pa
     torch.testing.assert_close(block[0].float(), want.float(), atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("level", [1, 2], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("level", [1, 2, 3], ids=["avx2", "avx512", "amx"])
 def test_passes_on_two_threads_are_the_bits_of_one(family, monkeypatch, level):
     """Passes of up to 16 rows hand a product's panels out at run time (each thread its own half in order,
     then what is left of the other's): on two threads every row is the bits of the one-thread pass, for
@@ -340,6 +340,15 @@ def test_a_wide_model_prefills_on_torch(family, monkeypatch):
     monkeypatch.setattr(native, "PREFILL_MAX_WIDTH", model.cfg.hidden_size - 1)
     model.drop_native()
     assert model.native_runtime().prefill_rows == 0
+
+
+def test_amx_packs_its_weights_and_prefills_on_torch(family, monkeypatch):
+    """With AMX the tiles read packed panels, and a prefill stays on torch (oneDNN's tiles measured faster)."""
+    if 3 not in LEVELS:
+        pytest.skip("this CPU has no AMX")
+    monkeypatch.setenv("S2D_NATIVE_ISA", "amx")
+    runtime = load_model(family["long"], dtype="bfloat16").native_runtime()
+    assert runtime.isa == "AMX" and runtime.packed and runtime.prefill_rows == 0
 
 
 @pytest.mark.parametrize("method", ["sd", "pld", "sd-exit-1", "s2d"])

@@ -228,8 +228,8 @@ def _torch_openmp() -> Path | None:
     return None
 
 
-# Levels whose bf16 products read packed weights (runtime.cpp's packs_at): AVX2 and AVX512-BF16; AMX uses tiles.
-PACKED_LEVELS = (1, 2)
+# Levels whose bf16 products read packed weights (runtime.cpp's packs_at): AVX2, AVX512-BF16 and AMX (tiles on panels).
+PACKED_LEVELS = (1, 2, 3)
 PREFILL_ROWS = int(os.environ.get("S2D_PREFILL_ROWS", "48"))  # see NativeRuntime.prefill_rows; 0 = torch
 PREFILL_MAX_WIDTH = 2048  # widest model (hidden size) prefilled on the runtime; measured at 576 (wins) and 2048 (ties)
 
@@ -251,7 +251,7 @@ def isa() -> str:
 
 
 def pack(w: Tensor) -> Tensor:
-    """w [N, K] bfloat16 in the packed layout AVX2 and AVX512-BF16 passes read (panels of k-pairs; see runtime.cpp)."""
+    """w [N, K] bfloat16 in the packed layout bf16 passes read (panels of k-pairs; see runtime.cpp)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native CPU runtime is unavailable here")
@@ -315,8 +315,8 @@ def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor
     """x [M, K] @ w [N, K]^T -> float32 [M, N] through the runtime's product (both float32 or both bf16).
 
     For tests and measurements; ``level`` caps the instruction set (1 AVX2, 2 AVX512-BF16, 3 AMX; the
-    default is the best this CPU has). ``packed``: the product over packed weights (bfloat16 at levels 1-2
-    only), as passes there use them; None = as passes do, False = the row-major product (the path of
+    default is the best this CPU has). ``packed``: the product over packed weights (bfloat16 only), as
+    passes use them; None = as passes do, False = the row-major product (the path of
     other heads), or ``pack(w)`` made once (measurements). ``out``: a contiguous float32 [M, N] to write
     into (a measurement's repeated calls then allocate nothing).
     """
@@ -332,11 +332,11 @@ def linear(x: Tensor, w: Tensor, level: int | None = None, packed: bool | Tensor
         packed = packs
     if isinstance(packed, Tensor):
         if not packs or packed.numel() != lib.s2d_packed_size(*w.shape):
-            raise ValueError("packed must be pack(w), for bfloat16 at level 1 or 2")
+            raise ValueError("packed must be pack(w), for bfloat16")
         panels = packed
     elif packed:
         if not packs:
-            raise ValueError("packed products exist for bfloat16 at levels 1-2 (AVX2, AVX512-BF16; AMX uses tiles)")
+            raise ValueError("packed products exist for bfloat16 only")
         panels = pack(w)
     else:
         panels = None
@@ -398,7 +398,7 @@ class NativeRuntime:
         self.dtype, self.embed_rows = model.dtype, model.embed.weight.shape[0]
         # The handle holds raw pointers: keep every tensor it reads alive as long as it lives.
         self._tensors = [p for p in model.parameters()] + [model.cos, model.sin]
-        # On AVX512-BF16 without AMX and on AVX2 the runtime reads bf16 weights from packed copies (runtime.cpp),
+        # The runtime reads bf16 weights from packed copies (runtime.cpp; AMX's tiles too),
         # which an in-place change of the tensors (an optimizer step) would leave stale: the tensors'
         # version counters at packing time tell (``stale``).
         self.packed = self.bf16 and isa_level() in PACKED_LEVELS and os.environ.get("S2D_NATIVE_PACK", "1") != "0"
@@ -420,9 +420,10 @@ class NativeRuntime:
         # oneDNN's 256-row products (zoo-l, width 576: 1.07x; AVX2 1.15x; the 1B shape, width 2048:
         # 1.03-1.05x, AVX2 1.03-1.09x, once rows 4 KB apart stopped sharing L1 sets; 0.77-0.87x before).
         # Wider models are unmeasured and keep torch. benchmarks/RESULTS.md, "Prefill on the runtime".
-        # With AMX torch keeps its tiles.
+        # With AMX torch's prefill stays: oneDNN's tiles beat 48-row passes on panels (zoo-l, AMX Xeon: 1.4x at
+        # 1,000 tokens, a tie at 300; RESULTS.md, ninth session).
         narrow = cfg.hidden_size <= PREFILL_MAX_WIDTH
-        self.prefill_rows = PREFILL_ROWS if self.packed and narrow else 0
+        self.prefill_rows = PREFILL_ROWS if self.packed and narrow and isa_level() < 3 else 0
         for i, layer in enumerate(model.layers):
             lib.s2d_model_set_layer(
                 self.handle, i, _ptr(layer.attn_norm), _ptr(layer.qkv.weight), _ptr(layer.qkv.bias),

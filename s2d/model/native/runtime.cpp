@@ -214,7 +214,7 @@ class Pool {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Packed weights (AVX512-BF16 without AMX, and AVX2). A row-major product reduces every output across the lanes of
+// Packed weights (bf16 on every instruction set; AMX's tiles read them too). A row-major product reduces every output across the lanes of
 // its accumulators and reads NB weight rows at once, short interleaved streams the hardware prefetcher
 // follows badly (4 rows of 1,152 bytes streamed at half the rate of one sequential read here). Packed,
 // a weight [N, K] is panels of kPanel outputs, each stored as its k-pairs in order: the uint32 at
@@ -224,8 +224,8 @@ class Pool {
 // its own lane: no reductions, and an output's sum runs over its k-pairs in order whatever the rows.
 constexpr int kPanel = 32;
 
-// Whether products at this instruction set read packed bf16 weights (AMX keeps its tiles).
-inline bool packs_at(int isa) { return isa == 1 || isa == 2; }
+// Whether products at this instruction set read packed bf16 weights: all three (AMX's tiles read the panels too).
+inline bool packs_at(int isa) { return isa >= 1 && isa <= 3; }
 
 struct AlignedFree {
   void operator()(uint32_t* p) const { std::free(p); }
