@@ -3,8 +3,9 @@
     python benchmarks/prefill_paths.py --model runs/llama-1b-shape [--tokens 400] [--rounds 3]
 
 Tokens/s of a whole prefill of ``--tokens`` random tokens (bf16), the runtime's passes then torch's in each
-round; the model is admitted to the runtime's prefill whatever its width and instruction set (``native.PREFILL_MAX_WIDTH`` is
-what this measures). Hold the instruction set with ``S2D_NATIVE_ISA`` and ``ONEDNN_MAX_CPU_ISA``.
+round; the model is admitted to the runtime's prefill whatever its width (``native.PREFILL_MAX_WIDTH`` is what
+this measures) and instruction set (with AMX, passes keep torch's prefill: this measures that choice too). Hold the
+instruction set with ``S2D_NATIVE_ISA`` and ``ONEDNN_MAX_CPU_ISA``.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def reference(model):
 # packed (AVX512-BF16, bf16): 12 rows a call, remainders 1-11 (13, 25), odd K (43, 577, 9), panels of 32 outputs;
 # rows 2 or 4 KB apart (K 1024, 2048) are copied to a longer stride first
 # packed (AVX2): from 7 rows, half panels of 16 outputs, 5 rows a call and 4 for a remainder of 4 (9, 19, 64),
-# remainders of 1-3 rows in whole panels (12, 13, 16, 17, 23); a half with a few valid outputs or none (19 x 20, 24 x 40)
+# remainders of 1-3 rows in whole panels (12, 13, 16, 17, 23); a half with a few valid outputs or none (19 x 20,
+# 24 x 40)
 @pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 37, 43), (6, 130, 576), (16, 7, 9), (5, 64, 2050),
                                    (17, 150, 96), (40, 80, 64), (64, 33, 128), (12, 64, 576), (13, 70, 577),
                                    (25, 31, 34), (9, 40, 1024), (30, 64, 2048), (24, 40, 577), (19, 20, 33),

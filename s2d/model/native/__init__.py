@@ -228,7 +228,7 @@ def _torch_openmp() -> Path | None:
     return None
 
 
-# Levels whose bf16 products read packed weights (runtime.cpp's packs_at): AVX2, AVX512-BF16 and AMX (tiles on panels).
+# Levels whose bf16 products read packed weights (runtime.cpp's packs_at): AVX2, AVX512-BF16, AMX (tiles on panels).
 PACKED_LEVELS = (1, 2, 3)
 PREFILL_ROWS = int(os.environ.get("S2D_PREFILL_ROWS", "48"))  # see NativeRuntime.prefill_rows; 0 = torch
 PREFILL_MAX_WIDTH = 2048  # widest model (hidden size) prefilled on the runtime; measured at 576 (wins) and 2048 (ties)
