@@ -14,14 +14,15 @@ The ``floor`` column is the memory-bandwidth floor of a one-token pass: the time
 pass must stream (every weight it multiplies by: the layers, the final norm and the LM head; not an untied
 input embedding, of which a pass reads one row) once, on the same torch threads the runtime runs on. It is
 measured, not computed from a datasheet: ``torch.amax`` over a float32 buffer of that many bytes (at least
-64 MiB, twice this host's 32 MiB L3, so it streams from DRAM every time; a smaller model's floor is the
-64 MiB read scaled down to its bytes), filled with ones first so that every page is real memory (an
-untouched ``torch.empty`` maps the shared zero page and would read from cache). A float32 max is far
+twice the CPU's last-level cache as sysfs reports it and at least 64 MiB, so it streams from DRAM every
+time; a smaller model's floor is that read scaled down to its bytes), filled with ones first so that every
+page is real memory (an untouched ``torch.empty`` maps the shared zero page and would read from cache). A float32 max is far
 below the CPU's arithmetic peak, so it measures what the memory delivers (on the Zen 4 host amax
 read ~10% faster than sum, and a bfloat16 sum no faster: the floor takes the fastest read found). The
 floor is timed in the same rounds as the passes (round-robin with the sizes; back to back, its own run
 of reads in each round), because this host's bandwidth drifts 2-3x between minutes: ``1 tok / floor`` compares times
-taken within the same seconds. A model whose weights fit in L3 (zoo-s) can run below this floor.
+taken within the same seconds. A model whose weights (partly) stay in the last-level cache from one pass to the
+next can run below this floor (zoo-s on the Zen 4; zoo-l on the AMX Xeon VM, whose L3 holds some 64-100 MB).
 
 The ``arith`` columns are the arithmetic floor of a k-token pass: its products' multiply-adds (2 k flops per
 weight it streams) at the rate the runtime's own product reaches when nothing waits on memory (``peak``: 64
@@ -42,7 +43,7 @@ products and attention could take at it. Where that least time over the one-toke
 goal's ratio, no kernel can meet the goal against that one-token pass.
 
 ``--stream`` adds the product kernel alone: k rows against one weight of the pass's bytes (the model's width,
-packed where passes pack, at least 64 MiB), one call, timed in the same rounds. It is a pass's products with
+packed where passes pack, at least FLOOR_MIN_BYTES), one call, timed in the same rounds. It is a pass's products with
 nothing else (no attention, norms, head argmax or barriers between products), so it shows how far the kernel
 overlaps its arithmetic with its reads. ``(k tok stream - 1 tok stream) / 1 tok`` is the share of a one-token
 pass that k rows add in the products alone: where it exceeds 0.3 for k = 6, no change outside the product
@@ -65,7 +66,27 @@ from s2d.drafting import sorted_exits
 from s2d.model import native
 from s2d.model.loading import load_model
 
-FLOOR_MIN_BYTES = 64 << 20  # twice this host's 32 MiB L3: a buffer this large cannot stay cached
+CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def last_level_cache_bytes(cache_dir: Path = CACHE_DIR) -> int:
+    """The largest cache this CPU reports (Linux sysfs: ``index*/size``, e.g. "32768K"), or 32 MiB where it says
+    nothing (the Zen 4 host's L3)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for path in cache_dir.glob("index*/size"):
+        text = path.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=32 << 20)
+
+
+# Twice the last-level cache (at least 64 MiB): a buffer this large cannot stay cached, so the floor reads DRAM. A
+# fixed 64 MiB did not on an AMX Xeon VM that reports a 480 MiB L3: there amax read 64 MiB at 52-56 GB/s, 105 MiB
+# at 23-30 and 256 MiB-2 GiB at 19-27 (benchmarks/RESULTS.md, ninth session).
+FLOOR_MIN_BYTES = max(64 << 20, 2 * last_level_cache_bytes())
 
 
 def streamed_bytes(model) -> int:

@@ -19,6 +19,18 @@ sys.modules[_spec.name] = costs
 _spec.loader.exec_module(costs)
 
 
+def test_the_floor_buffer_outgrows_the_last_level_cache(tmp_path):
+    """The floor reads a buffer twice the largest cache sysfs reports, so it streams from DRAM on any host."""
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert costs.last_level_cache_bytes(tmp_path) == 480 << 20
+    (tmp_path / "index3" / "size").write_text("32M\n")
+    assert costs.last_level_cache_bytes(tmp_path) == 32 << 20
+    assert costs.last_level_cache_bytes(tmp_path / "absent") == 32 << 20  # sysfs silent: the Zen 4's 32 MiB
+    assert costs.FLOOR_MIN_BYTES == max(64 << 20, 2 * costs.last_level_cache_bytes())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_stream_times_the_runtime_product_over_the_pass_bytes(monkeypatch, dtype):
     if native.library() is None:
