@@ -16,8 +16,8 @@ input embedding, of which a pass reads one row) once, on the same torch threads 
 measured, not computed from a datasheet: ``torch.amax`` over a float32 buffer of that many bytes (at least
 twice the CPU's last-level cache as sysfs reports it and at least 64 MiB, so it streams from DRAM every
 time; a smaller model's floor is that read scaled down to its bytes), filled with ones first so that every
-page is real memory (an untouched ``torch.empty`` maps the shared zero page and would read from cache). A float32 max is far
-below the CPU's arithmetic peak, so it measures what the memory delivers (on the Zen 4 host amax
+page is real memory (an untouched ``torch.empty`` maps the shared zero page and would read from cache). A
+float32 max is far below the CPU's arithmetic peak, so it measures what the memory delivers (on the Zen 4 host amax
 read ~10% faster than sum, and a bfloat16 sum no faster: the floor takes the fastest read found). The
 floor is timed in the same rounds as the passes (round-robin with the sizes; back to back, its own run
 of reads in each round), because this host's bandwidth drifts 2-3x between minutes: ``1 tok / floor`` compares times
