@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -63,13 +66,13 @@ def reference(model):
 # m > 16: rows in groups of 16 on AMX tiles, the last one padded (17, 40) or full (64)
 # packed (AVX512-BF16, bf16): 12 rows a call, remainders 1-11 (13, 25), odd K (43, 577, 9), panels of 32 outputs;
 # rows 2 or 4 KB apart (K 1024, 2048) are copied to a longer stride first
-# packed (AVX2): from 7 rows, half panels of 16 outputs, 5 rows a call and 4 for a remainder of 4 (9, 19, 64),
-# remainders of 1-3 rows in whole panels (12, 13, 16, 17, 23); a half with a few valid outputs or none (19 x 20,
-# 24 x 40)
+# packed (AVX2): from 4 rows, half panels of 16 outputs in groups of 4-6 rows as even as they come (4, 5, 6, 9,
+# 13, 16, 19, 64), but 7 rows as 5 on half panels and 2 on the whole panel; 1-3 rows in whole panels; a half
+# with a few valid outputs or none (19 x 20, 24 x 40)
 @pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 37, 43), (6, 130, 576), (16, 7, 9), (5, 64, 2050),
                                    (17, 150, 96), (40, 80, 64), (64, 33, 128), (12, 64, 576), (13, 70, 577),
                                    (25, 31, 34), (9, 40, 1024), (30, 64, 2048), (24, 40, 577), (19, 20, 33),
-                                   (23, 48, 96)])
+                                   (23, 48, 96), (7, 64, 95), (4, 40, 33)])
 @pytest.mark.parametrize("packed", [None, False], ids=["as-passes", "row-major"])
 def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k, packed):
     if packed is False and not (dtype == torch.bfloat16 and isa in (1, 2, 3)):
@@ -90,6 +93,40 @@ def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k, p
         assert torch.equal(linear(x, w, isa), got)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def prefetch_default():
+    """Restores the runtime's prefetch setting (a process-wide value) after a test that changes it."""
+    before = native.prefetch_rows()
+    yield before
+    native.prefetch_rows(before)
+
+
+def test_products_are_the_same_bits_whatever_rows_prefetch(isa, prefetch_default):
+    """Which calls prefetch ahead (from 1 row on Intel, 4 elsewhere) changes hints only: every row count gives
+    the same bits with prefetches from one row on and with none below 64 rows."""
+    g = torch.Generator().manual_seed(7)
+    for m, n, k in ((1, 96, 576), (2, 70, 577), (3, 64, 64), (4, 40, 96), (6, 130, 576), (7, 64, 95), (16, 33, 128)):
+        x = torch.randn(m, k, generator=g).bfloat16()
+        w = torch.randn(n, k, generator=g).bfloat16()
+        native.prefetch_rows(1)
+        eager = native.linear(x, w, isa)
+        native.prefetch_rows(64)
+        assert torch.equal(native.linear(x, w, isa), eager), (m, n, k)
+
+
+def test_prefetch_rows_default_follows_the_cpu_or_the_environment(prefetch_default):
+    with open("/proc/cpuinfo") as cpuinfo:
+        vendor = next((line.split(":")[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
+    if "S2D_NATIVE_PREFETCH_ROWS" not in os.environ:
+        assert prefetch_default == (1 if vendor == "GenuineIntel" else 4)
+    code = "from s2d.model import native; print(native.prefetch_rows())"
+    env = {**os.environ, "S2D_NATIVE_PREFETCH_ROWS": "7"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "7"
+    with pytest.raises(ValueError, match="1-64"):
+        native.prefetch_rows(0)
 
 
 def test_bf16_stores_round_as_the_scalar_rule(isa):

@@ -76,6 +76,7 @@ _SIGNATURES = {
     "s2d_handoff_ns": ([_I, _I64], ctypes.c_double),
     "s2d_packed_size": ([_I64, _I64], _I64),
     "s2d_pack": ([_VP, _I64, _I64, _VP], None),
+    "s2d_prefetch_rows": ([_I], _I),
 }
 
 
@@ -278,6 +279,20 @@ def put_bf16(x: Tensor, level: int | None = None) -> Tensor:
     out = torch.empty(x.shape, dtype=torch.bfloat16)
     lib.s2d_put_bf16(x.data_ptr(), x.numel(), out.data_ptr(), level)
     return out
+
+
+def prefetch_rows(rows: int | None = None) -> int:
+    """From how many rows the vector products prefetch their packed weights ahead; sets it first if ``rows``.
+
+    The default is 1 on Intel CPUs and 4 on others (runtime.cpp, prefetch_rows), or S2D_NATIVE_PREFETCH_ROWS.
+    Prefetches are hints: products are the same bits whatever the setting. For measurements and tests.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU runtime is unavailable here")
+    if rows is not None and not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"prefetch rows must be 1-{MAX_ROWS}, got {rows}")
+    return lib.s2d_prefetch_rows(0 if rows is None else rows)
 
 
 def dot_peak(level: int | None = None, seconds: float = 0.05) -> float | None:

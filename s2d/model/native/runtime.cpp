@@ -572,6 +572,31 @@ inline void split(int64_t n, int tid, int nt, int64_t align, int64_t* begin, int
   *end = std::min(n, b1 * align);
 }
 
+// From how many rows a product's first call over a packed panel prefetches ahead (kernels.inc, kPrefetchBytes):
+// S2D_NATIVE_PREFETCH_ROWS (1-64) if set, else 1 on Intel CPUs and kPrefetchRows on others; s2d_prefetch_rows
+// changes it. Intel's prefetchers left even a one-row product waiting on memory (zoo-l one-token passes on the
+// AMX Xeon, alternated in one process: held to AVX512-BF16 0.64-0.67x the time with the prefetches, held to AVX2
+// 0.55x; 2 and 3 rows 0.52-0.57x); on the Zen 4 the prefetches only added requests below 4 rows (2 rows 14-24%
+// more time), so other CPUs keep kPrefetchRows.
+constexpr int kPrefetchRows = 4;
+inline int default_prefetch_rows() {
+  static const int rows = [] {
+    if (const char* env = std::getenv("S2D_NATIVE_PREFETCH_ROWS")) {
+      const int r = std::atoi(env);
+      if (r >= 1 && r <= 64) return r;
+    }
+    unsigned eax, ebx, ecx, edx;
+    __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0), "c"(0));
+    const bool intel = ebx == 0x756e6547u && edx == 0x49656e69u && ecx == 0x6c65746eu;  // "GenuineIntel"
+    return intel ? 1 : kPrefetchRows;
+  }();
+  return rows;
+}
+std::atomic<int> g_prefetch_rows{0};  // 0: default_prefetch_rows()
+inline int prefetch_rows() {
+  const int rows = g_prefetch_rows.load(std::memory_order_relaxed);
+  return rows > 0 ? rows : default_prefetch_rows();
+}
 }  // namespace s2d
 
 // The ISA-specific kernels, compiled once per instruction set into their own namespace.
@@ -661,6 +686,12 @@ int s2d_use_openmp(const char* path) {
   if (!omp.parallel || !omp.thread_num || !omp.num_threads) return 0;
   s2d::openmp() = omp;
   return 1;
+}
+
+// Rows from which products prefetch (see prefetch_rows): set to `rows` if 1-64; returns the value in force.
+int s2d_prefetch_rows(int rows) {
+  if (rows >= 1 && rows <= 64) s2d::g_prefetch_rows.store(rows, std::memory_order_relaxed);
+  return s2d::prefetch_rows();
 }
 
 // 3 = AVX512-BF16 + AMX, 2 = AVX512 with BF16 dot products, 1 = AVX2 + FMA, 0 = unsupported
