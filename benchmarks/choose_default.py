@@ -92,7 +92,7 @@ def main() -> None:
     else:
         cands = candidates(sorted_exits(draft), tuple(int(k) for k in args.lengths.split(",")))
     names = [label(m, o) for m, o in cands]
-    results: dict = {"isa": native.isa(), "threads": torch.get_num_threads(), "prompts": [str(p) for p in paths],
+    results: dict = {"isa": native.isa_kind(), "threads": torch.get_num_threads(), "prompts": [str(p) for p in paths],
                      "num_prompts": len(prompts), "targets": {}}
     for target_name in args.targets.split(","):
         target = load_model(args.zoo / target_name, dtype="bfloat16")

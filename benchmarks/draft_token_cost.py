@@ -68,7 +68,7 @@ def main() -> None:
 
         costs[name] = median_ms(token)
     one = median_ms(target_pass)
-    print(f"native runtime: {native.isa()}; {args.target} one-token pass {one:.2f} ms")
+    print(f"native runtime: {native.isa_kind()}; {args.target} one-token pass {one:.2f} ms")
     for name, ms in costs.items():
         print(f"exit-1 draft token, head {name}: {ms:.3f} ms = {ms / one:.3f} of the pass")
 

@@ -27,9 +27,10 @@ bf16 GGUF by ``llamacpp.sh gguf``, checked tensor by tensor against the checkpoi
   ``ar`` method (``Engine.generate``, plain decoding). Tokens/s over prefill + decode, model loading
   excluded on both sides; prompt by prompt, ours then theirs. Summed tokens over summed seconds.
 
-Instruction sets: ``--isa avx2|avx512|amx`` holds our side (the native runtime: S2D_NATIVE_ISA; torch's
-prefill: ONEDNN_MAX_CPU_ISA = AVX2 / AVX512_CORE_BF16 / AVX512_CORE_AMX, and ATEN_CPU_CAPABILITY=avx2
-for avx2), set in this process before torch loads. llama.cpp's instruction set is fixed when it is
+Instruction sets: ``--isa avx2|avx512f|avx512|amx`` holds our side (the native runtime: S2D_NATIVE_ISA, and
+for avx512f, AVX-512 without BF16, S2D_NATIVE_WIDE=1; torch's prefill: ONEDNN_MAX_CPU_ISA = AVX2 /
+AVX512_CORE / AVX512_CORE_BF16 / AVX512_CORE_AMX, and ATEN_CPU_CAPABILITY=avx2 for avx2), set in this process
+before torch loads. llama.cpp's instruction set is fixed when it is
 built; the one used is read from its own ``system_info`` line and printed. ``llamacpp.sh build`` builds
 for this host only (GGML_NATIVE=ON), so it cannot hold llama.cpp below the host's best: a comparison
 whose two sides differ is printed as NOT HELD, never as held (pass ``--llamacpp-bin`` a build made with
@@ -69,9 +70,11 @@ NEW_TOKENS = 128  # tg128, and the end-to-end run's new tokens
 # --isa: our runtime's S2D_NATIVE_ISA, oneDNN's cap (torch's prefill products), ATen's kernels' cap.
 ISA_ENV = {"avx2": {"S2D_NATIVE_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
            "avx512": {"S2D_NATIVE_ISA": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
-           "amx": {"S2D_NATIVE_ISA": "amx", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}}
-# Instruction-set kinds, weakest first, named as native.ISA_NAMES names ours; llama.cpp's AVX512 without
-# BF16 is a kind of its own (ours has none: the runtime's AVX512 path needs BF16).
+           "amx": {"S2D_NATIVE_ISA": "amx", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"},
+           # AVX-512 without BF16 (Skylake to Ice Lake): our AVX2 level with its products on 512-bit vectors
+           "avx512f": {"S2D_NATIVE_ISA": "avx2", "S2D_NATIVE_WIDE": "1", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}}
+# Instruction-set kinds, weakest first, named as native.isa_kind() names ours; AVX512 is AVX-512 without BF16
+# (ours: the AVX2 level with 512-bit products, native.wide_products).
 KINDS = ("none", "AVX2", "AVX512", "AVX512-BF16", "AMX")
 
 
@@ -484,7 +487,7 @@ def run(args: argparse.Namespace, prefill_lengths: list[int]) -> None:
                     "s2d_source": str(Path(s2d.__file__).parent), "depth": args.depth,
                     "rounds": args.rounds, "reps": args.reps, "prompts_file": str(args.prompts_file),
                     "prompts": len(prompts), "prompt_chars": args.prompt_chars, "new_tokens": NEW_TOKENS,
-                    "ours": {"native_isa": native.isa(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "ours": {"native_isa": native.isa_kind(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                              "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "(unset: oneDNN's best)")},
                     "models": {}}
     results: dict[str, dict[str, Measure]] = {}

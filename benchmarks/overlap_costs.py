@@ -144,7 +144,7 @@ def main() -> None:
     head = subset_head(draft, ranked[:2048])[0] if ranked is not None else None
     ctx, k = args.context, args.k
     drafts = {e: draft_token(draft, ctx, e, head) for e in (1, 2, 3)}
-    out: dict = {"cpu": cpu_name(), "isa": native.isa(), "cores": torch.get_num_threads(), "context": ctx, "k": k,
+    out: dict = {"cpu": cpu_name(), "isa": native.isa_kind(), "cores": torch.get_num_threads(), "context": ctx, "k": k,
                  "draft_head": "2048 most frequent tokens" if head is not None else "full", "targets": {}}
     for name in args.targets.split(","):
         target = load_model(args.zoo / name)

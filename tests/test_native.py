@@ -96,6 +96,20 @@ def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k, p
 
 
 @pytest.fixture
+def wide_default():
+    """Restores whether the AVX2 level's products run on 512-bit vectors (a process-wide value)."""
+    before = native.wide_products()
+    yield before
+    native.wide_products(before)
+
+
+def has_avx512() -> bool:
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next((line.split(":")[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+
+
+@pytest.fixture
 def prefetch_default():
     """Restores the runtime's prefetch setting (a process-wide value) after a test that changes it."""
     before = native.prefetch_rows()
@@ -127,6 +141,60 @@ def test_prefetch_rows_default_follows_the_cpu_or_the_environment(prefetch_defau
     assert out.stdout.strip() == "7"
     with pytest.raises(ValueError, match="1-64"):
         native.prefetch_rows(0)
+
+
+@pytest.mark.skipif(not has_avx512(), reason="512-bit products need a CPU with AVX-512")
+@pytest.mark.parametrize("m,n,k", [(1, 96, 576), (2, 64, 577), (6, 130, 576), (7, 64, 95), (12, 64, 577),
+                                   (13, 70, 577), (16, 7, 9), (25, 31, 34), (40, 80, 64), (64, 33, 128),
+                                   (19, 20, 33)])
+def test_wide_products_are_the_bits_of_the_avx2_kernels(m, n, k, wide_default):
+    """The AVX2 level's packed products on 512-bit vectors (CPUs with AVX-512 but no AVX512-BF16): the bits of
+    the 256-bit kernels, for calls of 1-12 rows, remainders, odd K and partial panels."""
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    native.wide_products(False)
+    narrow = native.linear(x, w, 1)
+    native.wide_products(True)
+    assert torch.equal(native.linear(x, w, 1), narrow)
+
+
+@pytest.mark.skipif(not has_avx512(), reason="512-bit products need a CPU with AVX-512")
+def test_wide_passes_are_the_bits_of_avx2_passes(family, monkeypatch, wide_default):
+    """Whole passes at the AVX2 level, a prefill of 48-row passes, one-token passes and blocks: the same logits
+    with 512-bit products as with 256-bit ones."""
+    monkeypatch.setenv("S2D_NATIVE_ISA", "avx2")
+    model = load_model(family["gqa"], dtype="bfloat16")
+    ids = torch.randint(0, 257, (1, 90), generator=torch.Generator().manual_seed(9))
+
+    def passes() -> list[torch.Tensor]:
+        cache, out = model.new_cache(), []
+        with torch.inference_mode():
+            model(ids[:, :60], torch.arange(60), cache, logits_at=None)
+            for start, rows in ((60, 1), (61, 6), (67, 16), (83, 7)):
+                out.append(model(ids[:, start:start + rows], torch.arange(start, start + rows), cache))
+        return out
+
+    native.wide_products(False)
+    narrow = passes()
+    native.wide_products(True)
+    assert all(torch.equal(a, b) for a, b in zip(passes(), narrow))
+
+
+def test_wide_products_default_and_refusal(wide_default):
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next((line.split(":")[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    if "S2D_NATIVE_WIDE" not in os.environ:
+        assert wide_default == (has_avx512() and "avx512_bf16" not in flags)
+    if not has_avx512():
+        with pytest.raises(ValueError, match="AVX-512"):
+            native.wide_products(True)
+        return
+    code = "from s2d.model import native; print(native.wide_products())"
+    for value in ("0", "1"):
+        env = {**os.environ, "S2D_NATIVE_WIDE": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == str(value == "1")
 
 
 def test_bf16_stores_round_as_the_scalar_rule(isa):
@@ -162,6 +230,27 @@ def test_dot_peak_is_a_ceiling_the_products_stay_under(isa):
         assert ceiling is None  # AMX tiles: not measured
         return
     assert product < 1.15 * ceiling < 1.15 * 200 * torch.get_num_threads() * 64  # <= 64 flops a cycle at 200 GHz
+
+
+@pytest.mark.skipif(not has_avx512(), reason="512-bit products need a CPU with AVX-512")
+def test_wide_dot_peak_counts_sixteen_lanes(wide_default):
+    """With the AVX2 level's products on 512-bit vectors, the ceiling is the 512-bit FMAs' rate: above the
+    256-bit one (each 512-bit FMA counts 16 lanes), and above what the wide product reaches in cache."""
+    narrow, wide = 0.0, 0.0
+    for _ in range(5):  # alternated, the best of each: another process's load spreads over both
+        native.wide_products(False)
+        narrow = max(narrow, native.dot_peak(1, seconds=0.02))
+        native.wide_products(True)
+        wide = max(wide, native.dot_peak(1, seconds=0.02))
+    assert wide > 1.2 * narrow
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(16, 576, generator=g).bfloat16(), torch.randn(1024, 576, generator=g).bfloat16()
+    out = torch.empty(16, 1024)
+    native.linear(x, w, 1, out=out)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        native.linear(x, w, 1, out=out)
+    assert 2 * 16 * 1024 * 576 * 50 / (time.perf_counter() - t0) / 1e9 < 1.15 * wide
 
 
 def test_handoff_times_two_threads_and_needs_two():

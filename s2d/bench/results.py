@@ -65,7 +65,7 @@ def environment() -> dict[str, Any]:
     # The native runtime's instruction set decides CPU speeds more than the processor's name does
     # (S2D_NATIVE_ISA can cap it), so a result says which code ran.
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": cpu_name(), "native_isa": native.isa(),
+            "platform": platform.platform(), "processor": cpu_name(), "native_isa": native.isa_kind(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "s2d_commit": source_version()}
 
 

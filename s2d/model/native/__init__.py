@@ -77,6 +77,7 @@ _SIGNATURES = {
     "s2d_packed_size": ([_I64, _I64], _I64),
     "s2d_pack": ([_VP, _I64, _I64, _VP], None),
     "s2d_prefetch_rows": ([_I], _I),
+    "s2d_wide_products": ([_I], _I),
 }
 
 
@@ -251,6 +252,13 @@ def isa() -> str:
     return ISA_NAMES[isa_level()]
 
 
+def isa_kind() -> str:
+    """What passes run on here, for reports: ``isa()``, but 'AVX512' where the AVX2 level's products run on
+    512-bit vectors (``wide_products``: CPUs with AVX-512 and no AVX512-BF16)."""
+    level = isa_level()
+    return "AVX512" if level == 1 and wide_products() else ISA_NAMES[level]
+
+
 def pack(w: Tensor) -> Tensor:
     """w [N, K] bfloat16 in the packed layout bf16 passes read (panels of k-pairs; see runtime.cpp)."""
     lib = library()
@@ -295,11 +303,27 @@ def prefetch_rows(rows: int | None = None) -> int:
     return lib.s2d_prefetch_rows(0 if rows is None else rows)
 
 
+def wide_products(on: bool | None = None) -> bool:
+    """Whether the AVX2 level's packed products run on 512-bit vectors (the same bits); sets it first if ``on``.
+
+    By default only where the CPU has AVX-512 but no AVX512-BF16 (Skylake to Ice Lake Xeons, whose best level is
+    AVX2), or as S2D_NATIVE_WIDE=0/1 says; never where the CPU lacks AVX-512 (setting it there raises).
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU runtime is unavailable here")
+    if on is None:
+        return bool(lib.s2d_wide_products(-1))
+    if lib.s2d_wide_products(int(on)) != int(on):
+        raise ValueError("512-bit products need a CPU with AVX-512 (F, BW, VL, DQ)")
+    return on
+
+
 def dot_peak(level: int | None = None, seconds: float = 0.05) -> float | None:
     """The arithmetic ceiling of the runtime's products, GFLOP/s, on torch's threads: the widest multiply-add
-    they use (AVX512-BF16 bf16 pair dot products, AVX2 float32 FMAs), 12 independent accumulators per thread,
-    registers only, for about ``seconds``. No product can run faster. None at level 3 (AMX tiles: not measured)
-    or without the runtime."""
+    they use (AVX512-BF16 bf16 pair dot products, AVX2 float32 FMAs, 512-bit where ``wide_products``), 12
+    independent accumulators per thread, registers only, for about ``seconds``. No product can run faster. None
+    at level 3 (AMX tiles: not measured) or without the runtime."""
     lib = library()
     if lib is None:
         return None

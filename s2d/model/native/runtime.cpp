@@ -597,6 +597,31 @@ inline int prefetch_rows() {
   const int rows = g_prefetch_rows.load(std::memory_order_relaxed);
   return rows > 0 ? rows : default_prefetch_rows();
 }
+
+// Whether the AVX2 level's packed products run on 512-bit vectors (kernels.inc, wide_range): the same panels and
+// the same bits, 16 outputs a vector. Only where the CPU has AVX-512 (F, BW, VL, DQ); by default only where it
+// lacks AVX512-BF16 (Skylake to Ice Lake Xeons, whose best level is AVX2): on a CPU with AVX512-BF16 the AVX2
+// level runs only when held to it (S2D_NATIVE_ISA=avx2), and then stays within AVX2. S2D_NATIVE_WIDE=0 or 1
+// overrides the default (1 only where the CPU has AVX-512); s2d_wide_products changes it.
+inline bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+inline bool default_wide_products() {
+  static const bool wide = [] {
+    if (!cpu_has_avx512()) return false;
+    if (const char* env = std::getenv("S2D_NATIVE_WIDE"); env != nullptr && (env[0] == '0' || env[0] == '1'))
+      return env[0] == '1';
+    return !__builtin_cpu_supports("avx512bf16");
+  }();
+  return wide;
+}
+std::atomic<int> g_wide_products{-1};  // -1: default_wide_products()
+inline bool wide_products() {
+  const int wide = g_wide_products.load(std::memory_order_relaxed);
+  return wide < 0 ? default_wide_products() : wide == 1;
+}
 }  // namespace s2d
 
 // The ISA-specific kernels, compiled once per instruction set into their own namespace.
@@ -686,6 +711,13 @@ int s2d_use_openmp(const char* path) {
   if (!omp.parallel || !omp.thread_num || !omp.num_threads) return 0;
   s2d::openmp() = omp;
   return 1;
+}
+
+// Whether the AVX2 level's packed products use 512-bit vectors (see wide_products): set if `wide` is 0 or 1 (1 only
+// where the CPU has AVX-512); returns the value in force (0 or 1).
+int s2d_wide_products(int wide) {
+  if (wide == 0 || (wide == 1 && s2d::cpu_has_avx512())) s2d::g_wide_products.store(wide, std::memory_order_relaxed);
+  return s2d::wide_products() ? 1 : 0;
 }
 
 // Rows from which products prefetch (see prefetch_rows): set to `rows` if 1-64; returns the value in force.
@@ -911,10 +943,11 @@ void s2d_put_bf16(const float* x, int64_t n, uint16_t* out, int isa) { kernels_f
 
 // The multiply-add ceiling of `isa`'s products on `threads` threads, GFLOP/s: `iters` rounds of 12 independent
 // accumulators through the widest multiply-add the products use (AVX512-BF16: bf16 pair dot products; AVX2:
-// float32 FMAs), registers only. AMX tiles are not measured: 0.
+// float32 FMAs, 512-bit where its products are: wide_products), registers only. AMX tiles are not measured: 0.
 double s2d_dot_peak(int isa, int threads, int64_t iters) {
   if (isa >= 3 || threads < 1 || threads > 64) return 0.0;
-  const s2d::Kernels k = kernels_for(isa);
+  s2d::Kernels k = kernels_for(isa);
+  if (isa == 1 && s2d::wide_products()) k.peak_flops *= 2;  // 16 lanes, not 8
   s2d::PeakArgs args{iters, {}};
   s2d::Pool* pool = shared_pool(threads);
   const auto t0 = std::chrono::steady_clock::now();
