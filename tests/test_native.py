@@ -160,18 +160,19 @@ def test_wide_products_are_the_bits_of_the_avx2_kernels(m, n, k, wide_default):
 
 
 @pytest.mark.skipif(not has_avx512(), reason="512-bit products need a CPU with AVX-512")
-def test_wide_passes_are_the_bits_of_avx2_passes(family, monkeypatch, wide_default):
-    """Whole passes at the AVX2 level, a prefill of 48-row passes, one-token passes and blocks: the same logits
-    with 512-bit products as with 256-bit ones."""
+@pytest.mark.parametrize("name,prefix", [("gqa", 60), ("head64", 280), ("head128", 280)])
+def test_wide_passes_are_the_bits_of_avx2_passes(family, monkeypatch, wide_default, name, prefix):
+    """Whole passes at the AVX2 level, a prefill of 48-row passes, one-token passes and blocks, past an attention
+    chunk (head sizes 64 and 128: P.V on 512-bit vectors too): the same logits with 512-bit vectors as without."""
     monkeypatch.setenv("S2D_NATIVE_ISA", "avx2")
-    model = load_model(family["gqa"], dtype="bfloat16")
-    ids = torch.randint(0, 257, (1, 90), generator=torch.Generator().manual_seed(9))
+    model = load_model(family[name], dtype="bfloat16")
+    ids = torch.randint(0, 257, (1, prefix + 30), generator=torch.Generator().manual_seed(9))
 
     def passes() -> list[torch.Tensor]:
         cache, out = model.new_cache(), []
         with torch.inference_mode():
-            model(ids[:, :60], torch.arange(60), cache, logits_at=None)
-            for start, rows in ((60, 1), (61, 6), (67, 16), (83, 7)):
+            model(ids[:, :prefix], torch.arange(prefix), cache, logits_at=None)
+            for start, rows in ((prefix, 1), (prefix + 1, 6), (prefix + 7, 16), (prefix + 23, 7)):
                 out.append(model(ids[:, start:start + rows], torch.arange(start, start + rows), cache))
         return out
 
