@@ -28,7 +28,7 @@ bf16 GGUF by ``llamacpp.sh gguf``, checked tensor by tensor against the checkpoi
   excluded on both sides; prompt by prompt, ours then theirs. Summed tokens over summed seconds.
 
 Instruction sets: ``--isa avx2|avx512f|avx512|amx`` holds our side (the native runtime: S2D_NATIVE_ISA, and
-for avx512f, AVX-512 without BF16, S2D_NATIVE_WIDE=1; torch's prefill: ONEDNN_MAX_CPU_ISA = AVX2 /
+S2D_NATIVE_WIDE=0 for avx2, =1 for avx512f, AVX-512 without BF16; torch's prefill: ONEDNN_MAX_CPU_ISA = AVX2 /
 AVX512_CORE / AVX512_CORE_BF16 / AVX512_CORE_AMX, and ATEN_CPU_CAPABILITY=avx2 for avx2), set in this process
 before torch loads. llama.cpp's instruction set is fixed when it is
 built; the one used is read from its own ``system_info`` line and printed. ``llamacpp.sh build`` builds
@@ -68,7 +68,8 @@ DEFAULT_BIN = Path(os.environ.get("DIR", Path.home() / ".cache" / "llamacpp-peer
 NEW_TOKENS = 128  # tg128, and the end-to-end run's new tokens
 
 # --isa: our runtime's S2D_NATIVE_ISA, oneDNN's cap (torch's prefill products), ATen's kernels' cap.
-ISA_ENV = {"avx2": {"S2D_NATIVE_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+ISA_ENV = {"avx2": {"S2D_NATIVE_ISA": "avx2", "S2D_NATIVE_WIDE": "0", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                    "ATEN_CPU_CAPABILITY": "avx2"},
            "avx512": {"S2D_NATIVE_ISA": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
            "amx": {"S2D_NATIVE_ISA": "amx", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"},
            # AVX-512 without BF16 (Skylake to Ice Lake): our AVX2 level with its products on 512-bit vectors
