@@ -191,6 +191,12 @@ def test_wide_products_default_and_refusal(wide_default):
         with pytest.raises(ValueError, match="AVX-512"):
             native.wide_products(True)
         return
+    with pytest.MonkeyPatch.context() as mp:  # reports name the kind the passes run on
+        mp.setenv("S2D_NATIVE_ISA", "avx2")
+        native.wide_products(True)
+        assert native.isa_kind() == "AVX512"
+        native.wide_products(False)
+        assert native.isa_kind() == "AVX2"
     code = "from s2d.model import native; print(native.wide_products())"
     for value in ("0", "1"):
         env = {**os.environ, "S2D_NATIVE_WIDE": value}
