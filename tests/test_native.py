@@ -103,9 +103,14 @@ def wide_default():
     native.wide_products(before)
 
 
+def cpuinfo(field: str) -> str:
+    """The first CPU's ``field`` in /proc/cpuinfo ('' where absent)."""
+    with open("/proc/cpuinfo") as info:
+        return next((line.split(":", 1)[1].strip() for line in info if line.split(":")[0].strip() == field), "")
+
+
 def has_avx512() -> bool:
-    with open("/proc/cpuinfo") as cpuinfo:
-        flags = next((line.split(":")[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    flags = cpuinfo("flags").split()
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
 
 
@@ -131,10 +136,8 @@ def test_products_are_the_same_bits_whatever_rows_prefetch(isa, prefetch_default
 
 
 def test_prefetch_rows_default_follows_the_cpu_or_the_environment(prefetch_default):
-    with open("/proc/cpuinfo") as cpuinfo:
-        vendor = next((line.split(":")[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
     if "S2D_NATIVE_PREFETCH_ROWS" not in os.environ:
-        assert prefetch_default == (1 if vendor == "GenuineIntel" else 4)
+        assert prefetch_default == (1 if cpuinfo("vendor_id") == "GenuineIntel" else 4)
     code = "from s2d.model import native; print(native.prefetch_rows())"
     env = {**os.environ, "S2D_NATIVE_PREFETCH_ROWS": "7"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -183,10 +186,8 @@ def test_wide_passes_are_the_bits_of_avx2_passes(family, monkeypatch, wide_defau
 
 
 def test_wide_products_default_and_refusal(wide_default):
-    with open("/proc/cpuinfo") as cpuinfo:
-        flags = next((line.split(":")[1].split() for line in cpuinfo if line.startswith("flags")), [])
     if "S2D_NATIVE_WIDE" not in os.environ:
-        assert wide_default == (has_avx512() and "avx512_bf16" not in flags)
+        assert wide_default == (has_avx512() and "avx512_bf16" not in cpuinfo("flags").split())
     if not has_avx512():
         with pytest.raises(ValueError, match="AVX-512"):
             native.wide_products(True)
