@@ -98,3 +98,20 @@ def test_placement_lines_give_each_round_its_ratios_and_hand_off(capsys):
     assert "m, native: 33; m, back to back: 31/170" in out
     assert costs.in_ms({1: 0.002, "handoff": 31.0, "rounds": [{1: 0.002, "handoff": 31.0}]}) == {
         1: 2.0, "handoff": 31.0, "rounds": [{1: 2.0, "handoff": 31.0}]}
+
+
+def _ab_settings():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_settings.py"
+    spec = importlib.util.spec_from_file_location("ab_settings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # its `from costs import ...` finds the module loaded above
+    return module
+
+
+def test_ab_settings_reads_a_setting_and_refuses_bad_ones():
+    ab = _ab_settings()
+    assert ab.parse_setting("prefetch_rows=4,1") == ("prefetch_rows", [4, 1])
+    assert ab.parse_setting("wide_products=0,1") == ("wide_products", [False, True])
+    for bad in ("prefetch_rows", "unknown=1,2", "prefetch_rows=4"):
+        with pytest.raises(ValueError, match="--setting"):
+            ab.parse_setting(bad)
