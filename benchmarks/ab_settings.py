@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from costs import pass_fn, prefilled
 from tqdm import tqdm
 
-from costs import pass_fn, prefilled
 from s2d.bench.results import cpu_name
 from s2d.model import native
 from s2d.model.loading import load_model
