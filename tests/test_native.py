@@ -95,6 +95,14 @@ def test_product_matches_reference_and_is_row_independent(isa, dtype, m, n, k, p
         torch.set_num_threads(threads)
 
 
+def in_fresh_process(code: str, **env: str) -> str:
+    """What ``code`` prints (stripped) in a new Python with ``native`` imported and ``env`` added: the runtime's
+    defaults are read once per process."""
+    run = subprocess.run([sys.executable, "-c", "from s2d.model import native; " + code],
+                         env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    return run.stdout.strip()
+
+
 @pytest.fixture
 def wide_default():
     """Restores whether the AVX2 level's products run on 512-bit vectors (a process-wide value)."""
@@ -138,10 +146,7 @@ def test_products_are_the_same_bits_whatever_rows_prefetch(isa, prefetch_default
 def test_prefetch_rows_default_follows_the_cpu_or_the_environment(prefetch_default):
     if "S2D_NATIVE_PREFETCH_ROWS" not in os.environ:
         assert prefetch_default == (1 if cpuinfo("vendor_id") == "GenuineIntel" else 4)
-    code = "from s2d.model import native; print(native.prefetch_rows())"
-    env = {**os.environ, "S2D_NATIVE_PREFETCH_ROWS": "7"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "7"
+    assert in_fresh_process("print(native.prefetch_rows())", S2D_NATIVE_PREFETCH_ROWS="7") == "7"
     with pytest.raises(ValueError, match="1-64"):
         native.prefetch_rows(0)
 
@@ -198,11 +203,8 @@ def test_wide_products_default_and_refusal(wide_default):
         assert native.isa_kind() == "AVX512"
         native.wide_products(False)
         assert native.isa_kind() == "AVX2"
-    code = "from s2d.model import native; print(native.wide_products())"
     for value in ("0", "1"):
-        env = {**os.environ, "S2D_NATIVE_WIDE": value}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == str(value == "1")
+        assert in_fresh_process("print(native.wide_products())", S2D_NATIVE_WIDE=value) == str(value == "1")
 
 
 def test_bf16_stores_round_as_the_scalar_rule(isa):
@@ -222,17 +224,22 @@ def test_bf16_stores_round_as_the_scalar_rule(isa):
     assert torch.equal(got[finite], x[finite].bfloat16().view(torch.int16).to(torch.int64) & 0xFFFF)  # torch's rounding
 
 
-def test_dot_peak_is_a_ceiling_the_products_stay_under(isa):
-    """The multiply-add ceiling costs.py bounds ratios with: above what the runtime's own product reaches in cache
-    (a folded loop or a wrong flop count would break either side of this), and below a physical limit."""
+def product_gflops(level: int) -> float:
+    """GFLOP/s of the runtime's own product at ``level``: 16 rows against a [1024, 576] weight in cache."""
     g = torch.Generator().manual_seed(9)
     x, w = torch.randn(16, 576, generator=g).bfloat16(), torch.randn(1024, 576, generator=g).bfloat16()
     out = torch.empty(16, 1024)
-    native.linear(x, w, isa, out=out)
+    native.linear(x, w, level, out=out)
     t0 = time.perf_counter()
     for _ in range(50):
-        native.linear(x, w, isa, out=out)
-    product = 2 * 16 * 1024 * 576 * 50 / (time.perf_counter() - t0) / 1e9
+        native.linear(x, w, level, out=out)
+    return 2 * 16 * 1024 * 576 * 50 / (time.perf_counter() - t0) / 1e9
+
+
+def test_dot_peak_is_a_ceiling_the_products_stay_under(isa):
+    """The multiply-add ceiling costs.py bounds ratios with: above what the runtime's own product reaches in cache
+    (a folded loop or a wrong flop count would break either side of this), and below a physical limit."""
+    product = product_gflops(isa)
     ceiling = native.dot_peak(isa, seconds=0.02)
     if isa >= 3:
         assert ceiling is None  # AMX tiles: not measured
@@ -251,14 +258,7 @@ def test_wide_dot_peak_counts_sixteen_lanes(wide_default):
         native.wide_products(True)
         wide = max(wide, native.dot_peak(1, seconds=0.02))
     assert wide > 1.2 * narrow
-    g = torch.Generator().manual_seed(9)
-    x, w = torch.randn(16, 576, generator=g).bfloat16(), torch.randn(1024, 576, generator=g).bfloat16()
-    out = torch.empty(16, 1024)
-    native.linear(x, w, 1, out=out)
-    t0 = time.perf_counter()
-    for _ in range(50):
-        native.linear(x, w, 1, out=out)
-    assert 2 * 16 * 1024 * 576 * 50 / (time.perf_counter() - t0) / 1e9 < 1.15 * wide
+    assert product_gflops(1) < 1.15 * wide
 
 
 def test_handoff_times_two_threads_and_needs_two():
