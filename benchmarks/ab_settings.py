@@ -2,12 +2,14 @@
 
     python benchmarks/ab_settings.py --model ../shared/zoo/zoo-l --rows 1,6,16 --setting prefetch_rows=4,1
     S2D_NATIVE_ISA=avx2 python benchmarks/ab_settings.py --rows 1,6,16 --setting wide_products=0,1
+    S2D_NATIVE_ISA=avx512 python benchmarks/ab_settings.py --rows 1,6,16 --setting fma_products=0,1
 
 The host's speed drifts 2-3x between minutes, so two settings timed in separate runs compare the minutes as
 much as the settings. Here every round times each row count under each setting back to back (the order
 reversed every other round), and the ratio to the first setting is taken round by round. The settings are the
-runtime's own switches, set between passes (``native.prefetch_rows``, ``native.wide_products``): both change
-which kernel or hint runs, never the bits, so one model and one cache serve every setting.
+runtime's own switches, set between passes (``native.prefetch_rows``, ``native.wide_products``,
+``native.fma_products``): they change which kernel or hint runs (``fma_products`` also the bits, not the work),
+so one model and one cache serve every setting.
 
 Prints, per row count, the median milliseconds of a pass (a greedy pass as the engine runs it, after
 ``--context`` cached tokens, as ``costs.py`` times it) under each setting, and the median ratio to the first.
@@ -33,6 +35,7 @@ from s2d.model.loading import load_model
 SETTINGS: dict[str, tuple[Callable, Callable[[str], object]]] = {
     "prefetch_rows": (native.prefetch_rows, int),
     "wide_products": (native.wide_products, lambda v: v not in ("0", "false", "off")),
+    "fma_products": (native.fma_products, lambda v: v not in ("0", "false", "off")),
 }
 
 

@@ -112,6 +112,7 @@ def test_ab_settings_reads_a_setting_and_refuses_bad_ones():
     ab = _ab_settings()
     assert ab.parse_setting("prefetch_rows=4,1") == ("prefetch_rows", [4, 1])
     assert ab.parse_setting("wide_products=0,1") == ("wide_products", [False, True])
+    assert ab.parse_setting("fma_products=1,0") == ("fma_products", [True, False])
     for bad in ("prefetch_rows", "unknown=1,2", "prefetch_rows=4"):
         with pytest.raises(ValueError, match="--setting"):
             ab.parse_setting(bad)

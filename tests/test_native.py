@@ -207,6 +207,61 @@ def test_wide_products_default_and_refusal(wide_default):
         assert in_fresh_process("print(native.wide_products())", S2D_NATIVE_WIDE=value) == str(value == "1")
 
 
+@pytest.fixture
+def fma_default():
+    """Restores whether the AVX512-BF16 level's products run on FMAs (a process-wide value)."""
+    before = native.fma_products()
+    yield before
+    native.fma_products(before)
+
+
+needs_avx512_level = pytest.mark.skipif(2 not in LEVELS, reason="this CPU lacks AVX512-BF16")
+
+
+@needs_avx512_level
+@pytest.mark.parametrize("m,n,k", [(1, 96, 576), (2, 64, 577), (6, 130, 576), (7, 64, 95), (12, 64, 1536),
+                                   (13, 70, 577), (16, 7, 9), (40, 80, 64), (64, 33, 128)])
+def test_fma_products_are_the_bits_of_the_avx2_kernels(m, n, k, fma_default):
+    """The AVX512-BF16 level's packed products on FMAs: the AVX2 level's bits, for calls of 1-12 rows, remainders,
+    odd K and partial panels; on bf16 pair dot products they differ, within float32 rounding of the same sums."""
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    avx2 = native.linear(x, w, 1)
+    native.fma_products(True)
+    assert torch.equal(native.linear(x, w, 2), avx2)
+    native.fma_products(False)
+    torch.testing.assert_close(native.linear(x, w, 2), avx2, atol=1e-4, rtol=1e-4)
+
+
+@needs_avx512_level
+@pytest.mark.parametrize("fma", [True, False], ids=["fma", "dot"])
+@pytest.mark.parametrize("name,prefix,size", [("gqa", 20, 40), ("head64", 250, 21), ("head128", 37, 16)])
+def test_avx512_blocks_are_one_token_passes_on_either_product(family, monkeypatch, fma_default, fma, name, prefix,
+                                                              size):
+    """Whichever product the AVX512-BF16 level runs (FMAs: the default on Intel; bf16 pair dot products: elsewhere),
+    a block's rows are the bits of one-token passes, past an attention chunk and past 12 rows a call."""
+    monkeypatch.setenv("S2D_NATIVE_ISA", "avx512")
+    native.fma_products(fma)
+    model = load_model(family[name], dtype="bfloat16")
+    end = prefix + size
+    ids = torch.randint(0, 257, (1, end), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        block_cache, step_cache = model.new_cache(), model.new_cache()
+        for c in (block_cache, step_cache):
+            model(ids[:, :prefix], torch.arange(prefix), c, logits_at=None)
+        block = model(ids[:, prefix:end], torch.arange(prefix, end), block_cache)
+        steps = torch.cat([model(ids[:, i:i + 1], torch.tensor([i]), step_cache) for i in range(prefix, end)], 1)
+    assert torch.equal(block, steps)
+
+
+def test_fma_products_default_follows_the_cpu_or_the_environment(fma_default):
+    if "S2D_NATIVE_FMA" not in os.environ:
+        assert fma_default == (cpuinfo("vendor_id") == "GenuineIntel")
+    for value in ("0", "1"):
+        assert in_fresh_process("print(native.fma_products())", S2D_NATIVE_FMA=value) == str(value == "1")
+
+
 def test_bf16_stores_round_as_the_scalar_rule(isa):
     """Vector stores of activations round as the scalar f2bf: nearest even, NaN kept NaN (quiet, its high bits)."""
     g = torch.Generator().manual_seed(5)
@@ -236,9 +291,14 @@ def product_gflops(level: int) -> float:
     return 2 * 16 * 1024 * 576 * 50 / (time.perf_counter() - t0) / 1e9
 
 
-def test_dot_peak_is_a_ceiling_the_products_stay_under(isa):
+@pytest.mark.parametrize("fma", [True, False], ids=["fma", "dot"])
+def test_dot_peak_is_a_ceiling_the_products_stay_under(isa, fma, fma_default):
     """The multiply-add ceiling costs.py bounds ratios with: above what the runtime's own product reaches in cache
-    (a folded loop or a wrong flop count would break either side of this), and below a physical limit."""
+    (a folded loop or a wrong flop count would break either side of this), and below a physical limit; at the
+    AVX512-BF16 level for either product it runs (fma_products)."""
+    if isa != 2 and not fma:
+        pytest.skip("fma_products concerns the AVX512-BF16 level only")
+    native.fma_products(fma)
     product = product_gflops(isa)
     ceiling = native.dot_peak(isa, seconds=0.02)
     if isa >= 3:

@@ -78,6 +78,7 @@ _SIGNATURES = {
     "s2d_pack": ([_VP, _I64, _I64, _VP], None),
     "s2d_prefetch_rows": ([_I], _I),
     "s2d_wide_products": ([_I], _I),
+    "s2d_fma_products": ([_I], _I),
 }
 
 
@@ -317,6 +318,19 @@ def wide_products(on: bool | None = None) -> bool:
     if lib.s2d_wide_products(int(on)) != int(on):
         raise ValueError("512-bit products need a CPU with AVX-512 (F, BW, VL, DQ)")
     return on
+
+
+def fma_products(on: bool | None = None) -> bool:
+    """Whether the AVX512-BF16 level's packed products run as float32 FMAs on widened weights rather than bf16 pair
+    dot products; sets it first if ``on``. Other bits (the AVX2 level's), the same for every row count.
+
+    By default on Intel CPUs, whose bf16 dot products run at half the FMAs' rate (runtime.cpp, fma_products), or as
+    S2D_NATIVE_FMA=0/1 says. For measurements and tests.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native CPU runtime is unavailable here")
+    return bool(lib.s2d_fma_products(-1 if on is None else int(on)))
 
 
 def dot_peak(level: int | None = None, seconds: float = 0.05) -> float | None:

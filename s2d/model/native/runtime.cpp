@@ -579,16 +579,18 @@ inline void split(int64_t n, int tid, int nt, int64_t align, int64_t* begin, int
 // 0.55x; 2 and 3 rows 0.52-0.57x); on the Zen 4 the prefetches only added requests below 4 rows (2 rows 14-24%
 // more time), so other CPUs keep kPrefetchRows.
 constexpr int kPrefetchRows = 4;
+inline bool cpu_is_intel() {
+  unsigned eax, ebx, ecx, edx;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0), "c"(0));
+  return ebx == 0x756e6547u && edx == 0x49656e69u && ecx == 0x6c65746eu;  // "GenuineIntel"
+}
 inline int default_prefetch_rows() {
   static const int rows = [] {
     if (const char* env = std::getenv("S2D_NATIVE_PREFETCH_ROWS")) {
       const int r = std::atoi(env);
       if (r >= 1 && r <= 64) return r;
     }
-    unsigned eax, ebx, ecx, edx;
-    __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0), "c"(0));
-    const bool intel = ebx == 0x756e6547u && edx == 0x49656e69u && ecx == 0x6c65746eu;  // "GenuineIntel"
-    return intel ? 1 : kPrefetchRows;
+    return cpu_is_intel() ? 1 : kPrefetchRows;
   }();
   return rows;
 }
@@ -621,6 +623,26 @@ std::atomic<int> g_wide_products{-1};  // -1: default_wide_products()
 inline bool wide_products() {
   const int wide = g_wide_products.load(std::memory_order_relaxed);
   return wide < 0 ? default_wide_products() : wide == 1;
+}
+
+// Whether the AVX512-BF16 level's packed products run as float32 FMAs on widened weights (kernels.inc, wide_range)
+// rather than bf16 pair dot products: other bits (each output adds x[k] w[k] one k at a time, the AVX2 level's
+// bits), the same for every row count. By default on Intel CPUs: on the AMX Xeon vdpbf16ps ran at 0.41x the
+// 512-bit FMAs' flops (97 against 237 GFLOP/s on one core, registers only), and zoo-l passes held to AVX512-BF16
+// took 0.95x, 0.83x and 0.91x the time at 1, 6 and 16 rows on FMAs. On the Zen 4 the dot products double the
+// FMAs' flops, so other CPUs keep them. S2D_NATIVE_FMA=0 or 1 overrides the default; s2d_fma_products changes it.
+inline bool default_fma_products() {
+  static const bool fma = [] {
+    if (const char* env = std::getenv("S2D_NATIVE_FMA"); env != nullptr && (env[0] == '0' || env[0] == '1'))
+      return env[0] == '1';
+    return cpu_is_intel();
+  }();
+  return fma;
+}
+std::atomic<int> g_fma_products{-1};  // -1: default_fma_products()
+inline bool fma_products() {
+  const int fma = g_fma_products.load(std::memory_order_relaxed);
+  return fma < 0 ? default_fma_products() : fma == 1;
 }
 }  // namespace s2d
 
@@ -718,6 +740,13 @@ int s2d_use_openmp(const char* path) {
 int s2d_wide_products(int wide) {
   if (wide == 0 || (wide == 1 && s2d::cpu_has_avx512())) s2d::g_wide_products.store(wide, std::memory_order_relaxed);
   return s2d::wide_products() ? 1 : 0;
+}
+
+// Whether the AVX512-BF16 level's packed products run on FMAs (see fma_products): set if `fma` is 0 or 1; returns the
+// value in force (0 or 1).
+int s2d_fma_products(int fma) {
+  if (fma == 0 || fma == 1) s2d::g_fma_products.store(fma, std::memory_order_relaxed);
+  return s2d::fma_products() ? 1 : 0;
 }
 
 // Rows from which products prefetch (see prefetch_rows): set to `rows` if 1-64; returns the value in force.
@@ -943,11 +972,13 @@ void s2d_put_bf16(const float* x, int64_t n, uint16_t* out, int isa) { kernels_f
 
 // The multiply-add ceiling of `isa`'s products on `threads` threads, GFLOP/s: `iters` rounds of 12 independent
 // accumulators through the widest multiply-add the products use (AVX512-BF16: bf16 pair dot products; AVX2:
-// float32 FMAs, 512-bit where its products are: wide_products), registers only. AMX tiles are not measured: 0.
+// float32 FMAs, 512-bit where its products are: wide_products; 512-bit FMAs where AVX512-BF16's products run on
+// them: fma_products), registers only. AMX tiles are not measured: 0.
 double s2d_dot_peak(int isa, int threads, int64_t iters) {
   if (isa >= 3 || threads < 1 || threads > 64) return 0.0;
   s2d::Kernels k = kernels_for(isa);
   if (isa == 1 && s2d::wide_products()) k.peak_flops *= 2;  // 16 lanes, not 8
+  if (isa == 2 && s2d::fma_products()) k.peak_flops /= 2;   // an FMA, not a pair dot product, a lane
   s2d::PeakArgs args{iters, {}};
   s2d::Pool* pool = shared_pool(threads);
   const auto t0 = std::chrono::steady_clock::now();
