@@ -629,8 +629,9 @@ inline bool wide_products() {
 // rather than bf16 pair dot products: other bits (each output adds x[k] w[k] one k at a time, the AVX2 level's
 // bits), the same for every row count. By default on Intel CPUs: on the AMX Xeon vdpbf16ps ran at 0.41x the
 // 512-bit FMAs' flops (97 against 237 GFLOP/s on one core, registers only), and zoo-l passes held to AVX512-BF16
-// took 0.95x, 0.83x and 0.91x the time at 1, 6 and 16 rows on FMAs. On the Zen 4 the dot products double the
-// FMAs' flops, so other CPUs keep them. S2D_NATIVE_FMA=0 or 1 overrides the default; s2d_fma_products changes it.
+// took 1.02x, 0.83x and 0.86x the time at 1, 6 and 16 rows with products and attention on FMAs. The Zen 4's dot
+// products reached ~380 GFLOP/s on 2 cores (issue 27), more than its FMAs can (two 256-bit FMA units a core: ~240
+// at its clock), so other CPUs keep them. S2D_NATIVE_FMA=0 or 1 overrides the default; s2d_fma_products changes it.
 inline bool default_fma_products() {
   static const bool fma = [] {
     if (const char* env = std::getenv("S2D_NATIVE_FMA"); env != nullptr && (env[0] == '0' || env[0] == '1'))
