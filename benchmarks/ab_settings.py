@@ -87,7 +87,7 @@ def main() -> None:
                     ms[(v, k)].append((time.perf_counter() - t0) / args.reps * 1000)
     finally:
         switch(before)
-    print(f"{cpu_name()}; native runtime {native.isa_kind()}; {torch.get_num_threads()} threads; {args.model}; "
+    print(f"{cpu_name()}; native runtime {native.isa_kind()} ({native.product_kind()}); {torch.get_num_threads()} threads; {args.model}; "
           f"context {args.context}; {name} = {', '.join(map(str, values))}; medians of {args.rounds} rounds")
     first = values[0]
     for k in rows:

@@ -457,9 +457,10 @@ def main() -> None:
         if not path.exists():
             sys.exit(f"costs: {path} not found")
     sizes = [int(s) for s in args.sizes.split(",")]
-    report: dict = {"cpu": cpu_name(), "isa": native.isa_kind(), "threads": torch.get_num_threads(),
+    report: dict = {"cpu": cpu_name(), "isa": native.isa_kind(), "products": native.product_kind(),
+                    "threads": torch.get_num_threads(),
                     "context": args.context, "dtype": args.dtype, "targets": {}, "draft": {}}
-    print(f"{report['cpu']}; native runtime: {report['isa']}; {report['threads']} threads; context "
+    print(f"{report['cpu']}; native runtime: {report['isa']} ({report['products']}); {report['threads']} threads; context "
           f"{args.context} tokens; {args.dtype}; median of {args.reps} passes, milliseconds", flush=True)
 
     draft = load_model(args.draft, dtype=args.dtype)

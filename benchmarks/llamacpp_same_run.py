@@ -488,7 +488,8 @@ def run(args: argparse.Namespace, prefill_lengths: list[int]) -> None:
                     "s2d_source": str(Path(s2d.__file__).parent), "depth": args.depth,
                     "rounds": args.rounds, "reps": args.reps, "prompts_file": str(args.prompts_file),
                     "prompts": len(prompts), "prompt_chars": args.prompt_chars, "new_tokens": NEW_TOKENS,
-                    "ours": {"native_isa": native.isa_kind(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "ours": {"native_isa": native.isa_kind(), "native_products": native.product_kind(),
+                             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                              "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "(unset: oneDNN's best)")},
                     "models": {}}
     results: dict[str, dict[str, Measure]] = {}
@@ -607,7 +608,8 @@ def llama_version(args: argparse.Namespace) -> str:
 def header(report: dict) -> str:
     kind = report["cpu_kind"]
     lines = [(f"CPU: {report['cpu']} ({kind}{'' if kind == 'AMX' else ', no AMX'}), {report['threads']} threads; "
-              f"s2d {report['s2d_commit'] or report['s2d_source']}: native runtime {report['ours']['native_isa']}, torch kernels "
+              f"s2d {report['s2d_commit'] or report['s2d_source']}: native runtime {report['ours']['native_isa']} "
+              f"({report['ours'].get('native_products', 'products not recorded')}), torch kernels "
               f"{report['ours']['torch_cpu_capability']}, ONEDNN_MAX_CPU_ISA {report['ours']['ONEDNN_MAX_CPU_ISA']}")]
     if "llamacpp" in report:
         lc = report["llamacpp"]

@@ -127,9 +127,12 @@ def test_results_document_follows_schema(tmp_path):
 def test_results_say_which_native_code_ran(tmp_path, monkeypatch):
     from s2d.model import native
 
-    assert results_doc(tmp_path)["environment"]["native_isa"] == native.isa()
+    env = results_doc(tmp_path)["environment"]
+    assert env["native_isa"] == native.isa_kind() and env["native_products"] == native.product_kind()
     monkeypatch.setenv("S2D_NATIVE_ISA", "avx2")  # capped: AVX2 wherever the runtime runs at all
-    assert results_doc(tmp_path)["environment"]["native_isa"] in ("AVX2", "none")
+    env = results_doc(tmp_path)["environment"]
+    assert env["native_isa"] in ("AVX2", "AVX512", "none")  # AVX512: the AVX2 level on 512-bit vectors
+    assert env["native_products"] in ("256-bit FMAs", "512-bit FMAs", "torch")
 
 
 @pytest.mark.parametrize("breakage", ["drop_runs", "drop_field", "wrong_type", "bool_count", "schema"])

@@ -255,6 +255,24 @@ def test_avx512_blocks_are_one_token_passes_on_either_product(family, monkeypatc
     assert torch.equal(block, steps)
 
 
+def test_reports_name_the_products_that_run(monkeypatch, fma_default, wide_default):
+    """product_kind names the kernels of the level passes use, as the switches set them."""
+    for level in LEVELS:
+        monkeypatch.setenv("S2D_NATIVE_ISA", ISA_ENV[level])
+        if level == 3:
+            assert native.product_kind() == "AMX tiles"
+        elif level == 2:
+            for fma, name in ((True, "float32 FMAs"), (False, "bf16 dot products")):
+                native.fma_products(fma)
+                assert native.product_kind() == name
+        else:
+            native.wide_products(False)
+            assert native.product_kind() == "256-bit FMAs"
+            if has_avx512():
+                native.wide_products(True)
+                assert native.product_kind() == "512-bit FMAs"
+
+
 def test_fma_products_default_follows_the_cpu_or_the_environment(fma_default):
     if "S2D_NATIVE_FMA" not in os.environ:
         assert fma_default == (cpuinfo("vendor_id") == "GenuineIntel")

@@ -66,6 +66,7 @@ def environment() -> dict[str, Any]:
     # (S2D_NATIVE_ISA can cap it), so a result says which code ran.
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "processor": cpu_name(), "native_isa": native.isa_kind(),
+            "native_products": native.product_kind(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "s2d_commit": source_version()}
 
 

@@ -253,6 +253,20 @@ def isa() -> str:
     return ISA_NAMES[isa_level()]
 
 
+def product_kind() -> str:
+    """How the packed products run at the level passes use here, for reports (``isa_kind`` names the level):
+    'AMX tiles', 'bf16 dot products' or 'float32 FMAs' (AVX512-BF16, ``fma_products``), '512-bit FMAs' or
+    '256-bit FMAs' (AVX2, ``wide_products``), or 'torch' without the runtime."""
+    level = isa_level()
+    if level == 3:
+        return "AMX tiles"
+    if level == 2:
+        return "float32 FMAs" if fma_products() else "bf16 dot products"
+    if level == 1:
+        return "512-bit FMAs" if wide_products() else "256-bit FMAs"
+    return "torch"
+
+
 def isa_kind() -> str:
     """What passes run on here, for reports: ``isa()``, but 'AVX512' where the AVX2 level's products run on
     512-bit vectors (``wide_products``: CPUs with AVX-512 and no AVX512-BF16)."""
