@@ -273,6 +273,18 @@ def test_reports_name_the_products_that_run(monkeypatch, fma_default, wide_defau
                 assert native.product_kind() == "512-bit FMAs"
 
 
+@pytest.mark.parametrize("name,value", [("S2D_NATIVE_FMA", "yes"), ("S2D_NATIVE_WIDE", "2"),
+                                        ("S2D_NATIVE_PREFETCH_ROWS", "0"), ("S2D_NATIVE_PREFETCH_ROWS", "65"),
+                                        ("S2D_NATIVE_PREFETCH_ROWS", "four")])
+def test_bad_switch_values_are_refused_by_name(monkeypatch, name, value):
+    """The runtime reads its switches once and would ignore these values; making a runtime refuses them instead."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        native.isa_level()
+    monkeypatch.setenv(name, "")  # empty: unset
+    assert native.isa_level() in LEVELS
+
+
 def test_fma_products_default_follows_the_cpu_or_the_environment(fma_default):
     if "S2D_NATIVE_FMA" not in os.environ:
         assert fma_default == (cpuinfo("vendor_id") == "GenuineIntel")

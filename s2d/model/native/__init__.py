@@ -237,11 +237,25 @@ PREFILL_ROWS = int(os.environ.get("S2D_PREFILL_ROWS", "48"))  # see NativeRuntim
 PREFILL_MAX_WIDTH = 2048  # widest model (hidden size) prefilled on the runtime; measured at 576 (wins) and 2048 (ties)
 
 
+def check_settings() -> None:
+    """Refuse values of the runtime's switches that runtime.cpp would silently ignore (it reads them once per
+    process), naming the variable: S2D_NATIVE_WIDE and S2D_NATIVE_FMA take 0 or 1, S2D_NATIVE_PREFETCH_ROWS 1-64.
+    An empty value means unset, as there."""
+    for name in ("S2D_NATIVE_WIDE", "S2D_NATIVE_FMA"):
+        value = os.environ.get(name, "")
+        if value not in ("", "0", "1"):
+            raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    rows = os.environ.get("S2D_NATIVE_PREFETCH_ROWS", "")
+    if rows and not (rows.isdigit() and 1 <= int(rows) <= MAX_ROWS):
+        raise ValueError(f"S2D_NATIVE_PREFETCH_ROWS must be 1-{MAX_ROWS}, got {rows!r}")
+
+
 def isa_level() -> int:
     """The instruction set new runtimes use: 3 = AMX, 2 = AVX512-BF16, 1 = AVX2, 0 = none (S2D_NATIVE_ISA)."""
     lib = library()
     if lib is None:
         return 0
+    check_settings()
     wanted = {"avx2": 1, "avx512": 2, "amx": 3, "": 3}.get(os.environ.get("S2D_NATIVE_ISA", "").lower())
     if wanted is None:
         raise ValueError(f"S2D_NATIVE_ISA must be avx2, avx512 or amx, got {os.environ['S2D_NATIVE_ISA']!r}")
