@@ -243,15 +243,7 @@ def test_avx512_blocks_are_one_token_passes_on_either_product(family, monkeypatc
     a block's rows are the bits of one-token passes, past an attention chunk and past 12 rows a call."""
     monkeypatch.setenv("S2D_NATIVE_ISA", "avx512")
     native.fma_products(fma)
-    model = load_model(family[name], dtype="bfloat16")
-    end = prefix + size
-    ids = torch.randint(0, 257, (1, end), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        block_cache, step_cache = model.new_cache(), model.new_cache()
-        for c in (block_cache, step_cache):
-            model(ids[:, :prefix], torch.arange(prefix), c, logits_at=None)
-        block = model(ids[:, prefix:end], torch.arange(prefix, end), block_cache)
-        steps = torch.cat([model(ids[:, i:i + 1], torch.tensor([i]), step_cache) for i in range(prefix, end)], 1)
+    block, steps, _, _ = block_and_steps(load_model(family[name], dtype="bfloat16"), prefix, size)
     assert torch.equal(block, steps)
 
 
@@ -507,22 +499,29 @@ def test_layer_ranges_and_logits_rows(isa, family):
         assert model.logits(h).shape == (1, 9, 257)
 
 
+def block_and_steps(model, prefix: int, size: int):
+    """The logits of ``size`` tokens after a ``prefix``-token prefill as one block pass and as one-token passes,
+    and the two caches: (block [1, size, V], steps [1, size, V], block_cache, step_cache)."""
+    end = prefix + size
+    ids = torch.randint(0, 257, (1, end), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        block_cache, step_cache = model.new_cache(), model.new_cache()
+        for c in (block_cache, step_cache):
+            model(ids[:, :prefix], torch.arange(prefix), c, logits_at=None)
+        block = model(ids[:, prefix:end], torch.arange(prefix, end), block_cache)
+        steps = torch.cat([model(ids[:, i:i + 1], torch.tensor([i]), step_cache) for i in range(prefix, end)], 1)
+    return block, steps, block_cache, step_cache
+
+
 # 250: the block crosses a chunk border; 40 tokens: more rows than one AMX tile holds
 @pytest.mark.parametrize("name,prefix,size", [("gqa", 20, 10), ("long", 250, 10), ("gqa", 20, 40), ("head64", 250, 21),
                                               ("head128", 37, 40)])
 def test_bf16_block_pass_is_bit_identical_to_one_token_passes(isa, family, name, prefix, size):
     """Why greedy speculative decoding equals plain decoding even in bfloat16 on this runtime."""
-    model = load_model(family[name], dtype="bfloat16")
-    end = prefix + size
-    ids = torch.randint(0, 257, (1, end), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        block_cache, step_cache = model.new_cache(), model.new_cache()
-        assert block_cache.k.dtype == torch.bfloat16  # the runtime reads a cache in the model's dtype
-        for c in (block_cache, step_cache):
-            model(ids[:, :prefix], torch.arange(prefix), c, logits_at=None)
-        block = model(ids[:, prefix:end], torch.arange(prefix, end), block_cache)
-        steps = torch.cat([model(ids[:, i:i + 1], torch.tensor([i]), step_cache) for i in range(prefix, end)], 1)
+    block, steps, block_cache, step_cache = block_and_steps(load_model(family[name], dtype="bfloat16"), prefix, size)
+    assert block_cache.k.dtype == torch.bfloat16  # the runtime reads a cache in the model's dtype
     assert torch.equal(block, steps)
+    end = prefix + size
     assert torch.equal(block_cache.k[:, :, :, :end], step_cache.k[:, :, :, :end])
 
 
