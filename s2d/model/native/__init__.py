@@ -352,8 +352,8 @@ def fma_products(on: bool | None = None) -> bool:
     """Whether the AVX512-BF16 level's packed products run as float32 FMAs on widened weights rather than bf16 pair
     dot products; sets it first if ``on``. Other bits (the AVX2 level's), the same for every row count.
 
-    By default on Intel CPUs, whose bf16 dot products run at half the FMAs' rate (runtime.cpp, fma_products), or as
-    S2D_NATIVE_FMA=0/1 says. For measurements and tests.
+    By default on Intel CPUs of the AMX generation, whose bf16 dot products run at half the FMAs' rate (runtime.cpp,
+    fma_products), or as S2D_NATIVE_FMA=0/1 says. For measurements and tests.
     """
     lib = library()
     if lib is None:

@@ -627,16 +627,23 @@ inline bool wide_products() {
 
 // Whether the AVX512-BF16 level's packed products run as float32 FMAs on widened weights (kernels.inc, wide_range)
 // rather than bf16 pair dot products: other bits (each output adds x[k] w[k] one k at a time, the AVX2 level's
-// bits), the same for every row count. By default on Intel CPUs: on the AMX Xeon vdpbf16ps ran at 0.41x the
-// 512-bit FMAs' flops (97 against 237 GFLOP/s on one core, registers only), and zoo-l passes held to AVX512-BF16
-// took 1.02x, 0.83x and 0.86x the time at 1, 6 and 16 rows with products and attention on FMAs. The Zen 4's dot
-// products reached ~380 GFLOP/s on 2 cores (issue 27), more than its FMAs can (two 256-bit FMA units a core: ~240
-// at its clock), so other CPUs keep them. S2D_NATIVE_FMA=0 or 1 overrides the default; s2d_fma_products changes it.
+// bits), the same for every row count. By default on Intel CPUs of the AMX generation (their AVX512-BF16 level runs
+// where AMX cannot: a kernel or VM without tile permission, or S2D_NATIVE_ISA=avx512): on the AMX Xeon vdpbf16ps ran
+// at 0.41x the 512-bit FMAs' flops (97 against 237 GFLOP/s on one core, registers only), and zoo-l passes held to
+// AVX512-BF16 took 1.02x, 0.83x and 0.86x the time at 1, 6 and 16 rows with products and attention on FMAs. The
+// Zen 4's dot products reached ~380 GFLOP/s on 2 cores (issue 27), more than its FMAs can (two 256-bit FMA units a
+// core: ~240 at its clock), so other CPUs keep them, as does Cooper Lake (AVX512-BF16 without AMX: not measured).
+// S2D_NATIVE_FMA=0 or 1 overrides the default; s2d_fma_products changes it.
+inline bool cpu_has_amx_bf16() {  // CPUID.(7, 0):EDX bit 22, whether or not the kernel lets us use the tiles
+  unsigned eax, ebx, ecx, edx;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+  return (edx >> 22) & 1;
+}
 inline bool default_fma_products() {
   static const bool fma = [] {
     if (const char* env = std::getenv("S2D_NATIVE_FMA"); env != nullptr && (env[0] == '0' || env[0] == '1'))
       return env[0] == '1';
-    return cpu_is_intel();
+    return cpu_is_intel() && cpu_has_amx_bf16();
   }();
   return fma;
 }
