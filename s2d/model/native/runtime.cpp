@@ -579,6 +579,11 @@ inline void split(int64_t n, int tid, int nt, int64_t align, int64_t* begin, int
 // 0.55x; 2 and 3 rows 0.52-0.57x); on the Zen 4 the prefetches only added requests below 4 rows (2 rows 14-24%
 // more time), so other CPUs keep kPrefetchRows.
 constexpr int kPrefetchRows = 4;
+// A 0/1 switch from the environment: 0 or 1 where `name` starts with that digit, else -1 (unset or unreadable).
+inline int env_switch(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr && (env[0] == '0' || env[0] == '1') ? env[0] - '0' : -1;
+}
 inline bool cpu_is_intel() {
   unsigned eax, ebx, ecx, edx;
   __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0), "c"(0));
@@ -613,8 +618,7 @@ inline bool cpu_has_avx512() {
 inline bool default_wide_products() {
   static const bool wide = [] {
     if (!cpu_has_avx512()) return false;
-    if (const char* env = std::getenv("S2D_NATIVE_WIDE"); env != nullptr && (env[0] == '0' || env[0] == '1'))
-      return env[0] == '1';
+    if (const int env = env_switch("S2D_NATIVE_WIDE"); env >= 0) return env == 1;
     return !__builtin_cpu_supports("avx512bf16");
   }();
   return wide;
@@ -634,16 +638,17 @@ inline bool wide_products() {
 // Zen 4's dot products reached ~380 GFLOP/s on 2 cores (issue 27), more than its FMAs can (two 256-bit FMA units a
 // core: ~240 at its clock), so other CPUs keep them, as does Cooper Lake (AVX512-BF16 without AMX: not measured).
 // S2D_NATIVE_FMA=0 or 1 overrides the default; s2d_fma_products changes it.
-inline bool cpu_has_amx_bf16() {  // CPUID.(7, 0):EDX bit 22, whether or not the kernel lets us use the tiles
+// Whether the CPU has AMX tiles with bf16 (CPUID.(7, 0):EDX bits 24 and 22), whether or not the kernel lets us use
+// them (amx_usable asks).
+inline bool cpu_has_amx() {
   unsigned eax, ebx, ecx, edx;
   __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
-  return (edx >> 22) & 1;
+  return ((edx >> 24) & 1) && ((edx >> 22) & 1);
 }
 inline bool default_fma_products() {
   static const bool fma = [] {
-    if (const char* env = std::getenv("S2D_NATIVE_FMA"); env != nullptr && (env[0] == '0' || env[0] == '1'))
-      return env[0] == '1';
-    return cpu_is_intel() && cpu_has_amx_bf16();
+    if (const int env = env_switch("S2D_NATIVE_FMA"); env >= 0) return env == 1;
+    return cpu_is_intel() && cpu_has_amx();
   }();
   return fma;
 }
@@ -698,10 +703,7 @@ s2d::Kernels kernels_for(int isa) {
 
 // AMX needs the CPU's tile instructions and the kernel's permission to use tile state (Linux 5.16+).
 bool amx_usable() {
-  unsigned eax, ebx, ecx, edx;
-  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
-  const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
-  if (!tile || !bf16) return false;
+  if (!s2d::cpu_has_amx()) return false;
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 }
