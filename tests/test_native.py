@@ -38,7 +38,7 @@ def family(tmp_path_factory, sorted_draft_dir):
     """Tiny checkpoints with what the runtime must handle: GQA, qkv bias, odd sizes, a sorted draft."""
     root = tmp_path_factory.mktemp("native")
     return {
-        # head size 32: the AMX attention path (head sizes that are multiples of 32) is exercised too
+        # head size 32: P.V on AMX tiles (head sizes that are multiples of 32 but neither 64 nor 128) is exercised too
         "gqa": write_random_checkpoint(root / "gqa", num_layers=3, hidden_size=128, num_heads=4, num_kv_heads=2,
                                        intermediate_size=200, seed=11),
         # K and N not multiples of any vector width; Qwen2 adds q/k/v biases
