@@ -43,10 +43,11 @@ products and attention could take at it. Where that least time over the one-toke
 goal's ratio, no kernel can meet the goal against that one-token pass.
 
 ``--stream`` adds the product kernel alone: k rows against one weight of the pass's bytes (the model's width,
-packed where passes pack, at least FLOOR_MIN_BYTES), one call, timed in the same rounds. It is a pass's products with
-nothing else (no attention, norms, head argmax or barriers between products), so it shows how far the kernel
-overlaps its arithmetic with its reads. ``(k tok stream - 1 tok stream) / 1 tok`` is the share of a one-token
-pass that k rows add in the products alone: where it exceeds 0.3 for k = 6, no change outside the product
+packed where passes pack, at least FLOOR_MIN_BYTES; with ``--stream-bytes pass`` exactly the pass's bytes, which
+may stay in the last-level cache between calls as a pass's weights do), one call, timed in the same rounds. It is a
+pass's products with nothing else (no attention, norms, head argmax or barriers between products), so it shows how
+far the kernel overlaps its arithmetic with its reads. ``(k tok stream - 1 tok stream) / 1 tok`` is the share of a
+one-token pass that k rows add in the products alone: where it exceeds 0.3 for k = 6, no change outside the product
 kernel brings a 6-token pass within 1.3x of a one-token pass.
 """
 
@@ -163,13 +164,14 @@ class Peak:
 
 
 class Stream:
-    """``stream(k)`` runs the runtime's product of k rows against one DRAM-resident weight [N, width] of the
-    pass's bytes (at least FLOOR_MIN_BYTES), packed where passes pack; ``seconds(t)`` scales a call to those
-    bytes, as Floor does."""
+    """``stream(k)`` runs the runtime's product of k rows against one weight [N, width] of the pass's bytes,
+    packed where passes pack; ``seconds(t)`` scales a call to those bytes, as Floor does. ``resident``: the
+    weight is the pass's bytes exactly, so that it may stay in the last-level cache between calls as a pass's
+    weights do; otherwise it is at least FLOOR_MIN_BYTES, and read from DRAM."""
 
-    def __init__(self, nbytes: int, width: int, dtype: torch.dtype, sizes: list[int]) -> None:
+    def __init__(self, nbytes: int, width: int, dtype: torch.dtype, sizes: list[int], resident: bool = False) -> None:
         size = dtype.itemsize
-        outputs = max(nbytes, FLOOR_MIN_BYTES) // (width * size) // 32 * 32  # whole panels
+        outputs = (nbytes if resident else max(nbytes, FLOOR_MIN_BYTES)) // (width * size) // 32 * 32  # whole panels
         gen = torch.Generator().manual_seed(0)
         self.w = torch.empty(outputs, width, dtype=dtype).uniform_(-0.05, 0.05, generator=gen)
         packs = dtype == torch.bfloat16 and native.isa_level() in native.PACKED_LEVELS
@@ -445,6 +447,9 @@ def main() -> None:
     ap.add_argument("--no-floor", action="store_true", help="leave out the memory floor (see above)")
     ap.add_argument("--stream", action="store_true",
                     help="also time the product kernel alone over the pass's bytes, k rows (see above)")
+    ap.add_argument("--stream-bytes", choices=["dram", "pass"], default="dram",
+                    help="--stream's weight: at least twice the last-level cache (dram), or exactly the pass's bytes, "
+                         "which may stay cached between calls as a pass's weights do (pass)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.models:
@@ -474,7 +479,8 @@ def main() -> None:
         peak = Peak(target.dtype) if floor is not None and native.library() is not None else None
         stream = None
         if args.stream and native.library() is not None:
-            stream = Stream(streamed_bytes(target), target.cfg.hidden_size, target.dtype, sizes)
+            stream = Stream(streamed_bytes(target), target.cfg.hidden_size, target.dtype, sizes,
+                            resident=args.stream_bytes == "pass")
         row: dict = {"native": in_ms(block_costs(target, args.context, sizes, args.reps, floor, peak, stream))}
         if floor is not None:
             row["weights_MB"] = floor.nbytes / 1e6

@@ -47,6 +47,22 @@ def test_stream_times_the_runtime_product_over_the_pass_bytes(monkeypatch, dtype
         assert torch.equal(stream.out[k], native.linear(stream.x[k], stream.w))
 
 
+def test_resident_stream_reads_the_pass_bytes_not_a_dram_sized_weight(monkeypatch):
+    """``--stream-bytes pass``: the weight is the pass's own bytes even where FLOOR_MIN_BYTES is larger, so it may
+    stay cached between calls as a pass's weights do."""
+    if native.library() is None:
+        pytest.skip("no native runtime here")
+    monkeypatch.setattr(costs, "FLOOR_MIN_BYTES", 1 << 20)
+    width, nbytes = 96, 100_000
+    dram = costs.Stream(nbytes, width, torch.bfloat16, sizes=[1])
+    resident = costs.Stream(nbytes, width, torch.bfloat16, sizes=[1], resident=True)
+    assert dram.w.numel() * 2 > (1 << 20) - 32 * width * 2  # whole panels of at least FLOOR_MIN_BYTES
+    outputs = resident.w.shape[0]
+    assert outputs % 32 == 0 and outputs * width * 2 <= nbytes < (outputs + 32) * width * 2
+    resident(1)
+    assert torch.equal(resident.out[1], native.linear(resident.x[1], resident.w))
+
+
 def test_stream_table_reports_what_rows_add(capsys):
     report = {"targets": {"m": {"native": {1: 2.0, 6: 3.0, "stream 1": 1.5, "stream 6": 2.2},
                                 "back to back": {1: 2.0, 6: 3.2}}}}  # no stream there: no row
