@@ -5,8 +5,9 @@
 
 For each target: the time of one greedy verification pass over 1 new token and over k new tokens
 at a fixed context length (sizes timed round-robin, so machine drift does not bend their ratios), through the native runtime and through the torch reference path (``--reference``);
-where a one-token pass goes (products by stage, attention, head, and everything else: Python, the ctypes
-call, the embedding row, the threads' start and joins); for the draft: one token through the layers of each exit plus the
+where each pass size goes, phase by phase (the runtime's profiler: qkv, the cache writes, attention, o, gate/up,
+down, the head, and the rest: Python, the ctypes call, the embedding row), each phase also as a multiple of the
+one-token pass's; for the draft: one token through the layers of each exit plus the
 head, and the head alone. Ratios to the target's 1-token pass are the c of Leviathan et al.:
 expected speedup ~ MAT / (1 + k * c) * (t_1 / t_{k+1}).
 
@@ -34,7 +35,9 @@ Each round also times the threads' hand-off of one cache line (``native.handoff_
 sit on two cores that share an L3 (~30 ns) or on two dies (~170 ns), and move between the two from minute to
 minute; on the Zen 4 host, the second placement streams memory faster and slows every exchange between the
 threads (barriers, rows one thread writes and the other reads), so one-token passes get faster and many-row
-passes slower there.
+passes slower there. ``--rounds`` (3) sets how many back-to-back rounds run; from 5 on, each ratio's spread over
+them is printed too: on the AMX Xeon VM held to AVX512-BF16 a 6-row pass cost 1.20x to 2.00x a one-row pass from
+one round to the next (median 1.69x over 20; benchmarks/RESULTS.md, thirteenth session).
 
 The ``ceiling`` table bounds the goals stated as ratios ("a k-token pass within x of a one-token pass"):
 the instruction set's multiply-add rate with nothing but registers (``native.dot_peak``: AVX512-BF16 dot
@@ -56,6 +59,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -298,11 +302,11 @@ def block_costs_back_to_back(model, context: int, sizes: list[int], reps: int, r
 
 
 @torch.inference_mode()
-def step_breakdown(model, context: int, reps: int) -> dict[str, float]:
-    """Milliseconds per one-token pass by part (native runtime only)."""
+def step_breakdown(model, context: int, reps: int, new: int = 1) -> dict[str, float]:
+    """Milliseconds per ``new``-token pass by phase (native runtime only; its own profiler), and the rest."""
     runtime = model.native_runtime()
-    cache, ids = prefilled(model, context, 1)
-    step = pass_fn(model, cache, ids, context, 1)
+    cache, ids = prefilled(model, context, new)
+    step = pass_fn(model, cache, ids, context, new)
 
     step()
     runtime.profile(True)
@@ -310,13 +314,25 @@ def step_breakdown(model, context: int, reps: int) -> dict[str, float]:
     for _ in range(reps):
         step()
     total = (time.perf_counter() - t0) / reps
-    parts = {k: v / reps for k, v in runtime.profile(False).items()}
-    out = {"products (qkv, o, gate_up, down)": parts["qkv"] + parts["o"] + parts["gate_up"] + parts["down"],
-           "attention (incl. cache writes)": parts["attention"] + parts["kv_write"],
-           "head": parts["head"]}
-    out["the rest (Python, dispatch, embedding)"] = total - sum(out.values())
+    out = {k: v / reps for k, v in runtime.profile(False).items()}
+    out["rest"] = total - sum(out.values())
     out["total"] = total
     return {k: 1000 * v for k, v in out.items()}
+
+
+def print_breakdown(report: dict) -> None:
+    """Each pass size's phases (ms), and each phase over the one-token pass's where that was timed."""
+    print("\nPasses by phase (ms; the runtime's profiler; rest: Python, dispatch, embedding):")
+    for name, row in report["targets"].items():
+        parts = row.get("breakdown", {})
+        if not parts:
+            continue
+        phases = list(next(iter(parts.values())))
+        print(f"\n| {name}: rows | " + " | ".join(phases) + " |\n|---|" + "---|" * len(phases))
+        for k, times in parts.items():
+            cells = [f"{v:.3f}" + (f" ({v / parts[1][p]:.2f}x)" if k != 1 and 1 in parts and parts[1][p] > 0 else "")
+                     for p, v in times.items()]
+            print(f"| {k} | " + " | ".join(cells) + " |")
 
 
 @torch.inference_mode()
@@ -388,12 +404,21 @@ def print_placement(report: dict, sizes: list[int]) -> None:
             print(f"back to back, {name}, round by round: " + "; ".join(
                 (f"hand-off {r['handoff']:.0f} ns: " if "handoff" in r else "")
                 + ", ".join(f"{k} tok / 1 tok {r[k] / r[1]:.2f}" for k in sizes if k != 1) for r in rounds))
+            if len(rounds) >= 5:
+                print(f"back to back, {name}, over {len(rounds)} rounds: " + "; ".join(
+                    f"{k} tok / 1 tok " + spread([r[k] / r[1] for r in rounds]) for k in sizes if k != 1))
     handoffs = [f"{name}, {path}: {fmt_handoff(row[path].get('handoff', row[path].get('handoffs')))}"
                 for name, row in report["targets"].items() for path in ("native", "back to back")
                 if "handoff" in row.get(path, {}) or "handoffs" in row.get(path, {})]
     if handoffs:
         print("threads' hand-off (ns each way, in the same rounds; ~30: the two cores share an L3, ~170: they sit on "
               "different dies): " + "; ".join(handoffs))
+
+
+def spread(values: list[float]) -> str:
+    """The least, the quartiles and the largest of ``values``: "min / q1 / median / q3 / max"."""
+    quartiles = statistics.quantiles(values, n=4, method="inclusive")
+    return " / ".join(f"{x:.2f}" for x in (min(values), *quartiles, max(values))) + " (min / q1 / median / q3 / max)"
 
 
 def fmt_handoff(v: float | list[float]) -> str:
@@ -444,6 +469,9 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="also time the torch reference path")
     ap.add_argument("--back-to-back", action="store_true",
                     help="also time each size alone, passes of one size in a row (the fair ratio to a one-token pass)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="back-to-back rounds (each times every size, the floor and the peak); more rounds show how "
+                         "the ratios move from minute to minute")
     ap.add_argument("--no-floor", action="store_true", help="leave out the memory floor (see above)")
     ap.add_argument("--stream", action="store_true",
                     help="also time the product kernel alone over the pass's bytes, k rows (see above)")
@@ -488,10 +516,11 @@ def main() -> None:
             cfg = target.cfg
             row["attention_flops_per_row"] = 4 * args.context * cfg.head_dim * cfg.num_heads * cfg.num_layers
         if target.native_runtime() is not None:
-            row["breakdown"] = step_breakdown(target, args.context, args.reps * 3)
+            row["breakdown"] = {k: step_breakdown(target, args.context, args.reps * 3, k) for k in sizes}
         if args.back_to_back:
             row["back to back"] = in_ms(block_costs_back_to_back(target, args.context, sizes, args.reps * 5,
-                                                                 floor=floor, peak=peak, stream=stream))
+                                                                 rounds=args.rounds, floor=floor, peak=peak,
+                                                                 stream=stream))
         if args.reference:
             target.use_native = False
             row["reference"] = in_ms(block_costs(target, args.context, sizes, args.reps, floor))
@@ -525,10 +554,7 @@ def main() -> None:
         print_bounds(report, sizes)
     if any("stream 1" in row["native"] for row in report["targets"].values()):
         print_stream(report, sizes)
-    print("\nOne-token pass by part (ms):")
-    for name, row in report["targets"].items():
-        if "breakdown" in row:
-            print(f"- {name}: " + "; ".join(f"{k} {v:.3f}" for k, v in row["breakdown"].items()))
+    print_breakdown(report)
     print("\nDraft (ms): " + ", ".join(f"{k}: {v:.3f}" for k, v in report["draft"].items()))
     for name, row in report["targets"].items():
         one = row["native"][sizes[0]] if sizes[0] == 1 else None

@@ -132,3 +132,22 @@ def test_ab_settings_reads_a_setting_and_refuses_bad_ones():
     for bad in ("prefetch_rows", "unknown=1,2", "prefetch_rows=4"):
         with pytest.raises(ValueError, match="--setting"):
             ab.parse_setting(bad)
+
+
+def test_many_rounds_report_how_the_ratios_spread(capsys):
+    rounds = [{1: 2.0, 6: 2.0 * r} for r in (1.3, 1.5, 1.2, 1.9, 1.4)]
+    costs.print_placement({"targets": {"m": {"back to back": {"rounds": rounds}}}}, [1, 6])
+    out = capsys.readouterr().out
+    assert "over 5 rounds: 6 tok / 1 tok 1.20 / 1.30 / 1.40 / 1.50 / 1.90 (min / q1 / median / q3 / max)" in out
+    costs.print_placement({"targets": {"m": {"back to back": {"rounds": rounds[:3]}}}}, [1, 6])
+    assert "over 3 rounds" not in capsys.readouterr().out  # too few rounds for quartiles
+
+
+def test_breakdown_table_gives_each_phase_against_the_one_token_pass(capsys):
+    one = {"qkv": 0.5, "attention": 0.3, "rest": 0.1, "total": 0.9}
+    six = {"qkv": 0.6, "attention": 0.6, "rest": 0.1, "total": 1.3}
+    costs.print_breakdown({"targets": {"m": {"breakdown": {1: one, 6: six}}, "n": {}}})
+    out = capsys.readouterr().out
+    assert "| m: rows | qkv | attention | rest | total |" in out
+    assert "| 1 | 0.500 | 0.300 | 0.100 | 0.900 |" in out
+    assert "| 6 | 0.600 (1.20x) | 0.600 (2.00x) | 0.100 (1.00x) | 1.300 (1.44x) |" in out
