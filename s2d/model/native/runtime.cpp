@@ -633,6 +633,14 @@ inline bool wide_products() {
   return wide < 0 ? default_wide_products() : wide == 1;
 }
 
+// Whether the CPU has AMX tiles with bf16 (CPUID.(7, 0):EDX bits 24 and 22), whether or not the kernel lets us use
+// them (amx_usable asks).
+inline bool cpu_has_amx() {
+  unsigned eax, ebx, ecx, edx;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+  return ((edx >> 24) & 1) && ((edx >> 22) & 1);
+}
+
 // Whether the AVX512-BF16 level's packed products run as float32 FMAs on widened weights (kernels.inc, wide_range)
 // rather than bf16 pair dot products: other bits (each output adds x[k] w[k] one k at a time, the AVX2 level's
 // bits), the same for every row count. By default on Intel CPUs of the AMX generation (their AVX512-BF16 level runs
@@ -642,13 +650,6 @@ inline bool wide_products() {
 // Zen 4's dot products reached ~380 GFLOP/s on 2 cores (issue 27), more than its FMAs can (two 256-bit FMA units a
 // core: ~240 at its clock), so other CPUs keep them, as does Cooper Lake (AVX512-BF16 without AMX: not measured).
 // S2D_NATIVE_FMA=0 or 1 overrides the default; s2d_fma_products changes it.
-// Whether the CPU has AMX tiles with bf16 (CPUID.(7, 0):EDX bits 24 and 22), whether or not the kernel lets us use
-// them (amx_usable asks).
-inline bool cpu_has_amx() {
-  unsigned eax, ebx, ecx, edx;
-  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
-  return ((edx >> 24) & 1) && ((edx >> 22) & 1);
-}
 inline bool default_fma_products() {
   static const bool fma = [] {
     if (const int env = env_switch("S2D_NATIVE_FMA"); env >= 0) return env == 1;
