@@ -4,8 +4,9 @@
 
 Tokens/s of a whole prefill of ``--tokens`` random tokens (bf16), the runtime's passes then torch's in each
 round; the model is admitted to the runtime's prefill whatever its width (``native.PREFILL_MAX_WIDTH`` is what
-this measures) and instruction set (with AMX, passes keep torch's prefill: this measures that choice too). Hold the
-instruction set with ``S2D_NATIVE_ISA`` and ``ONEDNN_MAX_CPU_ISA``.
+this measures: ``AMX_PREFILL_MAX_WIDTH`` with AMX). Hold the instruction set with ``S2D_NATIVE_ISA`` and
+``ONEDNN_MAX_CPU_ISA``. Each round prefills the same length, so torch's kernels for it are built once, in the
+warm-up: this compares warm kernels (a new prompt length costs torch more: RESULTS.md, fourteenth session).
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    native.PREFILL_MAX_WIDTH = 1 << 30
+    native.PREFILL_MAX_WIDTH = native.AMX_PREFILL_MAX_WIDTH = 1 << 30
     model = load_model(args.model, "bfloat16")
     runtime = model.native_runtime()
-    # With AMX passes keep torch's prefill (prefill_rows 0) but the runtime can run it: measured as elsewhere.
-    rows = runtime.prefill_rows or (native.PREFILL_ROWS if runtime is not None and runtime.packed else 0)
+    rows = runtime.prefill_rows if runtime is not None else 0
     if rows == 0:
         raise SystemExit("prefill_paths: the runtime does not prefill here (no runtime, or unpacked weights)")
     ids = torch.randint(0, model.cfg.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))

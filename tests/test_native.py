@@ -267,7 +267,8 @@ def test_reports_name_the_products_that_run(monkeypatch, fma_default, wide_defau
 
 @pytest.mark.parametrize("name,value", [("S2D_NATIVE_FMA", "yes"), ("S2D_NATIVE_WIDE", "2"),
                                         ("S2D_NATIVE_PREFETCH_ROWS", "0"), ("S2D_NATIVE_PREFETCH_ROWS", "65"),
-                                        ("S2D_NATIVE_PREFETCH_ROWS", "four")])
+                                        ("S2D_NATIVE_PREFETCH_ROWS", "four"), ("S2D_PREFILL_ROWS", "65"),
+                                        ("S2D_PREFILL_ROWS", "-1"), ("S2D_PREFILL_ROWS", "many")])
 def test_bad_switch_values_are_refused_by_name(monkeypatch, name, value):
     """The runtime reads its switches once and would ignore these values; making a runtime refuses them instead."""
     monkeypatch.setenv(name, value)
@@ -525,17 +526,17 @@ def test_bf16_block_pass_is_bit_identical_to_one_token_passes(isa, family, name,
     assert torch.equal(block_cache.k[:, :, :, :end], step_cache.k[:, :, :, :end])
 
 
-@pytest.mark.parametrize("level", [1, 2], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("level", [1, 2, 3], ids=["avx2", "avx512", "amx"])
 def test_a_long_prefill_runs_on_the_runtime_bit_identical_to_one_token_passes(family, monkeypatch, level):
     """Where weights are packed, a causal block of more than MAX_ROWS rows (a prefill) runs as passes of
-    ``prefill_rows`` rows on the runtime: its cache holds the bits one-token passes write, wherever the prompt
-    is cut, and stays within bf16 rounding of torch's prefill."""
+    ``prefill_rows`` rows on the runtime (64 with AMX, 48 elsewhere): its cache holds the bits one-token passes
+    write, wherever the prompt is cut, and stays within bf16 rounding of torch's prefill."""
     if level not in LEVELS:
         pytest.skip("this CPU lacks the instruction set")
     monkeypatch.setenv("S2D_NATIVE_ISA", ISA_ENV[level])
     model = load_model(family["long"], dtype="bfloat16")
     runtime = model.native_runtime()
-    assert runtime.prefill_rows == native.PREFILL_ROWS > 0
+    assert runtime.prefill_rows == (native.AMX_PREFILL_ROWS if level == 3 else native.PREFILL_ROWS) > 0
     n = 300
     ids = torch.randint(0, 257, (1, n), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
@@ -562,17 +563,35 @@ def test_a_wide_model_prefills_on_torch(family, monkeypatch):
     if not model.native_runtime().packed:
         pytest.skip("this CPU does not pack weights")
     monkeypatch.setattr(native, "PREFILL_MAX_WIDTH", model.cfg.hidden_size - 1)
+    monkeypatch.setattr(native, "AMX_PREFILL_MAX_WIDTH", model.cfg.hidden_size - 1)
     model.drop_native()
     assert model.native_runtime().prefill_rows == 0
 
 
-def test_amx_packs_its_weights_and_prefills_on_torch(family, monkeypatch):
-    """With AMX the tiles read packed panels, and a prefill stays on torch (oneDNN's tiles measured faster)."""
+def test_amx_packs_its_weights_and_prefills_narrow_models_on_the_runtime(family, monkeypatch):
+    """With AMX the tiles read packed panels; a prefill runs in 64-row passes on them up to AMX_PREFILL_MAX_WIDTH
+    (oneDNN builds a kernel for every new prompt length), wider models on torch; S2D_PREFILL_ROWS sets the rows."""
     if 3 not in LEVELS:
         pytest.skip("this CPU has no AMX")
     monkeypatch.setenv("S2D_NATIVE_ISA", "amx")
-    runtime = load_model(family["long"], dtype="bfloat16").native_runtime()
-    assert runtime.isa == "AMX" and runtime.packed and runtime.prefill_rows == 0
+    model = load_model(family["long"], dtype="bfloat16")
+    runtime = model.native_runtime()
+    assert runtime.isa == "AMX" and runtime.packed and runtime.prefill_rows == native.AMX_PREFILL_ROWS == 64
+    monkeypatch.setenv("S2D_PREFILL_ROWS", "32")
+    model.drop_native()
+    assert model.native_runtime().prefill_rows == 32
+    monkeypatch.setattr(native, "AMX_PREFILL_MAX_WIDTH", model.cfg.hidden_size - 1)
+    model.drop_native()
+    assert model.native_runtime().prefill_rows == 0
+
+
+def test_prefill_rows_follow_the_instruction_set_the_width_and_the_setting(monkeypatch):
+    monkeypatch.delenv("S2D_PREFILL_ROWS", raising=False)
+    assert native.prefill_rows(3, 576, True) == 64 and native.prefill_rows(3, 2048, True) == 0
+    assert native.prefill_rows(2, 576, True) == native.prefill_rows(1, 2048, True) == 48
+    assert native.prefill_rows(2, 4096, True) == native.prefill_rows(3, 576, False) == 0
+    monkeypatch.setenv("S2D_PREFILL_ROWS", "0")
+    assert native.prefill_rows(3, 576, True) == native.prefill_rows(1, 576, True) == 0
 
 
 @pytest.mark.parametrize("method", ["sd", "pld", "sd-exit-1", "s2d"])

@@ -233,13 +233,28 @@ def _torch_openmp() -> Path | None:
 
 # Levels whose bf16 products read packed weights (runtime.cpp's packs_at): AVX2, AVX512-BF16, AMX (tiles on panels).
 PACKED_LEVELS = (1, 2, 3)
-PREFILL_ROWS = int(os.environ.get("S2D_PREFILL_ROWS", "48"))  # see NativeRuntime.prefill_rows; 0 = torch
-PREFILL_MAX_WIDTH = 2048  # widest model (hidden size) prefilled on the runtime; measured at 576 (wins) and 2048 (ties)
+# Rows per prefill pass on the runtime (NativeRuntime.prefill_rows), and the widest model (hidden size) it prefills:
+# on the vector paths 48 rows, up to 2,048 wide (measured at 576: wins; 2,048: ties); with AMX 64 rows (four
+# tiles of 16), up to 1,024 wide (384 and 576 win, 2,048 loses). S2D_PREFILL_ROWS=N sets the rows, 0 = torch.
+PREFILL_ROWS = 48
+PREFILL_MAX_WIDTH = 2048
+AMX_PREFILL_ROWS = 64
+AMX_PREFILL_MAX_WIDTH = 1024
+
+
+def prefill_rows(level: int, width: int, packed: bool) -> int:
+    """Rows per prefill pass on a runtime of instruction-set ``level`` for a model ``width`` wide; 0: torch."""
+    rows, widest = (AMX_PREFILL_ROWS, AMX_PREFILL_MAX_WIDTH) if level == 3 else (PREFILL_ROWS, PREFILL_MAX_WIDTH)
+    if not packed or width > widest:
+        return 0
+    setting = os.environ.get("S2D_PREFILL_ROWS", "")
+    return int(setting) if setting else rows
 
 
 def check_settings() -> None:
     """Refuse values of the runtime's switches that runtime.cpp would silently ignore (it reads them once per
-    process), naming the variable: S2D_NATIVE_WIDE and S2D_NATIVE_FMA take 0 or 1, S2D_NATIVE_PREFETCH_ROWS 1-64.
+    process, or that would break a prefill), naming the variable: S2D_NATIVE_WIDE and S2D_NATIVE_FMA take 0 or 1,
+    S2D_NATIVE_PREFETCH_ROWS 1-64, S2D_PREFILL_ROWS 0-64.
     An empty value means unset, as there."""
     for name in ("S2D_NATIVE_WIDE", "S2D_NATIVE_FMA"):
         value = os.environ.get(name, "")
@@ -248,6 +263,9 @@ def check_settings() -> None:
     rows = os.environ.get("S2D_NATIVE_PREFETCH_ROWS", "")
     if rows and not (rows.isdigit() and 1 <= int(rows) <= MAX_ROWS):
         raise ValueError(f"S2D_NATIVE_PREFETCH_ROWS must be 1-{MAX_ROWS}, got {rows!r}")
+    rows = os.environ.get("S2D_PREFILL_ROWS", "")
+    if rows and not (rows.isdigit() and 0 <= int(rows) <= MAX_ROWS):
+        raise ValueError(f"S2D_PREFILL_ROWS must be 0-{MAX_ROWS} (0: prefill on torch), got {rows!r}")
 
 
 def isa_level() -> int:
@@ -501,10 +519,11 @@ class NativeRuntime:
         # oneDNN's 256-row products (zoo-l, width 576: 1.07x; AVX2 1.15x; the 1B shape, width 2048:
         # 1.03-1.05x, AVX2 1.03-1.09x, once rows 4 KB apart stopped sharing L1 sets; 0.77-0.87x before).
         # Wider models are unmeasured and keep torch. benchmarks/RESULTS.md, "Prefill on the runtime".
-        # With AMX torch's prefill stays: oneDNN's tiles beat 48-row passes on panels (zoo-l, AMX Xeon: 1.4x at
-        # 1,000 tokens, a tie at 300; RESULTS.md, ninth session).
-        narrow = cfg.hidden_size <= PREFILL_MAX_WIDTH
-        self.prefill_rows = PREFILL_ROWS if self.packed and narrow and isa_level() < 3 else 0
+        # With AMX, 64-row passes on the tiles: oneDNN builds a kernel for every new row count (6-10 ms a
+        # product shape, ~40 ms a zoo-l prompt, the draft's prefill 2.4x its warm time), and every prompt
+        # length is a new one; warm, its tiles and the passes tie on zoo-l (311 against 303 us a row). The 1B
+        # shape (2,048 wide, its weights read from DRAM every pass) keeps torch: the passes took 1.13x its time. RESULTS.md, fourteenth session.
+        self.prefill_rows = prefill_rows(isa_level(), cfg.hidden_size, self.packed)
         for i, layer in enumerate(model.layers):
             lib.s2d_model_set_layer(
                 self.handle, i, _ptr(layer.attn_norm), _ptr(layer.qkv.weight), _ptr(layer.qkv.bias),
