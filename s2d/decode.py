@@ -199,7 +199,7 @@ def prefill_chunk(target: Transformer, state: DecodeState, max_tokens: int | Non
 
 # Prompt tokens per prefill pass. Every path cuts a prompt at multiples of this from its start (the
 # server's --prefill-chunk by default too): where the cuts fall can change a bf16 cache's last bits (a pass of
-# > 64 rows on torch, as models over 1,024 wide with AMX or S2D_PREFILL_ROWS=0 run it, rounds as its shape
+# > 64 rows on torch, as models over 512 wide with AMX or S2D_PREFILL_ROWS=0 run it, rounds as its shape
 # makes it; where the runtime prefills in its own passes every row is the bits of a one-token pass, wherever it
 # is cut), so one rule keeps an output the same through generate, a batch and the server.
 PREFILL_CHUNK = 256

@@ -587,11 +587,11 @@ def test_amx_packs_its_weights_and_prefills_narrow_models_on_the_runtime(family,
 
 def test_prefill_rows_follow_the_instruction_set_the_width_and_the_setting(monkeypatch):
     monkeypatch.delenv("S2D_PREFILL_ROWS", raising=False)
-    assert native.prefill_rows(3, 576, True) == 64 and native.prefill_rows(3, 2048, True) == 0
+    assert native.prefill_rows(3, 384, True) == 64 and native.prefill_rows(3, 576, True) == 0
     assert native.prefill_rows(2, 576, True) == native.prefill_rows(1, 2048, True) == 48
     assert native.prefill_rows(2, 4096, True) == native.prefill_rows(3, 576, False) == 0
     monkeypatch.setenv("S2D_PREFILL_ROWS", "0")
-    assert native.prefill_rows(3, 576, True) == native.prefill_rows(1, 576, True) == 0
+    assert native.prefill_rows(3, 384, True) == native.prefill_rows(1, 576, True) == 0
 
 
 @pytest.mark.parametrize("method", ["sd", "pld", "sd-exit-1", "s2d"])

@@ -235,11 +235,12 @@ def _torch_openmp() -> Path | None:
 PACKED_LEVELS = (1, 2, 3)
 # Rows per prefill pass on the runtime (NativeRuntime.prefill_rows), and the widest model (hidden size) it prefills:
 # on the vector paths 48 rows, up to 2,048 wide (measured at 576: wins; 2,048: ties); with AMX 64 rows (four
-# tiles of 16), up to 1,024 wide (384 and 576 win, 2,048 loses). S2D_PREFILL_ROWS=N sets the rows, 0 = torch.
+# tiles of 16), up to 512 wide (a draft of 384: wins; zoo-l, 576, and the 1B shape, 2,048: lose to torch's).
+# S2D_PREFILL_ROWS=N sets the rows, 0 = torch.
 PREFILL_ROWS = 48
 PREFILL_MAX_WIDTH = 2048
 AMX_PREFILL_ROWS = 64
-AMX_PREFILL_MAX_WIDTH = 1024
+AMX_PREFILL_MAX_WIDTH = 512
 
 
 def prefill_rows(level: int, width: int, packed: bool) -> int:
@@ -519,10 +520,13 @@ class NativeRuntime:
         # oneDNN's 256-row products (zoo-l, width 576: 1.07x; AVX2 1.15x; the 1B shape, width 2048:
         # 1.03-1.05x, AVX2 1.03-1.09x, once rows 4 KB apart stopped sharing L1 sets; 0.77-0.87x before).
         # Wider models are unmeasured and keep torch. benchmarks/RESULTS.md, "Prefill on the runtime".
-        # With AMX, 64-row passes on the tiles: oneDNN builds a kernel for every new row count (6-10 ms a
-        # product shape, ~40 ms a zoo-l prompt, the draft's prefill 2.4x its warm time), and every prompt
-        # length is a new one; warm, its tiles and the passes tie on zoo-l (311 against 303 us a row). The 1B
-        # shape (2,048 wide, its weights read from DRAM every pass) keeps torch: the passes took 1.13x its time. RESULTS.md, fourteenth session.
+        # With AMX, models up to 512 wide (drafts) prefill in 64-row passes on the tiles: a draft's prefill is one
+        # call of the whole prompt, and oneDNN builds kernels for every new row count (6-10 ms a product shape),
+        # which every prompt length is: the draft's prefill took 2.0x the passes' time (69 against 34 us a
+        # row, 9 code-suite prompts). Wider models keep torch: their prefill comes in 256-row chunks (decode.py),
+        # so only the last chunk's shape is new, and oneDNN's tiles beat the passes (zoo-l, 576 wide: 4.15
+        # against 5.26 s over 18 prefills of 300-1,347 tokens; the 1B shape, 2,048 wide: 0.88x). RESULTS.md,
+        # fourteenth session.
         self.prefill_rows = prefill_rows(isa_level(), cfg.hidden_size, self.packed)
         for i, layer in enumerate(model.layers):
             lib.s2d_model_set_layer(
