@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -817,6 +818,35 @@ def test_own_thread_pool_gives_the_same_tokens(family):
         assert run.returncode == 0, run.stderr
         outs.append(run.stdout.strip().splitlines()[-1])
     assert outs[0] == outs[1]
+
+
+def test_passes_run_on_torchs_own_libgomp_when_another_copy_is_loaded_first(monkeypatch):
+    """sentencepiece ships its own libgomp (``from transformers import AutoTokenizer`` loads it), and it may be mapped
+    before torch's: the runtime must still join torch's team, not start a second one that fights it for the cores."""
+    monkeypatch.delenv("S2D_NATIVE_POOL", raising=False)
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch is not built with OpenMP")
+    ours = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    other = Path("/site-packages/sentencepiece.libs/libgomp-6a29c32d.so.1.0.0")
+    line = "7f00-7f10 r-xp 00000000 08:01 42        {}"
+    maps = "\n".join([line.format("/usr/lib/libc.so.6"), line.format(other), line.format(other), line.format(ours)])
+    assert native._torch_openmp(maps) == ours
+    assert native._torch_openmp("\n".join([line.format(other)])) == other  # no copy of torch's: the only one
+    assert native._torch_openmp(line.format("/usr/lib/libc.so.6")) is None
+    monkeypatch.setenv("S2D_NATIVE_POOL", "own")
+    assert native._torch_openmp(maps) is None
+
+
+def test_the_runtime_joins_torchs_libgomp_after_sentencepiece_is_loaded():
+    """In a process that loaded sentencepiece's libgomp first, the one the runtime uses is torch's."""
+    pytest.importorskip("sentencepiece")
+    code = ("import torch, sentencepiece; from s2d.model import native; "
+            "print(native._torch_openmp(), torch.__file__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    gomp, torch_file = run.stdout.split()
+    if gomp != "None":
+        assert "sentencepiece" not in gomp and gomp.startswith(str(Path(torch_file).parent.parent)), gomp
 
 
 def test_nonfinite_logits_are_refused_on_the_native_path(family):

@@ -217,18 +217,27 @@ def library() -> ctypes.CDLL | None:
         return None
 
 
-def _torch_openmp() -> Path | None:
-    """The libgomp torch runs on, if loaded: passes then run on torch's own OpenMP team."""
+def _torch_openmp(maps: str | None = None) -> Path | None:
+    """The libgomp torch runs on, if loaded: passes then run on torch's own OpenMP team.
+
+    Other packages ship their own copy (sentencepiece, which ``from transformers import AutoTokenizer`` loads), and
+    it may come first in ``maps`` (``/proc/self/maps``' text): the copy inside torch's install wins. On another
+    copy the passes ran on a second team beside torch's, two teams of threads for the same cores (no slowdown
+    measured on the AMX Xeon: RESULTS.md, fourteenth session)."""
     if os.environ.get("S2D_NATIVE_POOL") == "own" or "OpenMP" not in torch.__config__.parallel_info():
         return None
     try:
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            path = line.rsplit(" ", 1)[-1]
-            if "/libgomp" in path:
-                return Path(path)
+        maps = Path("/proc/self/maps").read_text() if maps is None else maps
     except OSError:
-        pass
-    return None
+        return None
+    found = list(dict.fromkeys(Path(line.rsplit(" ", 1)[-1]) for line in maps.splitlines()
+                               if "/libgomp" in line.rsplit(" ", 1)[-1]))
+    torch_dir = Path(torch.__file__).parent
+    homes = (torch_dir, torch_dir.parent / "torch.libs")  # pip wheels: torch/lib, or torch.libs (auditwheel)
+    for path in found:
+        if any(path.is_relative_to(home) for home in homes):
+            return path
+    return found[0] if found else None
 
 
 # Levels whose bf16 products read packed weights (runtime.cpp's packs_at): AVX2, AVX512-BF16, AMX (tiles on panels).
