@@ -244,7 +244,7 @@ def _torch_openmp(maps: str | None = None) -> Path | None:
 PACKED_LEVELS = (1, 2, 3)
 # Rows per prefill pass on the runtime (NativeRuntime.prefill_rows), and the widest model (hidden size) it prefills:
 # on the vector paths 48 rows, up to 2,048 wide (measured at 576: wins; 2,048: ties); with AMX 64 rows (four
-# tiles of 16), up to 512 wide (a draft of 384: wins; zoo-l, 576, and the 1B shape, 2,048: lose to torch's).
+# tiles of 16), up to 512 wide (a draft of 384: wins; zoo-l, 576: a wash; the 1B shape, 2,048: loses).
 # S2D_PREFILL_ROWS=N sets the rows, 0 = torch.
 PREFILL_ROWS = 48
 PREFILL_MAX_WIDTH = 2048
@@ -531,11 +531,10 @@ class NativeRuntime:
         # Wider models are unmeasured and keep torch. benchmarks/RESULTS.md, "Prefill on the runtime".
         # With AMX, models up to 512 wide (drafts) prefill in 64-row passes on the tiles: a draft's prefill is one
         # call of the whole prompt, and oneDNN builds kernels for every new row count (6-10 ms a product shape),
-        # which every prompt length is: the draft's prefill took 2.0x the passes' time (69 against 34 us a
-        # row, 9 code-suite prompts). Wider models keep torch: their prefill comes in 256-row chunks (decode.py),
-        # so only the last chunk's shape is new, and oneDNN's tiles beat the passes (zoo-l, 576 wide: 4.15
-        # against 5.26 s over 18 prefills of 300-1,347 tokens; the 1B shape, 2,048 wide: 0.88x). RESULTS.md,
-        # fourteenth session.
+        # which every prompt length is: the passes ran 1.48-1.84x torch's speed on the draft's prefills of new
+        # lengths (`benchmarks/prefill_paths.py --whole`). Wider models keep torch: their prefill comes in 256-row
+        # chunks (decode.py), so only the last chunk's shape is new, and zoo-l (576 wide) measured a wash
+        # (0.71-1.45x from one process to the next); the 1B shape (2,048 wide) 0.88x. RESULTS.md, fourteenth session.
         self.prefill_rows = prefill_rows(isa_level(), cfg.hidden_size, self.packed)
         for i, layer in enumerate(model.layers):
             lib.s2d_model_set_layer(
