@@ -27,21 +27,42 @@ import torch
 from s2d.bench.results import cpu_name
 from s2d.decode import prefill
 from s2d.model import native
+from s2d.model.config import CheckpointError
 from s2d.model.loading import load_model
 from s2d.sampling import SamplingParams
+
+
+def prompt_lengths(text: str) -> list[int]:
+    """``--tokens``: comma-separated prompt lengths, each >= 2 (a prefill runs all tokens but the last)."""
+    try:
+        lengths = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
+    if not lengths or min(lengths) < 2:
+        raise argparse.ArgumentTypeError(f"every length must be at least 2, got {text!r}")
+    return lengths
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--tokens", default="300,1000", help="comma-separated prompt lengths")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=prompt_lengths, default="300,1000", help="comma-separated prompt lengths")
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--whole", action="store_true", help="one call of the whole prompt (a draft's prefill)")
     ap.add_argument("--warm", action="store_true", help="the same lengths every round (torch's kernels built once)")
     args = ap.parse_args()
-    lengths = [int(n) for n in args.tokens.split(",")]
+    lengths = args.tokens
     native.PREFILL_MAX_WIDTH = native.AMX_PREFILL_MAX_WIDTH = 1 << 30
-    model = load_model(args.model, "bfloat16")
+    try:
+        model = load_model(args.model, "bfloat16")
+    except (CheckpointError, OSError) as err:
+        raise SystemExit(f"prefill_paths: {err}") from None
     runtime = model.native_runtime()
     rows = runtime.prefill_rows if runtime is not None else 0
     if rows == 0:
@@ -71,7 +92,7 @@ def main() -> None:
         order = [("runtime", rows), ("torch", 0)][::1 if r % 2 == 0 else -1]
         for name, prefill_rows in order:
             got[name].append(sum(seconds(prefill_rows, n + shift) for n in lengths))
-    print(f"CPU: {cpu_name()}; runtime {runtime.isa}, {rows}-row passes; {args.model}; prompts of {args.tokens} tokens, "
+    print(f"CPU: {cpu_name()}; runtime {runtime.isa}, {rows}-row passes; {args.model}; prompts of {','.join(map(str, lengths))} tokens, "
           f"{'whole' if args.whole else 'in chunks as decode.prefill'}, {'warm' if args.warm else 'new lengths'}")
     tokens = sum(lengths)
     for name, values in got.items():
