@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from safetensors.torch import load_file, save_file
 
 from s2d.cli import main
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """benchmarks/<name>.py loaded as module ``name`` (registered in sys.modules: dataclasses look their module up
+    while the file runs, and one benchmark imports another by name)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

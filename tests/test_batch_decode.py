@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from clitools import benchmark_module
 from stats import chi2_critical, exact_two_tokens, lumped_chi2
 from tinymodels import small_vocab_model
 
@@ -160,13 +161,7 @@ def test_the_batched_sampler_keeps_the_targets_distribution(drafter_class, lossl
 def test_policies_interleaved_step_by_step(family):
     """benchmarks/batch_goodput.py --interleave: a batch's steps take the policies in turn, each step's tokens
     counted for its own policy, and the outputs are still those decoded alone."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "batch_goodput.py"
-    spec = importlib.util.spec_from_file_location("batch_goodput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_module("batch_goodput")
     target, draft = family
     expected = [alone(target, draft, "s2d", p, SamplingParams(), 40).output for p in PROMPTS]
     multi = MultiTargetEngine({"t": target}, draft, "s2d", eos_token_ids=())

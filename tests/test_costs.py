@@ -3,20 +3,13 @@ ceiling table bounds what any kernel could reach."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from clitools import benchmark_module
 
 from s2d.model import native
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "costs.py"
-_spec = importlib.util.spec_from_file_location("costs", _PATH)
-costs = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = costs
-_spec.loader.exec_module(costs)
+costs = benchmark_module("costs")
 
 
 def test_the_floor_buffer_outgrows_the_last_level_cache(tmp_path):
@@ -117,11 +110,7 @@ def test_placement_lines_give_each_round_its_ratios_and_hand_off(capsys):
 
 
 def _ab_settings():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_settings.py"
-    spec = importlib.util.spec_from_file_location("ab_settings", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # its `from costs import ...` finds the module loaded above
-    return module
+    return benchmark_module("ab_settings")  # its `from costs import ...` finds the module loaded above
 
 
 def test_ab_settings_reads_a_setting_and_refuses_bad_ones():

@@ -5,20 +5,14 @@ The benchmark itself needs llama.cpp's binaries and minutes; none of this does (
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from clitools import benchmark_module
 
 from s2d.bench.cpu import cpu_kind
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "llamacpp_same_run.py"
-_spec = importlib.util.spec_from_file_location("llamacpp_same_run", _PATH)
-same_run = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = same_run  # dataclasses look their module up while the file runs
-_spec.loader.exec_module(same_run)
+same_run = benchmark_module("llamacpp_same_run")
 
 BENCH_JSON = json.dumps([
     {"n_prompt": 0, "n_gen": 128, "n_depth": 400, "avg_ns": 600_000_000, "samples_ns": [500_000_000, 640_000_000,

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from clitools import benchmark_module
 
 from s2d.model import native
 from s2d.model.tiny import write_random_checkpoint
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "prefill_paths.py"
-_spec = importlib.util.spec_from_file_location("prefill_paths", _PATH)
-prefill_paths = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = prefill_paths
-_spec.loader.exec_module(prefill_paths)
+prefill_paths = benchmark_module("prefill_paths")
 
 
 def test_bad_arguments_are_refused_by_name():

@@ -3,18 +3,13 @@ arguments built. The benchmark itself needs servers and minutes; none of this do
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from clitools import benchmark_module
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
-_spec = importlib.util.spec_from_file_location("serve_load", _PATH)
-serve_load = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = serve_load
-_spec.loader.exec_module(serve_load)
+serve_load = benchmark_module("serve_load")
 
 
 def test_cut_prompt_at_a_line_end():
