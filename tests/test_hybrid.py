@@ -103,3 +103,57 @@ def test_cost_aware_hybrid_stops_asking_a_draft_that_does_not_pay(models):
 def hybrid_model_steps(state) -> int:
     """Model-drafted tokens (exit > 0 in the exit histogram)."""
     return sum(c for e, c in state.stats.exit_counts.items() if e)
+
+
+@pytest.mark.parametrize("window", [0, 5, 16])
+def test_the_draft_reads_the_context_from_its_window_and_outputs_stay_exact(models, window):
+    """The model drafter is given the context from ``draft_window`` tokens before its first step on (0: all of it):
+    its cache then holds no more than that window and what followed, and greedy output is still plain decoding's."""
+    target, draft = models
+    prompt = [7, 3, 9, 7, 3, 1, 12, 40, 41, 42] * 3 + [5, 11, 19]  # 33 tokens; lookup finds nothing at the end
+    expected = Engine(target, eos_token_ids=()).generate(prompt, SamplingParams(), 24).output
+    inner = SortedDrafter(draft, SortedConfig((1, 2, 3), (0.05, 0.05, 0.0)))
+    hybrid = HybridDrafter(inner, HybridConfig(cost_aware=False, draft_window=window))
+    seen: list[list[int]] = []
+    proposal = inner.proposal
+
+    def spy(context, *args, **kwargs):
+        seen.append(list(context))
+        return proposal(context, *args, **kwargs)
+
+    inner.proposal = spy
+    state = Engine(target, hybrid, 4, eos_token_ids=()).generate(prompt, SamplingParams(), 24)
+    assert state.output == expected
+    assert seen, "the model never drafted"
+    first = seen[0]
+    assert len(first) == (len(prompt) if window == 0 else window)
+    full = prompt + state.output
+    start = len(prompt) - len(first)
+    for context in seen:  # one window start for the whole sequence: each view is the text from it on
+        assert context == full[start:start + len(context)]
+    assert inner.cache.length <= len(full) - start
+
+
+def test_a_new_sequence_chooses_its_window_again(models):
+    target, draft = models
+    inner = SortedDrafter(draft, SortedConfig((1, 2, 3), (0.05, 0.05, 0.0)))
+    hybrid = HybridDrafter(inner, HybridConfig(cost_aware=False, draft_window=8))
+    engine = Engine(target, hybrid, 4, eos_token_ids=())
+    starts = []
+    for prompt in ([7, 3, 9, 7, 3, 1, 12, 40, 41, 42] * 2, list(range(50, 80))):
+        expected = Engine(target, eos_token_ids=()).generate(prompt, SamplingParams(), 12).output
+        assert engine.generate(prompt, SamplingParams(), 12).output == expected
+        starts.append(hybrid._window_start)
+    assert starts[0] >= 20 - 8  # its first model step came after some lookup steps, or at the start
+    assert starts[1] == 30 - 8  # 30 tokens with no repeat: the model drafts the first step, from the last 8 on
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_a_bad_draft_window_is_refused(bad):
+    from s2d.drafting import DraftOptions
+
+    with pytest.raises(ValueError, match="draft_window"):
+        HybridConfig(draft_window=bad)
+    if isinstance(bad, int) and not isinstance(bad, bool):
+        with pytest.raises(ValueError, match="draft_window"):
+            DraftOptions(draft_window=bad)

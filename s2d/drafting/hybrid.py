@@ -14,6 +14,12 @@ is a plain one (no draft), and the model is tried again every ``retry`` such ste
 (zoo-s, where c ~ 0.5) so stops asking the draft; a large one (zoo-l, c ~ 0.1) keeps it. The rule
 counts tokens, not seconds, so seeded sampling stays reproducible.
 
+The model drafter reads the context from a window's start on: at its first model-drafted step of a
+sequence, the last ``draft_window`` tokens (the prompt's tail, and what follows from then on). Its cache
+starts empty, so that step prefills the draft over what it reads; over a whole long prompt that prefill
+cost more than the far context gave it (benchmarks/RESULTS.md, fourteenth session). Any window is exact:
+only the draft's proposals depend on it, and verification decides every token.
+
 Lookup tokens are deterministic: their q is one-hot, which speculative sampling verifies exactly
 (accept with probability p(x)), so sampling stays lossless. They are reported as exit 0 in the
 statistics' exit histogram.
@@ -41,12 +47,15 @@ class HybridConfig:
     gamma: float = 0.06  # a verification pass's extra cost per drafted token (in one-token passes)
     retry: int = 16  # plain steps before the model is tried again
     cost_aware: bool = True  # False: the model drafts whenever lookup has nothing
+    draft_window: int = 256  # context tokens the model drafter reads before its first step (0: all of them)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lookup <= self.lookup_tokens:
             raise ValueError(f"need 1 <= min_lookup <= lookup_tokens, got {self.min_lookup}, {self.lookup_tokens}")
         if not (self.gamma >= 0 and self.retry >= 1):
             raise ValueError("gamma must be >= 0 and retry >= 1")
+        if isinstance(self.draft_window, bool) or not isinstance(self.draft_window, int) or self.draft_window < 0:
+            raise ValueError(f"draft_window must be an integer >= 0 (0: the whole context), got {self.draft_window!r}")
 
 
 class HybridDrafter(DrafterWrapper):
@@ -62,11 +71,22 @@ class HybridDrafter(DrafterWrapper):
         self.cost = 0.0 if target is None else inner.token_cost(target)  # a model token over a target pass
         self._accepted = self._proposed = None  # running means over model steps (None: none yet)
         self._plain_steps = 0
+        self._window_start: int | None = None  # where the model drafter's context begins (None: not chosen yet)
 
     def reset(self) -> None:
         self.inner.reset()
         self.lookup.reset()
         self._plain_steps = 0  # the running means are about the pair of models, kept across requests
+        self._window_start = None
+
+    def _window(self, context: list[int]) -> list[int]:
+        """The model drafter's view of ``context``: from the window's start, chosen at its first step (its cache is
+        a function of the tokens it is given, and it keeps the prefix they share with what it holds, so a start
+        moved later only costs a prefill)."""
+        if self._window_start is None or self._window_start >= len(context):
+            window = self.config.draft_window
+            self._window_start = max(0, len(context) - window) if window else 0
+        return context[self._window_start:]
 
     def forget_history(self) -> None:
         super().forget_history()
@@ -93,7 +113,7 @@ class HybridDrafter(DrafterWrapper):
         overlapped drafting)."""
         if self.last_kind != "model":
             return nullcontext()
-        return self.inner.speculate(context, max_tokens, params, generator)
+        return self.inner.speculate(self._window(context), max_tokens, params, generator)
 
     def model_pays(self) -> bool:
         """Whether model drafts have been accepted often enough to be worth their cost here."""
@@ -124,7 +144,7 @@ class HybridDrafter(DrafterWrapper):
         if self.last_kind == "lookup":
             return self._lookup_tree(tokens, params)
         if self.last_kind == "model":
-            tree = yield from self.inner.proposal(context, params, generator, max_nodes)
+            tree = yield from self.inner.proposal(self._window(context), params, generator, max_nodes)
             self._drafted(tree)
             return tree
         return DraftTree.empty()

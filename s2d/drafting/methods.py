@@ -49,6 +49,7 @@ class DraftOptions:
     lookup_max_n: int = 4  # lookup: longest suffix matched
     lookup_min_match: int = 2  # lookup: shortest match that may back a drafted token
     verify_growth: float = 0.06  # lookup+M: a verification pass's extra cost per drafted token (cost-aware switch)
+    draft_window: int = 256  # lookup+M: context tokens the model reads before its first step (0: all; hybrid.py)
     exit: int = 0  # s2d: the sorted draft's exit that drafts where lookup has nothing; 0 = its middle exit
     draft_vocab: int = 0  # sorted drafters: score only the N most frequent tokens (vocab.py); 0 = all
     tree_top_k: int = 2  # trees: children per expanded node (and nodes expanded per level, dynamic; beams, rsd-sbs)
@@ -70,6 +71,8 @@ class DraftOptions:
         TreeShape(self.tree_top_k, self.tree_depth, self.tree_nodes)  # validates the tree knobs
         if self.exit < 0:
             raise ValueError(f"exit must be a layer count >= 1 (0: the draft's middle exit), got {self.exit}")
+        if self.draft_window < 0:
+            raise ValueError(f"draft_window must be >= 0 (0: the whole context), got {self.draft_window}")
 
     @property
     def tree(self) -> TreeShape:
@@ -81,7 +84,8 @@ class DraftOptions:
 
     @property
     def hybrid(self) -> HybridConfig:
-        return HybridConfig(self.min_lookup, self.lookup_tokens, self.ngram, gamma=self.verify_growth)
+        return HybridConfig(self.min_lookup, self.lookup_tokens, self.ngram, gamma=self.verify_growth,
+                            draft_window=self.draft_window)
 
 
 # What `s2d` means besides its drafters: the knobs measured with it (benchmarks/RESULTS.md, "Choosing the default");
