@@ -71,8 +71,7 @@ class DraftOptions:
         TreeShape(self.tree_top_k, self.tree_depth, self.tree_nodes)  # validates the tree knobs
         if self.exit < 0:
             raise ValueError(f"exit must be a layer count >= 1 (0: the draft's middle exit), got {self.exit}")
-        if self.draft_window < 0:
-            raise ValueError(f"draft_window must be >= 0 (0: the whole context), got {self.draft_window}")
+        self.hybrid  # validates the hybrid's own knobs (draft_window)
 
     @property
     def tree(self) -> TreeShape:
