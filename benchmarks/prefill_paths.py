@@ -92,7 +92,8 @@ def main() -> None:
         order = [("runtime", rows), ("torch", 0)][::1 if r % 2 == 0 else -1]
         for name, prefill_rows in order:
             got[name].append(sum(seconds(prefill_rows, n + shift) for n in lengths))
-    print(f"CPU: {cpu_name()}; runtime {runtime.isa}, {rows}-row passes; {args.model}; prompts of {','.join(map(str, lengths))} tokens, "
+    print(f"CPU: {cpu_name()}; runtime {runtime.isa}, {rows}-row passes; {args.model}; "
+          f"prompts of {','.join(map(str, lengths))} tokens, "
           f"{'whole' if args.whole else 'in chunks as decode.prefill'}, {'warm' if args.warm else 'new lengths'}")
     tokens = sum(lengths)
     for name, values in got.items():

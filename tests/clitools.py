@@ -16,7 +16,8 @@ from s2d.cli import main
 def benchmark_module(name: str) -> ModuleType:
     """benchmarks/<name>.py loaded as module ``name`` (registered in sys.modules: dataclasses look their module up
     while the file runs, and one benchmark imports another by name)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

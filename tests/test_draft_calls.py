@@ -28,8 +28,8 @@ def test_a_run_times_the_draft_calls_and_the_window_bounds_the_prefill(small_tar
     text = "".join(chr(rng.randrange(33, 127)) for _ in range(150))  # 150 byte tokens that lookup rarely continues
     questions.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [text[i:] + text[:i]]})
                                    for i in range(2)) + "\n")
-    draft_calls.main(["--target", str(small_target_dir), "--draft", str(sorted_draft_dir), "--questions", str(questions),
-                      "--max-new-tokens", "40", "--draft-window", str(window)])
+    draft_calls.main(["--target", str(small_target_dir), "--draft", str(sorted_draft_dir),
+                      "--questions", str(questions), "--max-new-tokens", "40", "--draft-window", str(window)])
     out = capsys.readouterr().out
     assert "2 prompts" in out and "80 new tokens" in out
     calls = table(out)
